@@ -1,0 +1,187 @@
+"""The public API: `load`, `generate`, and the vLLM-shaped `LLM`."""
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxtp import engine
+from jaxtp.config import ModelConfig
+from jaxtp.loading import load_state, resolve
+from jaxtp.sampling import SamplingParams
+from jaxtp.sharding import kv_heads_on_mesh, make_mesh, validate_tp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded, sharded model: its config, mesh, tokenizer and the nnx graph/state pair."""
+    config: ModelConfig
+    mesh: Mesh
+    tokenizer: object | None
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    dtype: object
+    path: Path
+
+    @property
+    def tp(self) -> int:
+        return self.mesh.shape["tp"]
+
+    @property
+    def kv_heads(self) -> int:
+        return kv_heads_on_mesh(self.config, self.tp)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_position_embeddings
+
+    def logits(self, token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """float32 next-token logits [B, T, vocab] for equal-length token-id prompts."""
+        tokens = np.asarray(_check_ids(self, token_ids), np.int32)
+        if tokens.ndim != 2:
+            raise ValueError("Model.logits needs prompts of equal length")
+        out = engine.forward_logits(self.graphdef, self.params, tokens, mesh=self.mesh)
+        return np.asarray(out)[..., : self.config.vocab_size]
+
+
+@dataclasses.dataclass
+class Completion:
+    prompt: str | list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    prompt_token_ids: list[int] = dataclasses.field(default_factory=list)
+
+
+def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, devices=None) -> Model:
+    """Load a Hugging Face checkpoint (local dir or hub id) sharded over a (dp, tp) mesh."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    path = resolve(model)
+    cfg = ModelConfig.from_dir(path)
+    validate_tp(cfg, tp)
+    mesh = make_mesh(tp=tp, dp=dp, devices=devices)
+    graphdef, params = load_state(path, cfg, mesh, DTYPES[dtype])
+    return Model(cfg, mesh, _tokenizer(path), graphdef, params, DTYPES[dtype], path)
+
+
+def _tokenizer(path: Path):
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _check_ids(model: Model, ids) -> list:
+    vocab = model.config.vocab_size
+    for seq in ids:
+        for t in seq:
+            if not isinstance(t, (int, np.integer)) or not 0 <= t < vocab:
+                raise ValueError(f"token id {t!r} is out of range for a vocabulary of {vocab}")
+    return [list(map(int, s)) for s in ids]
+
+
+def _encode(model: Model, prompts) -> list[list[int]]:
+    if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], (int, np.integer))):
+        raise TypeError("prompts must be a list of strings or a list of token-id lists, e.g. ['Hi'] or [[1, 2]]")
+    if not prompts:
+        raise ValueError("prompts is empty")
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            if model.tokenizer is None:
+                raise ValueError(f"{model.path} has no tokenizer: pass token-id prompts instead of text")
+            out.append(model.tokenizer(p)["input_ids"])
+        else:
+            out.append(_check_ids(model, [p])[0])
+        if not out[-1]:
+            raise ValueError("a prompt is empty: it needs at least one token")
+        if len(out[-1]) >= model.max_model_len:
+            raise ValueError(f"prompt of {len(out[-1])} tokens does not fit the model's maximum length "
+                             f"of {model.max_model_len} (max_position_embeddings) with room to generate")
+    return out
+
+
+def generate(model: Model, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
+             ) -> list[Completion]:
+    """Generate for a batch of prompts (strings or token-id lists), each with its own params."""
+    ids = _encode(model, prompts)
+    params = params if params is not None else SamplingParams()
+    plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(ids)
+    if len(plist) != len(ids):
+        raise ValueError(f"got {len(plist)} SamplingParams for {len(ids)} prompts")
+    # Never run past the model's maximum length (vLLM's max_model_len).
+    plist = [p if len(x) + p.max_tokens <= model.max_model_len else
+             dataclasses.replace(p, max_tokens=model.max_model_len - len(x),
+                                 min_tokens=min(p.min_tokens, model.max_model_len - len(x)))
+             for x, p in zip(ids, plist)]
+    seeds = [p.seed if p.seed is not None else random.getrandbits(31) for p in plist]
+    out_ids: list[list[int]] = [[] for _ in ids]
+    reasons: list[str] = [""] * len(ids)
+    for row, new, reason in engine.run(model, ids, plist, seeds):
+        out_ids[row].extend(new)
+        reasons[row] = reason or reasons[row]
+    return [Completion(p, _decode(model, t), t, r, x)
+            for p, x, t, r in zip(prompts, ids, out_ids, reasons)]
+
+
+def _decode(model: Model, ids: list[int]) -> str:
+    if model.tokenizer is None:
+        return ""
+    return model.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    cumulative_logprob: float | None = None
+    logprobs: list | None = None
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = True
+
+
+class LLM:
+    """vLLM-shaped entry point: `LLM(model=..., tensor_parallel_size=2).generate(prompts, params)`."""
+
+    def __init__(self, model: str, tensor_parallel_size: int = 1, dtype: str = "bfloat16",
+                 seed: int | None = None, **kwargs):
+        if kwargs:
+            raise TypeError(f"unsupported LLM argument(s): {', '.join(sorted(kwargs))}")
+        if seed is not None:
+            random.seed(seed)
+        self.model = load(model, tp=tensor_parallel_size, dtype="float32" if dtype == "auto" else dtype)
+        self._next_id = 0
+
+    def get_tokenizer(self):
+        return self.model.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        outs = []
+        for c in generate(self.model, prompts, sampling_params):
+            outs.append(RequestOutput(str(self._next_id), c.prompt if isinstance(c.prompt, str) else None,
+                                      c.prompt_token_ids,
+                                      [CompletionOutput(0, c.text, c.token_ids, c.finish_reason)]))
+            self._next_id += 1
+        return outs

@@ -1,0 +1,120 @@
+"""One normalized `ModelConfig` for every supported Hugging Face decoder family.
+
+The rest of jaxtp never looks at a raw config.json: family quirks (qkv bias, q/k norm,
+tied embeddings, rope scaling) become plain fields here, checked once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from jaxtp import rope
+
+# architecture name in config.json -> (qkv bias default, q/k norm)
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": (False, False),
+    "MistralForCausalLM": (False, False),
+    "Qwen2ForCausalLM": (True, False),
+    "Qwen3ForCausalLM": (False, True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: tuple = ()  # sorted (key, value) pairs; hashable so the config can be a jit static
+    sliding_window: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    @property
+    def rope_scaling_dict(self) -> dict:
+        return dict(self.rope_scaling)
+
+    def rope_inv_freq(self) -> tuple[np.ndarray, float]:
+        """(inverse frequencies [head_dim/2], cos/sin scale), as transformers computes them."""
+        return rope.inv_freq(self.head_dim, self.rope_theta, self.rope_scaling_dict,
+                             self.max_position_embeddings)
+
+    @classmethod
+    def from_hf(cls, hf: dict, generation_config: dict | None = None) -> "ModelConfig":
+        """Normalize a parsed config.json (and optional generation_config.json)."""
+        archs = hf.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ValueError(
+                f"unsupported architecture {archs or hf.get('model_type')!r}: jaxtp supports "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        default_bias, qk_norm = SUPPORTED_ARCHITECTURES[arch]
+        heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        if hf.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("partial_rotary_factor != 1 is not supported")
+        scaling = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+        theta = scaling.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
+        rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+        scaling.pop("type", None)
+        scaling = {} if rope_type == "default" else {**scaling, "rope_type": rope_type}
+        # Sliding windows only bite past the window; Mistral/Qwen configs often carry one
+        # while use_sliding_window is off.
+        window = hf.get("sliding_window")
+        if arch.startswith("Qwen"):
+            if hf.get("use_sliding_window", False):
+                raise ValueError(f"{arch} with use_sliding_window=true is not supported")
+            window = None
+        eos = _ids((generation_config or {}).get("eos_token_id")) or _ids(hf.get("eos_token_id"))
+        cfg = cls(
+            architecture=arch,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=bool(hf.get("attention_bias", default_bias)),
+            qk_norm=qk_norm,
+            rope_theta=float(theta),
+            rope_scaling=tuple(sorted(scaling.items())),
+            sliding_window=window,
+            eos_token_ids=eos,
+            bos_token_id=hf.get("bos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+        )
+        cfg.rope_inv_freq()  # fail now, not inside jit, on an unsupported rope type
+        return cfg
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
+        gen = path / "generation_config.json"
+        return cls.from_hf(json.loads((path / "config.json").read_text()),
+                           json.loads(gen.read_text()) if gen.is_file() else None)
+
+
+def _ids(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)

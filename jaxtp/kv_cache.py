@@ -1,0 +1,45 @@
+"""The KV cache: per layer, keys and values [batch, kv_heads, max_len, head_dim], split on heads.
+
+Rows advance independently (each has its own length), so a ragged batch needs no left padding
+and a finished row's slot can be reused. The cache is donated to every step and updated in place.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from jaxtp.sharding import KV_CACHE_SPEC, named
+
+
+class KVCache(NamedTuple):
+    k: list  # num_layers x [B, KVH, S, D]
+    v: list
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in self.k + self.v)
+
+
+def cache_sharding(mesh: Mesh):
+    return named(mesh, KV_CACHE_SPEC)
+
+
+def init(num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype,
+         mesh: Mesh) -> KVCache:
+    """Allocate a zeroed cache directly in its sharding (each device gets only its heads)."""
+    shape = (batch, kv_heads, max_len, head_dim)
+    zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=cache_sharding(mesh))
+    return KVCache([zeros() for _ in range(num_layers)], [zeros() for _ in range(num_layers)])
+
+
+def write(cache: jnp.ndarray, new: jnp.ndarray, start: jnp.ndarray) -> jnp.ndarray:
+    """Write new [B, KVH, T, D] into cache [B, KVH, S, D] at sequence offset start[b] per row."""
+    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (0, s, 0)))(
+        cache, new.astype(cache.dtype), start)

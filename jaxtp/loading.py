@@ -1,0 +1,115 @@
+"""Hugging Face checkpoints -> sharded nnx state, tensor by tensor.
+
+Each tensor is read from safetensors (memory-mapped), reshaped to jaxtp's layout ([in, out],
+KV heads replicated up to tp, vocab padded) as a lazy numpy view, and handed to
+`jax.make_array_from_callback`, which copies to each device only the slice it owns.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from jaxtp.config import ModelConfig
+from jaxtp.model import CausalLM
+from jaxtp.sharding import kv_heads_on_mesh, named, padded_vocab, spec_for, tp_size
+
+_MODEL_FILES = ("config.json",)
+
+
+def resolve(path_or_id: str | Path) -> Path:
+    """A local model directory, or a hub id looked up in (and if allowed, fetched into) the HF cache."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or str(path_or_id).startswith((".", "/", "~")) or str(path_or_id).count("/") != 1:
+        raise FileNotFoundError(f"model {str(path_or_id)!r} is neither a local directory nor a hub id "
+                                f"like 'org/name'")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(str(path_or_id),
+                                      allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
+    except Exception as e:  # offline, unknown repo, gated...
+        raise FileNotFoundError(f"could not resolve hub id {str(path_or_id)!r}: {e}") from e
+
+
+def tensor_index(path: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, for single-file and sharded (*.index.json) checkpoints."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no *.safetensors weights (pytorch .bin is not supported)")
+    out = {}
+    for file in files:
+        with _open(file) as f:
+            out.update({name: file for name in f.keys()})
+    return out
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="np")
+    except Exception as e:
+        raise ValueError(f"cannot read safetensors file {file}: {e}") from e
+
+
+def to_layout(name: str, w: np.ndarray, cfg: ModelConfig, tp: int) -> np.ndarray:
+    """HF tensor -> jaxtp layout (lazy views where possible)."""
+    if name.endswith("_proj.weight") or name == "lm_head.weight":
+        w = w.T  # [out, in] -> [in, out]
+    if "k_proj" in name or "v_proj" in name:
+        repeat = kv_heads_on_mesh(cfg, tp) // cfg.num_kv_heads
+        if repeat > 1:  # KV-head replication: head h becomes heads h*r .. h*r + r-1
+            lead = w.shape[:-1]
+            w = np.repeat(w.reshape(*lead, cfg.num_kv_heads, cfg.head_dim), repeat, axis=-2)
+            w = w.reshape(*lead, -1)
+    pad = padded_vocab(cfg, tp) - cfg.vocab_size
+    if pad and name.endswith("embed_tokens.weight"):
+        w = np.pad(w, ((0, pad), (0, 0)))
+    if pad and name == "lm_head.weight":
+        w = np.pad(w, ((0, 0), (0, pad)))
+    return w
+
+
+def load_state(path: Path, cfg: ModelConfig, mesh, dtype) -> tuple[nnx.GraphDef, nnx.State]:
+    """Build the model abstractly and fill every parameter straight into its sharding."""
+    tp = tp_size(mesh)
+    abstract = nnx.eval_shape(
+        lambda: CausalLM(cfg, kv_heads_on_mesh(cfg, tp), padded_vocab(cfg, tp), dtype))
+    graphdef, state = nnx.split(abstract)
+    index = tensor_index(path)
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    flat = []
+    handles: dict[Path, object] = {}
+    for key, var in tqdm(list(nnx.to_flat_state(state)), desc="loading weights", unit="tensor",
+                         disable=None):
+        name = ".".join(map(str, key))
+        if name not in index:
+            raise KeyError(f"checkpoint {path} has no tensor {name!r}, which {cfg.architecture} "
+                           f"with this config.json needs")
+        file = index[name]
+        if file not in handles:
+            handles[file] = _open(file)
+        try:
+            w = handles[file].get_tensor(name)
+        except Exception as e:
+            raise ValueError(f"cannot read tensor {name!r} from {file}: {e}") from e
+        w = to_layout(name, w, cfg, tp)
+        want = var.get_value().shape
+        if w.shape != want:
+            raise ValueError(f"tensor {name!r} in {file} has shape {tuple(w.shape)} after layout, but "
+                             f"config.json implies {tuple(want)} (tp={tp})")
+        sharding = named(mesh, spec_for(name))
+        arr = jax.make_array_from_callback(
+            want, sharding, lambda idx, w=w: np.ascontiguousarray(w[idx]).astype(np_dtype, copy=False))
+        flat.append((key, var.replace(arr)))
+    return graphdef, nnx.from_flat_state(flat)

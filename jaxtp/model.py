@@ -1,0 +1,154 @@
+"""The decoder (Llama / Mistral / Qwen2 / Qwen3) as flax.nnx modules.
+
+Attribute names mirror the Hugging Face checkpoint, so a parameter's nnx path *is* its tensor
+name ('model.layers.0.self_attn.q_proj.weight'); `sharding.PARTITION_RULES` keys on that path.
+Linear weights are stored [in, out]. There is no sharding code here: it lives in one table.
+
+Every call writes the new tokens' keys/values into the cache at per-row offsets and attends over
+the cache, so prefill, decode and ragged batches share one code path.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxtp import rope
+from jaxtp.config import ModelConfig
+from jaxtp.kv_cache import KVCache, write
+
+
+def _param(shape, dtype):
+    return nnx.Param(jnp.zeros(shape, dtype))
+
+
+class Linear(nnx.Module):
+    def __init__(self, d_in: int, d_out: int, dtype, bias: bool = False):
+        self.weight = _param((d_in, d_out), dtype)
+        self.bias = _param((d_out,), dtype) if bias else None
+
+    def __call__(self, x):
+        y = x @ self.weight[...]
+        return y if self.bias is None else y + self.bias[...]
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.weight = _param((dim,), dtype)
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * x32.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, num_kv_heads: int, dtype):
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, num_kv_heads, hd
+        self.window = cfg.sliding_window
+        self.q_proj = Linear(d, cfg.num_heads * hd, dtype, cfg.qkv_bias)
+        self.k_proj = Linear(d, num_kv_heads * hd, dtype, cfg.qkv_bias)
+        self.v_proj = Linear(d, num_kv_heads * hd, dtype, cfg.qkv_bias)
+        self.o_proj = Linear(cfg.num_heads * hd, d, dtype)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(self, x, cos, sin, k_cache, v_cache, start, positions):
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+        k_cache = write(k_cache, k.transpose(0, 2, 1, 3), start)
+        v_cache = write(v_cache, v.transpose(0, 2, 1, 3), start)
+
+        groups = self.num_heads // self.num_kv_heads
+        q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
+        scores = jnp.einsum("btkgd,bksd->bkgts", q, k_cache, preferred_element_type=jnp.float32)
+        scores = scores * (self.head_dim ** -0.5)
+        key_pos = jnp.arange(k_cache.shape[2])
+        visible = key_pos[None, None, :] <= positions[:, :, None]                 # [B, T, S]
+        if self.window is not None:
+            visible &= key_pos[None, None, :] > positions[:, :, None] - self.window
+        scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+        out = jnp.einsum("bkgts,bksd->btkgd", probs, v_cache, preferred_element_type=jnp.float32)
+        out = out.astype(x.dtype).reshape(b, t, self.num_heads * self.head_dim)
+        return self.o_proj(out), k_cache, v_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype):
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, dtype)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, dtype)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, dtype)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, num_kv_heads: int, dtype):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(cfg, num_kv_heads, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, dtype)
+
+    def __call__(self, x, cos, sin, k_cache, v_cache, start, positions):
+        h, k_cache, v_cache = self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache,
+                                             start, positions)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), k_cache, v_cache
+
+
+class Embedding(nnx.Module):
+    def __init__(self, vocab: int, dim: int, dtype):
+        self.weight = _param((vocab, dim), dtype)
+
+    def __call__(self, tokens):
+        return jnp.take(self.weight[...], tokens, axis=0)
+
+
+class Decoder(nnx.Module):
+    def __init__(self, cfg: ModelConfig, num_kv_heads: int, vocab: int, dtype):
+        self.embed_tokens = Embedding(vocab, cfg.hidden_size, dtype)
+        self.layers = nnx.List([DecoderLayer(cfg, num_kv_heads, dtype) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+
+class CausalLM(nnx.Module):
+    """`num_kv_heads` and `vocab` are the sharded model's (KV heads replicated up to tp, vocab
+    padded to split evenly); the true vocab size masks the padding out of the logits."""
+
+    def __init__(self, cfg: ModelConfig, num_kv_heads: int, vocab: int, dtype=jnp.float32):
+        self.model = Decoder(cfg, num_kv_heads, vocab, dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, vocab, dtype)
+        self.vocab_size = cfg.vocab_size
+        freq, scale = cfg.rope_inv_freq()
+        self.rope_freq, self.rope_scale = tuple(freq.tolist()), scale
+
+    def hidden(self, tokens, cache: KVCache, start):
+        """Run tokens [B, T] placed at positions start[b] + t; returns (hidden [B, T, d], cache)."""
+        positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]
+        cos, sin = rope.cos_sin(positions, jnp.asarray(self.rope_freq, jnp.float32), self.rope_scale)
+        x = self.model.embed_tokens(tokens)
+        ks, vs = [], []
+        for layer, k_cache, v_cache in zip(self.model.layers, cache.k, cache.v):
+            x, k_cache, v_cache = layer(x, cos, sin, k_cache, v_cache, start, positions)
+            ks.append(k_cache)
+            vs.append(v_cache)
+        return self.model.norm(x), KVCache(ks, vs)
+
+    def logits(self, h):
+        """float32 logits over the padded vocab; padding entries are -inf so they are never sampled."""
+        w = self.model.embed_tokens.weight[...].T if self.lm_head is None else self.lm_head.weight[...]
+        logits = jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+        real = jnp.arange(logits.shape[-1]) < self.vocab_size
+        return jnp.where(real, logits, -jnp.inf)
