@@ -75,16 +75,12 @@ class SamplerArrays(NamedTuple):
                    np.array(seeds, np.uint32))
 
 
-def sample(logits: jax.Array, s: SamplerArrays, counter: jax.Array, vocab_size: int,
-           greedy: bool) -> jax.Array:
-    """Next token [B] from float32 logits [B, V_padded]; greedy rows (temperature 0) take argmax.
+def filter_logits(logits: jax.Array, s: SamplerArrays, vocab_size: int) -> jax.Array:
+    """Temperature-scaled logits [B, V] with everything outside top-k / top-p / min-p set to -inf.
 
-    Filters apply in vLLM/transformers order: temperature, top-k, top-p (on the top-k
-    renormalized distribution), min-p; then a Gumbel-max draw.
+    Order as in vLLM and transformers: temperature, top-k, top-p (on the top-k renormalized
+    distribution), min-p.
     """
-    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    if greedy:
-        return best
     x = logits / jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
     ranked = -jnp.sort(-x, axis=-1)                                     # descending
     v = x.shape[-1]
@@ -95,14 +91,24 @@ def sample(logits: jax.Array, s: SamplerArrays, counter: jax.Array, vocab_size: 
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     n_keep = jnp.maximum(jnp.sum(mass_before < s.top_p[:, None], axis=-1), 1)
     pth = jnp.take_along_axis(ranked, (n_keep - 1)[:, None], axis=-1)
+    pth = jnp.where(s.top_p[:, None] < 1, pth, -jnp.inf)  # rounding must not cut top_p=1's tail
     minp = ranked[:, :1] + jnp.log(s.min_p)[:, None]                    # log 0 = -inf: off
-    x = jnp.where(x >= jnp.maximum(jnp.maximum(kth, pth), minp), x, -jnp.inf)
+    return jnp.where(x >= jnp.maximum(jnp.maximum(kth, pth), minp), x, -jnp.inf)
+
+
+def sample(logits: jax.Array, s: SamplerArrays, counter: jax.Array, vocab_size: int,
+           greedy: bool) -> jax.Array:
+    """Next token [B] from float32 logits [B, V_padded]: greedy rows (temperature 0) take the
+    argmax, the others a Gumbel-max draw from the filtered distribution."""
+    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if greedy:
+        return best
+    x = filter_logits(logits, s, vocab_size)
 
     def gumbel(seed, count):  # drawn over the true vocab so the stream is independent of tp
         key = jax.random.fold_in(jax.random.key(seed), count)
         return jax.random.gumbel(key, (vocab_size,), jnp.float32)
 
-    noise = jax.vmap(gumbel)(s.seed, counter)
-    noise = jnp.pad(noise, ((0, 0), (0, v - vocab_size)))
+    noise = jnp.pad(jax.vmap(gumbel)(s.seed, counter), ((0, 0), (0, x.shape[-1] - vocab_size)))
     drawn = jnp.argmax(x + noise, axis=-1).astype(jnp.int32)
     return jnp.where(s.temperature > 0, drawn, best)
