@@ -63,13 +63,18 @@ class Completion:
 
 
 def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, devices=None) -> Model:
-    """Load a Hugging Face checkpoint (local dir or hub id) sharded over a (dp, tp) mesh."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    """Load a Hugging Face checkpoint (local dir or hub id) sharded over a (dp, tp) mesh.
+
+    dtype: "float32", "bfloat16", "float16", or "auto" (the checkpoint's own dtype).
+    """
+    if dtype not in (*DTYPES, "auto"):
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or 'auto', got {dtype!r}")
     path = resolve(model)
     cfg = ModelConfig.from_dir(path)
-    validate_tp(cfg, tp)
+    if dtype == "auto":
+        dtype = cfg.torch_dtype if cfg.torch_dtype in DTYPES else "float32"
     mesh = make_mesh(tp=tp, dp=dp, devices=devices)
+    validate_tp(cfg, tp)
     graphdef, params = load_state(path, cfg, mesh, DTYPES[dtype])
     return Model(cfg, mesh, _tokenizer(path), graphdef, params, DTYPES[dtype], path)
 
@@ -162,13 +167,13 @@ class RequestOutput:
 class LLM:
     """vLLM-shaped entry point: `LLM(model=..., tensor_parallel_size=2).generate(prompts, params)`."""
 
-    def __init__(self, model: str, tensor_parallel_size: int = 1, dtype: str = "bfloat16",
+    def __init__(self, model: str, tensor_parallel_size: int = 1, dtype: str = "auto",
                  seed: int | None = None, **kwargs):
         if kwargs:
             raise TypeError(f"unsupported LLM argument(s): {', '.join(sorted(kwargs))}")
         if seed is not None:
             random.seed(seed)
-        self.model = load(model, tp=tensor_parallel_size, dtype="float32" if dtype == "auto" else dtype)
+        self.model = load(model, tp=tensor_parallel_size, dtype=dtype)
         self._next_id = 0
 
     def get_tokenizer(self):

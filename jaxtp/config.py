@@ -43,6 +43,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     pad_token_id: int | None = None
+    torch_dtype: str | None = None  # the checkpoint's own dtype, for dtype="auto"
 
     @property
     def rope_scaling_dict(self) -> dict:
@@ -63,6 +64,10 @@ class ModelConfig:
                 f"unsupported architecture {archs or hf.get('model_type')!r}: jaxtp supports "
                 f"{', '.join(SUPPORTED_ARCHITECTURES)}")
         default_bias, qk_norm = SUPPORTED_ARCHITECTURES[arch]
+        if hf.get("mlp_bias"):
+            raise ValueError(f"{arch} with mlp_bias=true is not supported")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
         heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
         if hf.get("partial_rotary_factor", 1.0) != 1.0:
@@ -100,6 +105,7 @@ class ModelConfig:
             eos_token_ids=eos,
             bos_token_id=hf.get("bos_token_id"),
             pad_token_id=hf.get("pad_token_id"),
+            torch_dtype=hf.get("dtype") or hf.get("torch_dtype"),
         )
         cfg.rope_inv_freq()  # fail now, not inside jit, on an unsupported rope type
         return cfg

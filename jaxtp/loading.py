@@ -20,9 +20,6 @@ from jaxtp.config import ModelConfig
 from jaxtp.model import CausalLM
 from jaxtp.sharding import kv_heads_on_mesh, named, padded_vocab, spec_for, tp_size
 
-_MODEL_FILES = ("config.json",)
-
-
 def resolve(path_or_id: str | Path) -> Path:
     """A local model directory, or a hub id looked up in (and if allowed, fetched into) the HF cache."""
     path = Path(path_or_id).expanduser()
@@ -103,11 +100,13 @@ def load_state(path: Path, cfg: ModelConfig, mesh, dtype) -> tuple[nnx.GraphDef,
             w = handles[file].get_tensor(name)
         except Exception as e:
             raise ValueError(f"cannot read tensor {name!r} from {file}: {e}") from e
+        raw_shape = tuple(w.shape)
         w = to_layout(name, w, cfg, tp)
         want = var.get_value().shape
         if w.shape != want:
-            raise ValueError(f"tensor {name!r} in {file} has shape {tuple(w.shape)} after layout, but "
-                             f"config.json implies {tuple(want)} (tp={tp})")
+            raise ValueError(f"tensor {name!r} in {file} has shape {raw_shape}, which does not match "
+                             f"config.json (it implies {tuple(want)} in jaxtp's transposed [in, out] "
+                             f"layout at tp={tp})")
         sharding = named(mesh, spec_for(name))
         arr = jax.make_array_from_callback(
             want, sharding, lambda idx, w=w: np.ascontiguousarray(w[idx]).astype(np_dtype, copy=False))
