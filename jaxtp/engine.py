@@ -1,9 +1,9 @@
 """The hot path: jitted prefill and multi-token decode, and the host loop that drives them.
 
 Shapes are bucketed (batch and prompt length to powers of two, cache length to a multiple of
-the decode chunk) so a run compiles a handful of programs once; the cache is donated so XLA
-updates it in place. Decode runs `chunk` tokens per dispatch in an on-device while loop that
-stops early once every row is done; the host only reads tokens back between chunks.
+CACHE_BUCKET) so a run compiles a handful of programs once; the cache is donated so XLA updates
+it in place. Decode runs `chunk` tokens per dispatch in an on-device loop; the host only reads
+tokens back between chunks.
 """
 from __future__ import annotations
 
@@ -71,17 +71,13 @@ def prefill(graphdef, params, cache: KVCache, tokens, lens, rows: Rows, *, mesh,
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "greedy", "steps"),
                    donate_argnames=("cache",))
 def decode(graphdef, params, cache: KVCache, state: DecodeState, rows: Rows, *, mesh, greedy, steps):
-    """Up to `steps` decode steps on device -> (tokens [steps, B] (-1 once a row is done), state, cache)."""
+    """`steps` decode steps on device -> (tokens [steps, B] (-1 once a row is done), state, cache)."""
     TRACES["decode"] += 1
     model = nnx.merge(graphdef, params)
     out = jnp.full((steps, state.tokens.shape[0]), -1, jnp.int32)
 
-    def cond(carry):
-        i, _, state, _ = carry
-        return (i < steps) & ~jnp.all(state.done)
-
-    def body(carry):
-        i, cache, s, out = carry
+    def body(i, carry):
+        cache, s, out = carry
         h, cache = model.hidden(s.tokens[:, None], cache, s.pos)
         tok = sample(model.logits(h[:, 0]), rows.sampler, s.count, model.vocab_size, greedy)
         count = s.count + 1
@@ -90,9 +86,10 @@ def decode(graphdef, params, cache: KVCache, state: DecodeState, rows: Rows, *, 
         # A finished row re-runs its last token at its last position: an idempotent cache write.
         nxt = DecodeState(jnp.where(s.done, s.tokens, tok), jnp.where(s.done, s.pos, s.pos + 1),
                           jnp.where(s.done, s.count, count), done)
-        return i + 1, _constrain_cache(cache, mesh), nxt, out.at[i].set(tok)
+        return _constrain_cache(cache, mesh), nxt, out.at[i].set(tok)
 
-    _, cache, state, out = jax.lax.while_loop(cond, body, (0, cache, state, out))
+    # A fixed trip count: no per-step predicate copy to the host; the host checks `done` per chunk.
+    cache, state, out = jax.lax.fori_loop(0, steps, body, (cache, state, out))
     return out, state, cache
 
 

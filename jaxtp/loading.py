@@ -77,12 +77,36 @@ def to_layout(name: str, w: np.ndarray, cfg: ModelConfig, tp: int) -> np.ndarray
     return w
 
 
+def abstract_model(cfg: ModelConfig, mesh, dtype) -> tuple[nnx.GraphDef, nnx.State]:
+    """The model's graph and parameter shapes for this mesh, allocating nothing."""
+    tp = tp_size(mesh)
+    return nnx.split(nnx.eval_shape(
+        lambda: CausalLM(cfg, kv_heads_on_mesh(cfg, tp), padded_vocab(cfg, tp), dtype)))
+
+
+def random_state(cfg: ModelConfig, mesh, dtype, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
+    """Random weights (std 0.02, norms 1) generated on device in their shardings: real shapes
+    for benchmarks without a checkpoint on disk."""
+    graphdef, state = abstract_model(cfg, mesh, dtype)
+    flat = []
+    for i, (key, var) in enumerate(nnx.to_flat_state(state)):
+        name = ".".join(map(str, key))
+        shape = var.get_value().shape
+
+        def init(k, shape=shape, norm=name.endswith("norm.weight")):
+            if norm:
+                return jnp.ones(shape, dtype)
+            return (jax.random.normal(k, shape, jnp.float32) * 0.02).astype(dtype)
+
+        arr = jax.jit(init, out_shardings=named(mesh, spec_for(name)))(jax.random.key(seed * 100003 + i))
+        flat.append((key, var.replace(arr)))
+    return graphdef, nnx.from_flat_state(flat)
+
+
 def load_state(path: Path, cfg: ModelConfig, mesh, dtype) -> tuple[nnx.GraphDef, nnx.State]:
     """Build the model abstractly and fill every parameter straight into its sharding."""
     tp = tp_size(mesh)
-    abstract = nnx.eval_shape(
-        lambda: CausalLM(cfg, kv_heads_on_mesh(cfg, tp), padded_vocab(cfg, tp), dtype))
-    graphdef, state = nnx.split(abstract)
+    graphdef, state = abstract_model(cfg, mesh, dtype)
     index = tensor_index(path)
     np_dtype = np.dtype(jnp.dtype(dtype))
     flat = []

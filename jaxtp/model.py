@@ -18,6 +18,14 @@ from jaxtp.config import ModelConfig
 from jaxtp.kv_cache import KVCache, write
 
 
+def einsum_f32(spec: str, a, b):
+    """einsum accumulating (and returning) float32. XLA:CPU has no bf16 x bf16 -> f32 dot, so
+    there the operands are upcast instead (same result, slower; CPU is for tests)."""
+    if jax.default_backend() == "cpu" and (a.dtype != jnp.float32 or b.dtype != jnp.float32):
+        return jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32))
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
 def _param(shape, dtype):
     return nnx.Param(jnp.zeros(shape, dtype))
 
@@ -71,7 +79,7 @@ class Attention(nnx.Module):
 
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
-        scores = jnp.einsum("btkgd,bksd->bkgts", q, k_cache, preferred_element_type=jnp.float32)
+        scores = einsum_f32("btkgd,bksd->bkgts", q, k_cache)
         scores = scores * (self.head_dim ** -0.5)
         key_pos = jnp.arange(k_cache.shape[2])
         visible = key_pos[None, None, :] <= positions[:, :, None]                 # [B, T, S]
@@ -79,7 +87,7 @@ class Attention(nnx.Module):
             visible &= key_pos[None, None, :] > positions[:, :, None] - self.window
         scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-        out = jnp.einsum("bkgts,bksd->btkgd", probs, v_cache, preferred_element_type=jnp.float32)
+        out = einsum_f32("bkgts,bksd->btkgd", probs, v_cache)
         out = out.astype(x.dtype).reshape(b, t, self.num_heads * self.head_dim)
         return self.o_proj(out), k_cache, v_cache
 
@@ -149,6 +157,6 @@ class CausalLM(nnx.Module):
     def logits(self, h):
         """float32 logits over the padded vocab; padding entries are -inf so they are never sampled."""
         w = self.model.embed_tokens.weight[...].T if self.lm_head is None else self.lm_head.weight[...]
-        logits = jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+        logits = einsum_f32("...d,dv->...v", h, w)
         real = jnp.arange(logits.shape[-1]) < self.vocab_size
         return jnp.where(real, logits, -jnp.inf)

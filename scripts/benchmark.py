@@ -1,0 +1,178 @@
+"""Decode / prefill throughput of jaxtp at real model shapes, against the HBM roofline.
+
+    python scripts/benchmark.py --shape llama2-7b --tp 1 2 --batch 1 32 --ctx 1024
+
+Random bf16 weights are generated on device in their shardings (no checkpoint needed). For each
+tp and batch it prefills `ctx` tokens per row, then times `--steps`-token decode chunks from that
+point (median of --reps). The roofline is the bytes one decode step must read per GPU (its
+weight shard + its live KV cache) divided by the device-to-device copy bandwidth measured in the
+same run; `roofline` = that floor / measured ms per step.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+SHAPES = {  # config.json fields of well-known models
+    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=8, num_key_value_heads=2),
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32),
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
+    "llama2-70b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                       num_attention_heads=64, num_key_value_heads=8),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="llama2-7b", help=f"{'|'.join(SHAPES)} or a config.json path")
+    p.add_argument("--tp", type=int, nargs="+", default=[1])
+    p.add_argument("--batch", type=int, nargs="+", default=[1])
+    p.add_argument("--ctx", type=int, default=1024, help="context length before decoding")
+    p.add_argument("--steps", type=int, default=32, help="decode steps per timed chunk")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--no-prefill", action="store_true", help="skip timing prefill")
+    p.add_argument("--json", help="write results here")
+    p.add_argument("--cpu-devices", type=int, default=8, help="simulated devices on a CPU-only host")
+    return p.parse_args(argv)
+
+
+def config(shape: str) -> dict:
+    if shape in SHAPES:
+        return {"architectures": ["LlamaForCausalLM"], "max_position_embeddings": 8192,
+                "rms_norm_eps": 1e-5, **SHAPES[shape]}
+    return json.loads(Path(shape).read_text())
+
+
+def median_ms(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device) -> float:
+    """Device-to-device bandwidth in bytes/s (read + write) of an elementwise pass over 1 GiB."""
+    import jax
+    import jax.numpy as jnp
+    x = jax.device_put(jnp.ones((1 << 29,), jnp.bfloat16), device)
+    f = jax.jit(lambda x: x + 1)
+    f(x).block_until_ready()
+    ms = median_ms(lambda: f(x).block_until_ready(), 20)
+    return 2 * x.nbytes / (ms / 1e3)
+
+
+def run_one(cfg, tp: int, batch: int, args, bandwidth: float) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding
+
+    from jaxtp import engine, kv_cache
+    from jaxtp.api import DTYPES, Model
+    from jaxtp.loading import random_state
+    from jaxtp.sampling import SamplerArrays, SamplingParams
+    from jaxtp.sharding import REPLICATED, make_mesh, validate_tp
+
+    dtype = DTYPES[args.dtype]
+    mesh = make_mesh(tp=tp)
+    validate_tp(cfg, tp)
+    graphdef, params = random_state(cfg, mesh, dtype)
+    model = Model(cfg, mesh, None, graphdef, params, dtype, Path("random"))
+    weight_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(params))
+
+    ctx, steps = args.ctx, args.steps
+    s = -(-(ctx + steps) // engine.CACHE_BUCKET) * engine.CACHE_BUCKET
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.vocab_size, (batch, ctx)).astype(np.int32)
+    sp = [SamplingParams(max_tokens=10**6, temperature=0.0, ignore_eos=True)] * batch
+    rows = engine.Rows(SamplerArrays.build(sp, [0] * batch), np.full(batch, 10**6, np.int32),
+                       np.zeros(batch, np.int32), np.full((batch, 1), -1, np.int32))
+    put = lambda x: jax.device_put(x, NamedSharding(mesh, REPLICATED))  # noqa: E731
+    tokens, lens, rows = put(tokens), put(np.full(batch, ctx, np.int32)), put(rows)
+    new_cache = lambda: kv_cache.init(cfg.num_layers, batch, model.kv_heads, s, cfg.head_dim,  # noqa
+                                      dtype, mesh)
+
+    def do_prefill(cache):
+        return engine.prefill(graphdef, params, cache, tokens, lens, rows, mesh=mesh, greedy=True)
+
+    t0 = time.perf_counter()
+    state, cache = do_prefill(new_cache())
+    jax.block_until_ready(cache)
+    prefill_compile_s = time.perf_counter() - t0
+    prefill_ms = None
+    if not args.no_prefill:
+        caches = [new_cache() for _ in range(args.reps)]
+        it = iter(caches)
+        prefill_ms = median_ms(lambda: jax.block_until_ready(do_prefill(next(it))), args.reps)
+        del caches
+
+    def do_decode(cache):
+        out, _, cache = engine.decode(graphdef, params, cache, state, rows, mesh=mesh, greedy=True,
+                                      steps=steps)
+        return out, cache
+
+    t0 = time.perf_counter()
+    out, cache = do_decode(cache)
+    jax.block_until_ready(out)
+    decode_compile_s = time.perf_counter() - t0
+    holder = [cache]
+
+    def timed():
+        out, holder[0] = do_decode(holder[0])
+        jax.block_until_ready(out)
+
+    step_ms = median_ms(timed, args.reps) / steps
+    kv_live = (2 * cfg.num_layers * batch * (model.kv_heads // tp) * (ctx + steps / 2) * cfg.head_dim
+               * jnp.dtype(dtype).itemsize)
+    floor_ms = (weight_bytes + kv_live) / bandwidth * 1e3
+    return dict(shape=args.shape, tp=tp, batch=batch, ctx=ctx, ms_per_step=step_ms,
+                tokens_per_s=batch / step_ms * 1e3,
+                prefill_tokens_per_s=None if prefill_ms is None else batch * ctx / prefill_ms * 1e3,
+                compile_s=prefill_compile_s + decode_compile_s, weight_gb_per_device=weight_bytes / 1e9,
+                kv_gb_per_device=kv_live / 1e9, roofline_ms=floor_ms, roofline=floor_ms / step_ms,
+                device=str(jax.devices()[0].device_kind), xla_flags=os.environ.get("XLA_FLAGS", ""))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={args.cpu_devices}").strip()
+    import jax
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from jaxtp.config import ModelConfig
+
+    cfg = ModelConfig.from_hf(config(args.shape))
+    bandwidth = copy_bandwidth(jax.devices()[0])
+    print(f"device: {jax.devices()[0].device_kind} x{len(jax.devices())}, copy bandwidth "
+          f"{bandwidth / 1e12:.2f} TB/s, jax {jax.__version__}", flush=True)
+    results = []
+    for tp in args.tp:
+        for batch in args.batch:
+            r = run_one(cfg, tp, batch, args, bandwidth)
+            results.append(r)
+            print(json.dumps(r), flush=True)
+    base = {r["batch"]: r["tokens_per_s"] for r in results if r["tp"] == 1}
+    print(f"\n{args.shape} {args.dtype} ctx={args.ctx} on {results[0]['device']} "
+          f"(copy bw {bandwidth / 1e12:.2f} TB/s)")
+    print(f"{'tp':>3} {'batch':>5} {'ms/step':>8} {'tok/s':>9} {'vs tp1':>7} {'prefill tok/s':>13} "
+          f"{'roofline':>8} {'compile s':>9}")
+    for r in results:
+        speedup = r["tokens_per_s"] / base[r["batch"]] if r["batch"] in base else float("nan")
+        pre = f"{r['prefill_tokens_per_s']:.0f}" if r["prefill_tokens_per_s"] else "-"
+        print(f"{r['tp']:>3} {r['batch']:>5} {r['ms_per_step']:>8.3f} {r['tokens_per_s']:>9.1f} "
+              f"{speedup:>6.2f}x {pre:>13} {r['roofline']:>7.0%} {r['compile_s']:>9.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
