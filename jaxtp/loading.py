@@ -52,6 +52,24 @@ def tensor_index(path: Path) -> dict[str, Path]:
     return out
 
 
+def _read(name: str, index: dict, handles: dict, cfg: ModelConfig, path: Path) -> np.ndarray:
+    """Read one HF tensor (memory-mapped), checking it against config.json."""
+    if name not in index:
+        raise KeyError(f"checkpoint {path} has no tensor {name!r}, which {cfg.architecture} "
+                       f"with this config.json needs")
+    file = index[name]
+    if file not in handles:
+        handles[file] = _open(file)
+    try:
+        w = handles[file].get_tensor(name)
+    except Exception as e:
+        raise ValueError(f"cannot read tensor {name!r} from {file}: {e}") from e
+    if tuple(w.shape) != hf_shape(name, cfg):
+        raise ValueError(f"tensor {name!r} in {file} has shape {tuple(w.shape)}, but config.json "
+                         f"implies {hf_shape(name, cfg)}")
+    return w
+
+
 def _open(file: Path):
     try:
         return safe_open(str(file), framework="np")
@@ -59,10 +77,37 @@ def _open(file: Path):
         raise ValueError(f"cannot read safetensors file {file}: {e}") from e
 
 
+# Fused parameters -> the HF tensors they are built from (vLLM's QKVParallelLinear and
+# MergedColumnParallelLinear: one matmul instead of three / two, each device's slice contiguous).
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def sources(name: str) -> list[str]:
+    """HF tensor names a jaxtp parameter is read from."""
+    for fused, parts in FUSED.items():
+        if f".{fused}." in name:
+            return [name.replace(fused, part) for part in parts]
+    return [name]
+
+
+def hf_shape(name: str, cfg: ModelConfig) -> tuple[int, ...]:
+    """The shape config.json implies for an HF tensor ([out, in] for linear weights)."""
+    d, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    out = {"q_proj": cfg.num_heads * hd, "k_proj": cfg.num_kv_heads * hd, "v_proj": cfg.num_kv_heads * hd,
+           "o_proj": d, "gate_proj": inter, "up_proj": inter, "down_proj": d}
+    inp = {"o_proj": cfg.num_heads * hd, "down_proj": inter}
+    module = name.split(".")[-2]
+    if module in out:
+        return (out[module],) if name.endswith("bias") else (out[module], inp.get(module, d))
+    if module in ("embed_tokens", "lm_head"):
+        return (cfg.vocab_size, d)
+    return (hd,) if module in ("q_norm", "k_norm") else (d,)
+
+
 def to_layout(name: str, w: np.ndarray, cfg: ModelConfig, tp: int) -> np.ndarray:
-    """HF tensor -> jaxtp layout (lazy views where possible)."""
+    """One HF tensor -> jaxtp layout: [in, out], KV heads replicated up to tp, vocab padded."""
     if name.endswith("_proj.weight") or name == "lm_head.weight":
-        w = w.T  # [out, in] -> [in, out]
+        w = w.T
     if "k_proj" in name or "v_proj" in name:
         repeat = kv_heads_on_mesh(cfg, tp) // cfg.num_kv_heads
         if repeat > 1:  # KV-head replication: head h becomes heads h*r .. h*r + r-1
@@ -77,11 +122,20 @@ def to_layout(name: str, w: np.ndarray, cfg: ModelConfig, tp: int) -> np.ndarray
     return w
 
 
+def fuse(name: str, parts: list[np.ndarray], tp: int) -> np.ndarray:
+    """Combine laid-out parts: qkv -> [..., tp, q_local|k_local|v_local]; gate_up -> [d, 2, I]."""
+    if ".qkv_proj." in name:
+        return np.concatenate([p.reshape(*p.shape[:-1], tp, -1) for p in parts], axis=-1)
+    if ".gate_up_proj." in name:
+        return np.stack(parts, axis=-2)
+    return parts[0]
+
+
 def abstract_model(cfg: ModelConfig, mesh, dtype) -> tuple[nnx.GraphDef, nnx.State]:
     """The model's graph and parameter shapes for this mesh, allocating nothing."""
     tp = tp_size(mesh)
     return nnx.split(nnx.eval_shape(
-        lambda: CausalLM(cfg, kv_heads_on_mesh(cfg, tp), padded_vocab(cfg, tp), dtype)))
+        lambda: CausalLM(cfg, kv_heads_on_mesh(cfg, tp), padded_vocab(cfg, tp), tp, dtype)))
 
 
 def random_state(cfg: ModelConfig, mesh, dtype, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
@@ -114,25 +168,12 @@ def load_state(path: Path, cfg: ModelConfig, mesh, dtype) -> tuple[nnx.GraphDef,
     for key, var in tqdm(list(nnx.to_flat_state(state)), desc="loading weights", unit="tensor",
                          disable=None):
         name = ".".join(map(str, key))
-        if name not in index:
-            raise KeyError(f"checkpoint {path} has no tensor {name!r}, which {cfg.architecture} "
-                           f"with this config.json needs")
-        file = index[name]
-        if file not in handles:
-            handles[file] = _open(file)
-        try:
-            w = handles[file].get_tensor(name)
-        except Exception as e:
-            raise ValueError(f"cannot read tensor {name!r} from {file}: {e}") from e
-        raw_shape = tuple(w.shape)
-        w = to_layout(name, w, cfg, tp)
+        parts = [to_layout(src, _read(src, index, handles, cfg, path), cfg, tp) for src in sources(name)]
+        w = fuse(name, parts, tp)
         want = var.get_value().shape
-        if w.shape != want:
-            raise ValueError(f"tensor {name!r} in {file} has shape {raw_shape}, which does not match "
-                             f"config.json (it implies {tuple(want)} in jaxtp's transposed [in, out] "
-                             f"layout at tp={tp})")
-        sharding = named(mesh, spec_for(name))
+        assert w.shape == want, (name, w.shape, want)
         arr = jax.make_array_from_callback(
-            want, sharding, lambda idx, w=w: np.ascontiguousarray(w[idx]).astype(np_dtype, copy=False))
+            want, named(mesh, spec_for(name)),
+            lambda idx, w=w: np.ascontiguousarray(w[idx]).astype(np_dtype, copy=False))
         flat.append((key, var.replace(arr)))
     return graphdef, nnx.from_flat_state(flat)

@@ -51,14 +51,33 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * x32.astype(x.dtype)
 
 
+class QKVLinear(nnx.Module):
+    """q, k and v in one matmul. weight [d, tp, (q + k + v heads per device) * head_dim]: the
+    explicit tp axis keeps every device's q|k|v block contiguous under column splitting."""
+
+    def __init__(self, d: int, heads: int, kv_heads: int, head_dim: int, tp: int, dtype, bias: bool):
+        self.tp, self.head_dim = tp, head_dim
+        self.local = (heads // tp, kv_heads // tp, kv_heads // tp)
+        width = sum(self.local) * head_dim
+        self.weight = _param((d, tp, width), dtype)
+        self.bias = _param((tp, width), dtype) if bias else None
+
+    def __call__(self, x):
+        y = jnp.einsum("btd,dpw->btpw", x, self.weight[...])
+        if self.bias is not None:
+            y = y + self.bias[...]
+        b, t = x.shape[:2]
+        nq, nk, _ = self.local
+        split = jnp.split(y, [nq * self.head_dim, (nq + nk) * self.head_dim], axis=-1)
+        return [z.reshape(b, t, -1, self.head_dim) for z in split]  # [B, T, heads, head_dim]
+
+
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, num_kv_heads: int, dtype):
+    def __init__(self, cfg: ModelConfig, num_kv_heads: int, tp: int, dtype):
         d, hd = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, num_kv_heads, hd
         self.window = cfg.sliding_window
-        self.q_proj = Linear(d, cfg.num_heads * hd, dtype, cfg.qkv_bias)
-        self.k_proj = Linear(d, num_kv_heads * hd, dtype, cfg.qkv_bias)
-        self.v_proj = Linear(d, num_kv_heads * hd, dtype, cfg.qkv_bias)
+        self.qkv_proj = QKVLinear(d, cfg.num_heads, num_kv_heads, hd, tp, dtype, cfg.qkv_bias)
         self.o_proj = Linear(cfg.num_heads * hd, d, dtype)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype)
@@ -68,9 +87,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x, cos, sin, k_cache, v_cache, start, positions):
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
@@ -92,20 +109,31 @@ class Attention(nnx.Module):
         return self.o_proj(out), k_cache, v_cache
 
 
+class GateUpLinear(nnx.Module):
+    """gate and up in one matmul: weight [d, 2, intermediate], split on the last axis."""
+
+    def __init__(self, d: int, inter: int, dtype):
+        self.weight = _param((d, 2, inter), dtype)
+
+    def __call__(self, x):
+        gate_up = jnp.einsum("btd,dki->btki", x, self.weight[...])
+        return gate_up[:, :, 0], gate_up[:, :, 1]
+
+
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype):
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, dtype)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, dtype)
+        self.gate_up_proj = GateUpLinear(cfg.hidden_size, cfg.intermediate_size, dtype)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, dtype)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x)
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, num_kv_heads: int, dtype):
+    def __init__(self, cfg: ModelConfig, num_kv_heads: int, tp: int, dtype):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = Attention(cfg, num_kv_heads, dtype)
+        self.self_attn = Attention(cfg, num_kv_heads, tp, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, dtype)
 
@@ -125,9 +153,9 @@ class Embedding(nnx.Module):
 
 
 class Decoder(nnx.Module):
-    def __init__(self, cfg: ModelConfig, num_kv_heads: int, vocab: int, dtype):
+    def __init__(self, cfg: ModelConfig, num_kv_heads: int, vocab: int, tp: int, dtype):
         self.embed_tokens = Embedding(vocab, cfg.hidden_size, dtype)
-        self.layers = nnx.List([DecoderLayer(cfg, num_kv_heads, dtype) for _ in range(cfg.num_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, num_kv_heads, tp, dtype) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
 
@@ -135,8 +163,8 @@ class CausalLM(nnx.Module):
     """`num_kv_heads` and `vocab` are the sharded model's (KV heads replicated up to tp, vocab
     padded to split evenly); the true vocab size masks the padding out of the logits."""
 
-    def __init__(self, cfg: ModelConfig, num_kv_heads: int, vocab: int, dtype=jnp.float32):
-        self.model = Decoder(cfg, num_kv_heads, vocab, dtype)
+    def __init__(self, cfg: ModelConfig, num_kv_heads: int, vocab: int, tp: int = 1, dtype=jnp.float32):
+        self.model = Decoder(cfg, num_kv_heads, vocab, tp, dtype)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, vocab, dtype)
         self.vocab_size = cfg.vocab_size
         freq, scale = cfg.rope_inv_freq()

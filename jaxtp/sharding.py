@@ -4,7 +4,9 @@ Megatron-style tensor parallelism expressed as shardings; XLA's SPMD partitioner
 collectives. Weights are stored [in, out] (x @ W):
 
 * column-split (output features over `tp`): q/k/v, gate, up -> each device owns whole heads /
-  a slice of the MLP, no communication on the way in;
+  a slice of the MLP, no communication on the way in. q/k/v are fused into one matmul and
+  gate/up into another (as vLLM does); their parameters carry an explicit axis so that each
+  device's slice is its own [q|k|v] or [gate|up] block;
 * row-split (input features over `tp`): o, down -> partial sums, one all-reduce per block;
 * vocab-split: embedding rows and LM-head columns.
 
@@ -24,9 +26,9 @@ from jaxtp.config import ModelConfig
 # Parameter path (as in the HF checkpoint) -> PartitionSpec of the [in, out] weight.
 PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r"embed_tokens\.weight$", P("tp", None)),                 # vocab-split rows
-    (r"(q_proj|k_proj|v_proj)\.weight$", P(None, "tp")),       # column-split
-    (r"(q_proj|k_proj|v_proj)\.bias$", P("tp")),
-    (r"(gate_proj|up_proj)\.weight$", P(None, "tp")),          # column-split
+    (r"qkv_proj\.weight$", P(None, "tp", None)),               # column-split [d, tp, q|k|v local]
+    (r"qkv_proj\.bias$", P("tp", None)),
+    (r"gate_up_proj\.weight$", P(None, None, "tp")),           # column-split [d, gate|up, I]
     (r"(o_proj|down_proj)\.weight$", P("tp", None)),           # row-split
     (r"lm_head\.weight$", P(None, "tp")),                      # vocab-split columns
     (r"norm\.weight$", P()),                                   # all norms: replicated
