@@ -145,16 +145,26 @@ class DecoderLayer(nnx.Module):
 
 
 class Embedding(nnx.Module):
-    def __init__(self, vocab: int, dim: int, dtype):
+    """Vocab-parallel lookup (Megatron's VocabParallelEmbedding) written as SPMD: each of the tp
+    row blocks gathers the ids it owns, the rest are zeroed, and the sum over blocks becomes one
+    all-reduce of [B, T, d]. A plain `take` lets XLA all-gather the whole table every step."""
+
+    def __init__(self, vocab: int, dim: int, tp: int, dtype):
         self.weight = _param((vocab, dim), dtype)
+        self.tp = tp
 
     def __call__(self, tokens):
-        return jnp.take(self.weight[...], tokens, axis=0)
+        vocab, dim = self.weight.shape
+        blocks = self.weight[...].reshape(self.tp, vocab // self.tp, dim)
+        local = tokens[None] - (jnp.arange(self.tp) * (vocab // self.tp))[:, None, None]
+        owned = (local >= 0) & (local < vocab // self.tp)
+        rows = jax.vmap(lambda w, i: jnp.take(w, i, axis=0, mode="clip"))(blocks, local)
+        return jnp.sum(jnp.where(owned[..., None], rows, 0), axis=0, dtype=rows.dtype)
 
 
 class Decoder(nnx.Module):
     def __init__(self, cfg: ModelConfig, num_kv_heads: int, vocab: int, tp: int, dtype):
-        self.embed_tokens = Embedding(vocab, cfg.hidden_size, dtype)
+        self.embed_tokens = Embedding(vocab, cfg.hidden_size, tp, dtype)
         self.layers = nnx.List([DecoderLayer(cfg, num_kv_heads, tp, dtype) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
