@@ -98,9 +98,9 @@ def forward_logits(graphdef, params, tokens, *, mesh):
     """Full-sequence float32 logits [B, T, V_padded] for equal-length prompts (tests, scoring)."""
     TRACES["forward_logits"] += 1
     model = nnx.merge(graphdef, params)
-    cfg_cache = model.model.layers[0].self_attn
+    attn = model.model.layers[0].self_attn
     b, t = tokens.shape
-    shape = (b, cfg_cache.num_kv_heads, t, cfg_cache.head_dim)
+    shape = (b, attn.num_kv_heads, t, attn.head_dim)
     dtype = model.model.norm.weight[...].dtype
     cache = KVCache([jnp.zeros(shape, dtype)] * len(model.model.layers),
                     [jnp.zeros(shape, dtype)] * len(model.model.layers))
@@ -159,7 +159,7 @@ def run(model, prompts: list[list[int]], params: list[SamplingParams], seeds: li
     out: list[list[int]] = [[int(first[i])] for i in range(n)]
     finished = [False] * n
 
-    def report(i, new):
+    def report(i, new, done):
         tok = out[i][-1]
         reason = None
         if done[i]:
@@ -168,7 +168,7 @@ def run(model, prompts: list[list[int]], params: list[SamplingParams], seeds: li
         return i, new, reason
 
     for i in range(n):
-        yield report(i, [int(first[i])])
+        yield report(i, [int(first[i])], done)
     while not all(finished):
         toks, state, cache = decode(model.graphdef, model.params, cache, state, rows,
                                     mesh=mesh, greedy=greedy, steps=chunk)
@@ -178,4 +178,4 @@ def run(model, prompts: list[list[int]], params: list[SamplingParams], seeds: li
                 continue
             new = [int(x) for x in toks[:, i] if x >= 0]
             out[i].extend(new)
-            yield report(i, new)
+            yield report(i, new, done)
