@@ -36,6 +36,16 @@ class Rows(NamedTuple):
     min_tokens: jax.Array
     stop_ids: jax.Array
 
+    @classmethod
+    def build(cls, params: list[SamplingParams], seeds: list[int], stops: list[list[int]]) -> "Rows":
+        """Host arrays for one row per params/seed/stop-id list."""
+        stop_ids = np.full((len(params), max(1, max(map(len, stops)))), -1, np.int32)
+        for i, x in enumerate(stops):
+            stop_ids[i, : len(x)] = x
+        return cls(SamplerArrays.build(params, seeds),
+                   np.array([p.max_tokens for p in params], np.int32),
+                   np.array([p.min_tokens for p in params], np.int32), stop_ids)
+
 
 class DecodeState(NamedTuple):
     tokens: jax.Array   # last sampled token, not yet in the cache
@@ -127,11 +137,10 @@ def run(model, prompts: list[list[int]], params: list[SamplingParams], seeds: li
     n = len(prompts)
     eos = list(cfg.eos_token_ids)
     stops = [list(p.stop_token_ids) + ([] if p.ignore_eos else eos) for p in params]
-    max_new = [p.max_tokens for p in params]
 
     b = bucket(n)
     t = bucket(max(len(p) for p in prompts), 16)
-    max_len = max(len(p) + m for p, m in zip(prompts, max_new))
+    max_len = max(len(p) + q.max_tokens for p, q in zip(prompts, params))
     s = -(-max(max_len, t) // CACHE_BUCKET) * CACHE_BUCKET
     pad_rows = b - n
 
@@ -139,15 +148,8 @@ def run(model, prompts: list[list[int]], params: list[SamplingParams], seeds: li
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
     lens = np.array([len(p) for p in prompts] + [1] * pad_rows, np.int32)
-    k = max(1, max(len(x) for x in stops))
-    stop_ids = np.full((b, k), -1, np.int32)
-    for i, x in enumerate(stops):
-        stop_ids[i, : len(x)] = x
-    all_params = params + [SamplingParams(max_tokens=1, temperature=0.0)] * pad_rows
-    rows = Rows(SamplerArrays.build(all_params, seeds + [0] * pad_rows),
-                np.array(max_new + [1] * pad_rows, np.int32),
-                np.array([p.min_tokens for p in params] + [0] * pad_rows, np.int32),
-                stop_ids)
+    rows = Rows.build(params + [SamplingParams(max_tokens=1, temperature=0.0)] * pad_rows,
+                      seeds + [0] * pad_rows, stops + [[]] * pad_rows)
     replicated = NamedSharding(mesh, REPLICATED)
     tokens, lens, rows = jax.device_put((tokens, lens, rows), replicated)
     greedy = all(p.greedy for p in params)

@@ -64,9 +64,10 @@ def _read(name: str, index: dict, handles: dict, cfg: ModelConfig, path: Path) -
         w = handles[file].get_tensor(name)
     except Exception as e:
         raise ValueError(f"cannot read tensor {name!r} from {file}: {e}") from e
-    if tuple(w.shape) != hf_shape(name, cfg):
+    want = hf_shape(name, cfg)
+    if tuple(w.shape) != want:
         raise ValueError(f"tensor {name!r} in {file} has shape {tuple(w.shape)}, but config.json "
-                         f"implies {hf_shape(name, cfg)}")
+                         f"implies {want}")
     return w
 
 

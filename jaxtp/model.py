@@ -56,7 +56,7 @@ class QKVLinear(nnx.Module):
     explicit tp axis keeps every device's q|k|v block contiguous under column splitting."""
 
     def __init__(self, d: int, heads: int, kv_heads: int, head_dim: int, tp: int, dtype, bias: bool):
-        self.tp, self.head_dim = tp, head_dim
+        self.head_dim = head_dim
         self.local = (heads // tp, kv_heads // tp, kv_heads // tp)
         width = sum(self.local) * head_dim
         self.weight = _param((d, tp, width), dtype)

@@ -89,7 +89,7 @@ def run_one(cfg, tp: int, batch: int, args, bandwidth: float) -> dict:
     from jaxtp import engine, kv_cache
     from jaxtp.api import DTYPES, Model
     from jaxtp.loading import random_state
-    from jaxtp.sampling import SamplerArrays, SamplingParams
+    from jaxtp.sampling import SamplingParams
     from jaxtp.sharding import REPLICATED, make_mesh, validate_tp
 
     dtype = DTYPES[args.dtype]
@@ -104,8 +104,7 @@ def run_one(cfg, tp: int, batch: int, args, bandwidth: float) -> dict:
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (batch, ctx)).astype(np.int32)
     sp = [SamplingParams(max_tokens=10**6, temperature=0.0, ignore_eos=True)] * batch
-    rows = engine.Rows(SamplerArrays.build(sp, [0] * batch), np.full(batch, 10**6, np.int32),
-                       np.zeros(batch, np.int32), np.full((batch, 1), -1, np.int32))
+    rows = engine.Rows.build(sp, [0] * batch, [[]] * batch)
     put = lambda x: jax.device_put(x, NamedSharding(mesh, REPLICATED))  # noqa: E731
     tokens, lens, rows = put(tokens), put(np.full(batch, ctx, np.int32)), put(rows)
     new_cache = lambda: kv_cache.init(cfg.num_layers, batch, model.kv_heads, s, cfg.head_dim,  # noqa
