@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--no-prefill", action="store_true", help="skip timing prefill")
     p.add_argument("--json", help="write results here")
+    p.add_argument("--trace", help="profile one more decode chunk per config into this directory "
+                   "and print its per-kernel summary (scripts/gpu/trace_summary.py)")
     p.add_argument("--cpu-devices", type=int, default=8, help="simulated devices on a CPU-only host")
     return p.parse_args(argv)
 
@@ -143,6 +145,13 @@ def run_one(cfg, tp: int, batch: int, args, bandwidth: float) -> dict:
         jax.block_until_ready(out)
 
     step_ms = median_ms(timed, args.reps) / steps
+    if args.trace:
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "gpu"))
+        import trace_summary
+        where = Path(args.trace) / f"tp{tp}_b{batch}"
+        with jax.profiler.trace(str(where)):
+            timed()
+        trace_summary.summarize(where, steps)
     kv_live = (2 * cfg.num_layers * batch * (model.kv_heads // tp) * (ctx + steps / 2) * cfg.head_dim
                * jnp.dtype(dtype).itemsize)
     floor_ms = (weight_bytes + kv_live) / bandwidth * 1e3

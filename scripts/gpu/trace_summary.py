@@ -1,0 +1,44 @@
+"""Per-GPU kernel summary of a jax.profiler trace: busy vs idle time per decode step and the
+kernels that take it. Usage: python trace_summary.py TRACE_DIR [STEPS]."""
+import collections
+import sys
+from pathlib import Path
+
+from jax._src.lib import _profile_data
+
+
+def summarize(trace_dir, steps: int = 1, top: int = 25):
+    files = sorted(Path(trace_dir).rglob("*.xplane.pb"))
+    if not files:
+        print(f"no xplane.pb under {trace_dir}")
+        return
+    data = _profile_data.ProfileData.from_file(str(files[-1]))
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        lines = [x for x in plane.lines if "Stream" in x.name] or list(plane.lines)
+        events = [(e.start_ns, e.end_ns, e.name, line.name) for line in lines for e in line.events]
+        if not events:
+            continue
+        events.sort()
+        busy, gaps, end = 0.0, [], events[0][0]
+        for s, e, *_ in events:  # union of intervals over all streams
+            if s > end:
+                gaps.append(s - end)
+            busy += max(0.0, e - max(s, end))
+            end = max(end, e)
+        span = end - events[0][0]
+        by = collections.defaultdict(lambda: [0, 0.0])
+        for s, e, name, _ in events:
+            by[name][0] += 1
+            by[name][1] += e - s
+        print(f"== {plane.name}: {len(events)} events, {len(events) / steps:.0f}/step, span "
+              f"{span / 1e6 / steps:.3f} ms/step, busy {busy / 1e6 / steps:.3f}, idle "
+              f"{(span - busy) / 1e6 / steps:.3f} in {len(gaps) / steps:.0f} gaps/step; streams "
+              f"{sorted({x[3] for x in events})}")
+        for name, (n, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:top]:
+            print(f"   {t / 1e3 / steps:9.1f} us/step {n / steps:6.1f}x {t / n / 1e3:8.2f} us  {name[:90]}")
+
+
+if __name__ == "__main__":
+    summarize(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1)
