@@ -75,10 +75,11 @@ def _logprobs(logits, tok, k):
     return None if k is None else token_logprobs(logits, tok, k)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "greedy", "logprobs", "prompt_logprobs"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "greedy", "min_tokens", "logprobs",
+                                    "prompt_logprobs"),
                    donate_argnames=("cache", "state"))
 def prefill(graphdef, params, cache: KVCache, state: DecodeState, rows: Rows, tokens, lens, slots, *,
-            mesh, greedy, logprobs=None, prompt_logprobs=None):
+            mesh, greedy, min_tokens=False, logprobs=None, prompt_logprobs=None):
     """Prompts tokens [n, T] (right-padded; true lengths lens) into cache rows `slots` (a slot out
     of range marks a padding row, which is dropped). Samples each prompt's first token.
 
@@ -102,7 +103,7 @@ def prefill(graphdef, params, cache: KVCache, state: DecodeState, rows: Rows, to
         seen = jnp.zeros(logits.shape, jnp.int32).at[jnp.arange(n)[:, None], tokens].add(valid)
         penalties = Penalties(seen > 0, jnp.zeros(logits.shape, jnp.int32))
     zero = jnp.zeros((n,), jnp.int32)
-    tok = sample(logits, r.sampler, zero, model.vocab_size, greedy, penalties)
+    tok = sample(logits, r.sampler, zero, model.vocab_size, greedy, penalties, min_tokens)
     if penalties is not None:
         penalties = penalties._replace(counts=penalties.counts.at[jnp.arange(n), tok].add(1))
     prompt_lp = None
@@ -114,10 +115,10 @@ def prefill(graphdef, params, cache: KVCache, state: DecodeState, rows: Rows, to
     return Step(tok, _logprobs(logits, tok, logprobs)), prompt_lp, state, _constrain_cache(cache, mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "greedy", "steps", "logprobs"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "greedy", "min_tokens", "steps", "logprobs"),
                    donate_argnames=("cache", "state"))
 def decode(graphdef, params, cache: KVCache, state: DecodeState, rows: Rows, *, mesh, greedy, steps,
-           logprobs=None):
+           min_tokens=False, logprobs=None):
     """`steps` decode steps for every slot on device -> (Step [steps, B], state, cache)."""
     TRACES["decode"] += 1
     model = nnx.merge(graphdef, params)
@@ -131,7 +132,7 @@ def decode(graphdef, params, cache: KVCache, state: DecodeState, rows: Rows, *, 
         cache, s, out, lp_out = carry
         h, cache = model.hidden(s.tokens[:, None], cache, s.pos)
         logits = model.logits(h[:, 0])
-        tok = sample(logits, rows.sampler, s.count, model.vocab_size, greedy, s.penalties)
+        tok = sample(logits, rows.sampler, s.count, model.vocab_size, greedy, s.penalties, min_tokens)
         if logprobs is not None:
             lp_out = jax.tree.map(lambda o, x: o.at[i].set(x), lp_out, token_logprobs(logits, tok, k))
         count = s.count + 1
@@ -259,13 +260,12 @@ class Engine:
             active = [s for s in self.running if s is not None]
             step, self.state, self.cache = decode(
                 self.model.graphdef, self.model.params, self.cache, self.state, self.rows,
-                mesh=self.mesh, greedy=all(s.params.greedy for s in active), steps=self.chunk,
-                logprobs=_logprob_bucket(s.params.logprobs for s in active))
+                mesh=self.mesh, steps=self.chunk, **_static(active))
             step, done = jax.device_get((step, self.state.done))
+            fresh = set(map(id, changed))
             for slot, seq in enumerate(self.running):
-                if seq is not None and seq not in changed:
-                    changed.append(seq)
                 if seq is not None:
+                    changed += [] if id(seq) in fresh else [seq]
                     self._record(seq, step, np.nonzero(step.tokens[:, slot] >= 0)[0], slot, done[slot])
         return changed
 
@@ -300,9 +300,7 @@ class Engine:
         want_prompt_lp = [s.params.prompt_logprobs for s in group if s.params.prompt_logprobs is not None]
         step, prompt_lp, self.state, self.cache = prefill(
             self.model.graphdef, self.model.params, self.cache, self.state, self.rows,
-            *self._put((tokens, lens, slot_ids)), mesh=self.mesh,
-            greedy=all(s.params.greedy for s in group),
-            logprobs=_logprob_bucket(s.params.logprobs for s in group),
+            *self._put((tokens, lens, slot_ids)), mesh=self.mesh, **_static(group),
             prompt_logprobs=_logprob_bucket(want_prompt_lp) if want_prompt_lp else None)
         step, prompt_lp, done = jax.device_get((step, prompt_lp, self.state.done))
         step = jax.tree.map(lambda x: x[None], step)  # one step: [1, n]
@@ -324,6 +322,13 @@ class Engine:
             seq.finish_reason = "stop" if stopped else "length"
             seq.stop_reason = last if stopped and last not in self.eos else None
             self.running[seq.slot], seq.slot = None, None
+
+
+def _static(seqs: list[Sequence]) -> dict:
+    """The compile-time switches a group of sequences needs (each variant compiles once)."""
+    return dict(greedy=all(s.params.greedy for s in seqs),
+                min_tokens=any(s.params.min_tokens > 0 for s in seqs),
+                logprobs=_logprob_bucket(s.params.logprobs for s in seqs))
 
 
 def _logprob_bucket(ks) -> int | None:

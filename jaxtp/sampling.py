@@ -176,11 +176,13 @@ def filter_logits(logits: jax.Array, s: SamplerArrays, vocab_size: int) -> jax.A
 
 
 def sample(logits: jax.Array, s: SamplerArrays, count: jax.Array, vocab_size: int,
-           greedy: bool, penalties: Penalties | None = None) -> jax.Array:
+           greedy: bool, penalties: Penalties | None = None, min_tokens: bool = False) -> jax.Array:
     """Next token [B] from float32 logits [B, V_padded] for rows that have generated `count`
     tokens: greedy rows (temperature 0) take the argmax, the others a Gumbel-max draw from the
-    filtered distribution."""
-    logits = ban_stops(logits, s, count)
+    filtered distribution. The static flags (greedy: all rows greedy; min_tokens: some row has
+    min_tokens) keep unused work out of the compiled step."""
+    if min_tokens:
+        logits = ban_stops(logits, s, count)
     if penalties is not None:
         logits = apply_penalties(logits, s, penalties)
     best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
