@@ -64,6 +64,7 @@ class Delta:
     text: str
     token_ids: list[int]
     finish_reason: str | None
+    logprobs: list[dict[int, Logprob]] | None = None  # for token_ids, if the request asked
 
 
 class Request:
@@ -94,7 +95,11 @@ class Request:
                 else:
                     engine.finish(seq, "stop", stream.stop_str)
                 break
-        return Delta(self, seq.index, stream.release(seq.finished), stream.ids[seen:], seq.finish_reason)
+        new = stream.ids[seen:]
+        logprobs = None
+        if self.params.logprobs is not None:
+            logprobs = self._logprobs(zip(new, seq.logprobs[seen:seen + len(new)]))
+        return Delta(self, seq.index, stream.release(seq.finished), new, seq.finish_reason, logprobs)
 
     def _logprobs(self, entries) -> list[dict[int, Logprob]]:
         decode = (lambda t: self.tokenizer.decode([t])) if self.tokenizer else (lambda t: None)
