@@ -216,8 +216,7 @@ class Engine:
                                    model.dtype, self.mesh)
         self.replicated = NamedSharding(self.mesh, REPLICATED)
         idle = SamplingParams(max_tokens=1, temperature=0.0)
-        self.params: list[SamplingParams] = [idle] * slots
-        self.host_rows = Rows.build(self.params, [0] * slots, [[]] * slots)
+        self.host_rows = Rows.build([idle] * slots, [0] * slots, [[]] * slots)
         self.rows = self._put(self.host_rows)
         self.state = self._put(DecodeState(*(np.zeros(slots, np.int32) for _ in range(3)),
                                            np.ones(slots, bool)))
@@ -280,7 +279,7 @@ class Engine:
         if not group:
             return []
         for seq, slot in zip(group, free):
-            seq.slot, self.running[slot], self.params[slot] = slot, seq, seq.params
+            seq.slot, self.running[slot] = slot, seq
         slots = [s.slot for s in group]
         self.host_rows = jax.tree.map(lambda all_, new: _set_rows(all_, slots, new), self.host_rows,
                                       Rows.build([s.params for s in group], [s.seed for s in group],

@@ -77,6 +77,8 @@ class SamplingParams:
             v = getattr(self, field)
             check(v is None or (_is_int(v) and 0 <= v <= MAX_LOGPROBS), field,
                   f"None or an integer in [0, {MAX_LOGPROBS}]")
+        for field in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            check(isinstance(getattr(self, field), (bool, np.bool_)), field, "True or False")
         self.stop_token_ids = list(self.stop_token_ids)
 
     @property

@@ -109,7 +109,7 @@ def test_bad_dtype(checkpoint):
     ("repetition_penalty", 0.0, r"a number > 0 \(1: off\)"),
     ("presence_penalty", 2.5, r"in \[-2, 2\]"), ("frequency_penalty", -3, r"in \[-2, 2\]"),
     ("logprobs", 21, r"None or an integer in \[0, 20\]"),
-    ("prompt_logprobs", -1, r"None or an integer in \[0, 20\]"),
+    ("prompt_logprobs", -1, r"None or an integer in \[0, 20\]"), ("ignore_eos", "yes", "True or False"),
 ])
 def test_sampling_params_validation(field, value, allowed):
     with pytest.raises(ValueError, match=rf"SamplingParams.{field} must be {allowed}, got"):
