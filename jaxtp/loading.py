@@ -131,6 +131,13 @@ def abstract_model(cfg: ModelConfig, mesh, dtype) -> tuple[nnx.GraphDef, nnx.Sta
         lambda: CausalLM(cfg, kv_heads_on_mesh(cfg, tp), padded_vocab(cfg, tp), tp, dtype)))
 
 
+def param_shapes(cfg: ModelConfig, mesh, dtype) -> dict[str, tuple[tuple[int, ...], object]]:
+    """Parameter name -> (shape, sharding) on this mesh, allocating nothing."""
+    _, state = abstract_model(cfg, mesh, dtype)
+    return {".".join(map(str, k)): (v.get_value().shape, named(mesh, spec_for(".".join(map(str, k)))))
+            for k, v in nnx.to_flat_state(state)}
+
+
 def random_state(cfg: ModelConfig, mesh, dtype, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
     """Random weights (std 0.02, norms 1) generated on device in their shardings: real shapes
     for benchmarks without a checkpoint on disk."""
