@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -171,8 +172,10 @@ def restore(path: Path, cfg: ModelConfig, mesh, dtype) -> tuple[nnx.GraphDef, nn
     try:
         tree = ocp.PyTreeCheckpointer().restore((path / "state").absolute(),
                                                 args=ocp.args.PyTreeRestore(restore_args=args))
-    except Exception as e:  # tensorstore / orbax errors: say which checkpoint, keep the detail
-        raise ValueError(f"cannot restore orbax checkpoint {path}: {type(e).__name__}: {e}") from e
+    except Exception as e:  # tensorstore / orbax errors: say which checkpoint and array, keep the detail
+        bad = [n for n in args if re.search(rf"(?<![\w.]){re.escape(n)}/", str(e))]
+        raise ValueError(f"cannot restore orbax checkpoint {path}"
+                         f"{f' (array {bad[0]!r})' if bad else ''}: {type(e).__name__}: {e}") from e
     flat = []
     for name, (key, var) in zip(names, flat_state):
         target = NamedSharding(mesh, spec_for(name))
