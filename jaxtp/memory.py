@@ -33,12 +33,18 @@ class MemoryPlan:
         return int(self.device_bytes * self.fraction) - self.in_use_bytes - self.weight_bytes
 
     def describe(self) -> str:
-        gib = 2 ** 30
-        return (f"{self.weight_bytes / gib:.2f} GiB of weights per device, device memory "
-                f"{self.device_bytes / gib:.2f} GiB x memory_fraction {self.fraction} "
-                f"= {self.device_bytes * self.fraction / gib:.2f} GiB, {self.in_use_bytes / gib:.2f} GiB "
-                f"already in use, leaving {self.kv_budget_bytes / gib:.2f} GiB for the KV cache at "
-                f"{self.kv_bytes_per_token} bytes per token")
+        return (f"{size(self.weight_bytes)} of weights per device, device memory "
+                f"{size(self.device_bytes)} x memory_fraction {self.fraction} = "
+                f"{size(int(self.device_bytes * self.fraction))}, {size(self.in_use_bytes)} already in use, "
+                f"leaving {size(self.kv_budget_bytes)} for the KV cache at {self.kv_bytes_per_token} "
+                f"bytes per token")
+
+
+def size(n: int) -> str:
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
 
 
 def device_memory(mesh: Mesh) -> tuple[int, int]:
