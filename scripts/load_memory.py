@@ -6,7 +6,7 @@
 `write` streams random Llama-shaped tensors to sharded .safetensors files (+ index, config.json),
 never holding more than one tensor. `measure` loads a checkpoint (HF or a scripts/convert.py
 orbax dir) in this fresh process and reports wall time and resident memory: before, peak
-(getrusage's high-water mark, exact) and after. On CPU the loaded weights themselves live in
+(the kernel's high-water mark VmHWM, exact, reset before loading) and after. On CPU the loaded weights themselves live in
 host memory, so `transient` = peak - after is the loader's own overhead; on GPU, after ~ before.
 --cold drops the files from the page cache first (posix_fadvise), so reads hit the disk.
 """
@@ -86,6 +86,23 @@ def rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def peak_rss(reset: bool = False) -> int:
+    """The kernel's exact high-water mark of resident memory (VmHWM); `reset` restarts it from
+    the current RSS where the kernel allows. getrusage's ru_maxrss is not used: it carries the
+    parent's peak across fork + exec."""
+    if reset:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def drop_page_cache(path: Path) -> None:
     for file in path.rglob("*"):
         if file.is_file():
@@ -101,11 +118,12 @@ def measure(path: Path, tp: int, dtype: str, cold: bool) -> dict:
     if cold:
         drop_page_cache(path)
     before = rss()
+    peak_rss(reset=True)
     t0 = time.perf_counter()
     model = jaxtp.load(path, tp=tp, dtype=dtype)
     jax.block_until_ready(jax.tree.leaves(model.params))
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     after = rss()
     files = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return dict(path=str(path), tp=tp, dtype=dtype, backend=jax.default_backend(), cold=cold,
