@@ -13,9 +13,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxtp import engine
+from jaxtp import checkpoint, engine, memory
 from jaxtp.config import ModelConfig
-from jaxtp.loading import load_state, resolve
+from jaxtp.loading import load_state, param_shapes, resolve
+from jaxtp.memory import MemoryPlan
 from jaxtp.outputs import Completion, Delta, Request, RequestOutput
 from jaxtp.sampling import SamplingParams
 from jaxtp.sharding import kv_heads_on_mesh, make_mesh, padded_vocab, validate_tp
@@ -25,7 +26,13 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 @dataclasses.dataclass
 class Model:
-    """A loaded, sharded model: its config, mesh, tokenizer and the nnx graph/state pair."""
+    """A loaded, sharded model: its config, mesh, tokenizer and the nnx graph/state pair.
+
+    memory: the device-memory plan made at load (jaxtp.memory.MemoryPlan), None for models built
+    without `load`. Its `max_kv_tokens` is the KV-cache capacity in tokens of each dp replica
+    (sum over the rows it serves of their cached positions), after the weights, within
+    `memory_fraction` of device memory; `kv_bytes_per_token` is what each token costs per device.
+    """
     config: ModelConfig
     mesh: Mesh
     tokenizer: object | None
@@ -33,6 +40,12 @@ class Model:
     params: nnx.State
     dtype: object
     path: Path
+    memory: MemoryPlan | None = None
+
+    @property
+    def max_kv_tokens(self) -> int | None:
+        """KV-cache tokens one dp replica may hold (see `memory`); None without a plan."""
+        return None if self.memory is None else self.memory.max_kv_tokens
 
     @property
     def tp(self) -> int:
@@ -59,21 +72,31 @@ class Model:
         return np.asarray(out)[..., : self.config.vocab_size]
 
 
-def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, devices=None) -> Model:
-    """Load a Hugging Face checkpoint (local dir or hub id) sharded over a (dp, tp) mesh.
+def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, devices=None,
+         memory_fraction: float = 0.9, device_memory_bytes: int | None = None) -> Model:
+    """Load a Hugging Face checkpoint (local dir or hub id), or a directory made by
+    scripts/convert.py (orbax, any tp), sharded over a (dp, tp) mesh.
 
     dtype: "float32", "bfloat16", "float16", or "auto" (the checkpoint's own dtype).
+    memory_fraction: share of each device's memory that weights + KV cache may use (vLLM's
+    gpu_memory_utilization); the KV capacity is `Model.max_kv_tokens`. Raises if it cannot fit.
+    device_memory_bytes: overrides each device's memory (CPU reports none: there the default is
+    the host's available memory shared by the mesh's devices).
     """
     if dtype not in (*DTYPES, "auto"):
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or 'auto', got {dtype!r}")
     path = resolve(model)
     cfg = ModelConfig.from_dir(path)
+    orbax = checkpoint.is_orbax_dir(path)
     if dtype == "auto":
-        dtype = cfg.torch_dtype if cfg.torch_dtype in DTYPES else "float32"
+        own = checkpoint.read_marker(path)["dtype"] if orbax else cfg.torch_dtype
+        dtype = own if own in DTYPES else "float32"
     mesh = make_mesh(tp=tp, dp=dp, devices=devices)
     validate_tp(cfg, tp)
-    graphdef, params = load_state(path, cfg, mesh, DTYPES[dtype])
-    return Model(cfg, mesh, _tokenizer(path), graphdef, params, DTYPES[dtype], path)
+    weights = memory.weight_bytes(param_shapes(cfg, mesh, DTYPES[dtype]), DTYPES[dtype])
+    plan = memory.plan(cfg, tp, DTYPES[dtype], weights, memory_fraction, mesh, device_memory_bytes)
+    graphdef, params = (checkpoint.restore if orbax else load_state)(path, cfg, mesh, DTYPES[dtype])
+    return Model(cfg, mesh, _tokenizer(path), graphdef, params, DTYPES[dtype], path, plan)
 
 
 def _tokenizer(path: Path):
@@ -142,7 +165,7 @@ def _drive(model: Model, requests: list[Request], chunk: int) -> Iterator[Delta]
     """Run requests to completion on one engine, yielding a Delta whenever a sample advances."""
     owner = {id(s): r for r in requests for s in r.seqs}
     seqs = [s for r in requests for s in r.seqs]
-    for eng, changed in engine.run(model, seqs, chunk, min(engine.bucket(len(seqs)), MAX_SLOTS)):
+    for eng, changed in engine.run(model, seqs, chunk, MAX_SLOTS):
         for seq in changed:
             yield owner[id(seq)].update(seq, eng)
 
@@ -188,12 +211,13 @@ class LLM:
     """vLLM-shaped entry point: `LLM(model=..., tensor_parallel_size=2).generate(prompts, params)`."""
 
     def __init__(self, model: str, tensor_parallel_size: int = 1, dtype: str = "auto",
-                 seed: int | None = None, **kwargs):
+                 seed: int | None = None, gpu_memory_utilization: float = 0.9, **kwargs):
         if kwargs:
             raise TypeError(f"unsupported LLM argument(s): {', '.join(sorted(kwargs))}")
         if seed is not None:
             random.seed(seed)
-        self.model = load(model, tp=tensor_parallel_size, dtype=dtype)
+        self.model = load(model, tp=tensor_parallel_size, dtype=dtype,
+                          memory_fraction=gpu_memory_utilization)
 
     def get_tokenizer(self):
         return self.model.tokenizer

@@ -353,11 +353,20 @@ def _set_rows(all_rows: np.ndarray, slots: list[int], new: np.ndarray) -> np.nda
     return all_rows
 
 
-def run(model, seqs: list[Sequence], chunk: int = 16, slots: int | None = None):
-    """Generate `seqs` to completion; yields the sequences that changed after every engine step,
-    so callers can stream. The engine is sized for this batch."""
+def slots_that_fit(model, slots: int, max_len: int) -> int:
+    """At most `slots` cache rows of `max_len` tokens, and no more than the KV capacity sized at
+    load (`Model.max_kv_tokens`, from memory_fraction) holds; at least one."""
+    capacity = getattr(model, "max_kv_tokens", None)
+    rounded = -(-max_len // CACHE_BUCKET) * CACHE_BUCKET
+    return max(1, slots if capacity is None else min(slots, capacity // rounded))
+
+
+def run(model, seqs: list[Sequence], chunk: int = 16, max_slots: int = 256):
+    """Generate `seqs` to completion; yields (engine, sequences that changed) after every engine
+    step, so callers can stream. The engine gets a slot per sequence where memory allows (up to
+    max_slots, vLLM's max_num_seqs); the rest wait for free slots."""
     max_len = max(len(s.prompt) + s.params.max_tokens for s in seqs)
-    engine = Engine(model, slots or bucket(len(seqs)), max_len, chunk)
+    engine = Engine(model, slots_that_fit(model, min(bucket(len(seqs)), max_slots), max_len), max_len, chunk)
     for s in seqs:
         engine.add(s)
     while engine.has_unfinished:

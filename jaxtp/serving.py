@@ -17,7 +17,7 @@ from typing import AsyncIterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from jaxtp.engine import Engine
+from jaxtp.engine import Engine, slots_that_fit
 from jaxtp.outputs import Delta, Request
 from jaxtp.sampling import SamplingParams
 
@@ -55,7 +55,11 @@ class AsyncLLM:
                  max_queue: int = 512, chunk: int = 8, registry: CollectorRegistry | None = None):
         self.model, self.max_queue = model, max_queue
         self.max_model_len = min(max_model_len or model.max_model_len, model.max_model_len)
-        self._engine_args = (model, max_num_seqs, self.max_model_len, chunk)
+        slots = slots_that_fit(model, max_num_seqs, self.max_model_len)
+        if slots < max_num_seqs:
+            log.warning("KV capacity (%s tokens) holds %d of max_num_seqs=%d sequences of %d tokens",
+                        model.max_kv_tokens, slots, max_num_seqs, self.max_model_len)
+        self._engine_args = (model, slots, self.max_model_len, chunk)
         self.engine = Engine(*self._engine_args)
         self.metrics = Metrics(registry or CollectorRegistry())
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
