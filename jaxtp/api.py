@@ -13,12 +13,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxtp import engine
+from jaxtp import distributed, engine
 from jaxtp.config import ModelConfig
 from jaxtp.loading import load_state, resolve
 from jaxtp.outputs import Completion, Delta, Request, RequestOutput
 from jaxtp.sampling import SamplingParams
-from jaxtp.sharding import kv_heads_on_mesh, make_mesh, padded_vocab, validate_tp
+from jaxtp.sharding import (REPLICATED, kv_heads_on_mesh, make_mesh, named, padded_vocab, validate_pp,
+                            validate_tp)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -39,6 +40,14 @@ class Model:
         return self.mesh.shape["tp"]
 
     @property
+    def dp(self) -> int:
+        return self.mesh.shape["dp"]
+
+    @property
+    def pp(self) -> int:
+        return self.mesh.shape["pp"]
+
+    @property
     def kv_heads(self) -> int:
         return kv_heads_on_mesh(self.config, self.tp)
 
@@ -55,12 +64,17 @@ class Model:
         tokens = np.asarray(_check_ids(self, token_ids), np.int32)
         if tokens.ndim != 2:
             raise ValueError("Model.logits needs prompts of equal length")
+        tokens = distributed.put(tokens, named(self.mesh, REPLICATED))
         out = engine.forward_logits(self.graphdef, self.params, tokens, mesh=self.mesh)
-        return np.asarray(out)[..., : self.config.vocab_size]
+        return distributed.fetch(out)[..., : self.config.vocab_size]
 
 
-def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, devices=None) -> Model:
-    """Load a Hugging Face checkpoint (local dir or hub id) sharded over a (dp, tp) mesh.
+def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, devices=None,
+         pp: int = 1) -> Model:
+    """Load a Hugging Face checkpoint (local dir or hub id) sharded over a (pp, dp, tp) mesh:
+    tp-way tensor parallel, dp data-parallel replicas (splitting the batch), pp pipeline stages
+    (splitting the layers). In a multi-process run (`distributed.initialize`) every process calls
+    this with the same arguments and the mesh spans all processes' devices.
 
     dtype: "float32", "bfloat16", "float16", or "auto" (the checkpoint's own dtype).
     """
@@ -70,8 +84,9 @@ def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, d
     cfg = ModelConfig.from_dir(path)
     if dtype == "auto":
         dtype = cfg.torch_dtype if cfg.torch_dtype in DTYPES else "float32"
-    mesh = make_mesh(tp=tp, dp=dp, devices=devices)
+    mesh = make_mesh(tp=tp, dp=dp, pp=pp, devices=devices)
     validate_tp(cfg, tp)
+    validate_pp(cfg, pp)
     graphdef, params = load_state(path, cfg, mesh, DTYPES[dtype])
     return Model(cfg, mesh, _tokenizer(path), graphdef, params, DTYPES[dtype], path)
 
@@ -188,12 +203,14 @@ class LLM:
     """vLLM-shaped entry point: `LLM(model=..., tensor_parallel_size=2).generate(prompts, params)`."""
 
     def __init__(self, model: str, tensor_parallel_size: int = 1, dtype: str = "auto",
-                 seed: int | None = None, **kwargs):
+                 seed: int | None = None, data_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                 **kwargs):
         if kwargs:
             raise TypeError(f"unsupported LLM argument(s): {', '.join(sorted(kwargs))}")
         if seed is not None:
             random.seed(seed)
-        self.model = load(model, tp=tensor_parallel_size, dtype=dtype)
+        self.model = load(model, tp=tensor_parallel_size, dtype=dtype, dp=data_parallel_size,
+                          pp=pipeline_parallel_size)
 
     def get_tokenizer(self):
         return self.model.tokenizer

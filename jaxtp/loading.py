@@ -2,7 +2,9 @@
 
 Each tensor is read from safetensors (memory-mapped), reshaped to jaxtp's layout ([in, out],
 KV heads replicated up to tp, vocab padded) as a lazy numpy view, and handed to
-`jax.make_array_from_callback`, which copies to each device only the slice it owns.
+`jax.make_array_from_callback`, which copies to each device only the slice it owns; in a
+multi-process run it asks only for the slices of this process's devices. With pipeline stages,
+a stacked layer parameter is read stage by stage, so a process reads only its stages' layers.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from tqdm.auto import tqdm
 
 from jaxtp.config import ModelConfig
 from jaxtp.model import CausalLM
-from jaxtp.sharding import kv_heads_on_mesh, named, padded_vocab, spec_for, tp_size
+from jaxtp.pipeline import PipelinedLM, stage_layer
+from jaxtp.sharding import kv_heads_on_mesh, named, padded_vocab, pp_size, spec_for, tp_size
 
 def resolve(path_or_id: str | Path) -> Path:
     """A local model directory, or a hub id looked up in (and if allowed, fetched into) the HF cache."""
@@ -134,9 +137,9 @@ def fuse(name: str, parts: list[np.ndarray], tp: int) -> np.ndarray:
 
 def abstract_model(cfg: ModelConfig, mesh, dtype) -> tuple[nnx.GraphDef, nnx.State]:
     """The model's graph and parameter shapes for this mesh, allocating nothing."""
-    tp = tp_size(mesh)
-    return nnx.split(nnx.eval_shape(
-        lambda: CausalLM(cfg, kv_heads_on_mesh(cfg, tp), padded_vocab(cfg, tp), tp, dtype)))
+    tp, pp = tp_size(mesh), pp_size(mesh)
+    args = (cfg, kv_heads_on_mesh(cfg, tp), padded_vocab(cfg, tp), tp, dtype)
+    return nnx.split(nnx.eval_shape(lambda: PipelinedLM(*args, pp=pp) if pp > 1 else CausalLM(*args)))
 
 
 def random_state(cfg: ModelConfig, mesh, dtype, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
@@ -153,28 +156,46 @@ def random_state(cfg: ModelConfig, mesh, dtype, seed: int = 0) -> tuple[nnx.Grap
                 return jnp.ones(shape, dtype)
             return (jax.random.normal(k, shape, jnp.float32) * 0.02).astype(dtype)
 
-        arr = jax.jit(init, out_shardings=named(mesh, spec_for(name)))(jax.random.key(seed * 100003 + i))
+        sharding = named(mesh, spec_for(name, pp_size(mesh)))
+        arr = jax.jit(init, out_shardings=sharding)(jax.random.key(seed * 100003 + i))
         flat.append((key, var.replace(arr)))
     return graphdef, nnx.from_flat_state(flat)
 
 
 def load_state(path: Path, cfg: ModelConfig, mesh, dtype) -> tuple[nnx.GraphDef, nnx.State]:
     """Build the model abstractly and fill every parameter straight into its sharding."""
-    tp = tp_size(mesh)
+    tp, pp = tp_size(mesh), pp_size(mesh)
     graphdef, state = abstract_model(cfg, mesh, dtype)
     index = tensor_index(path)
     np_dtype = np.dtype(jnp.dtype(dtype))
     flat = []
     handles: dict[Path, object] = {}
+
+    def read(name):
+        parts = [to_layout(src, _read(src, index, handles, cfg, path), cfg, tp) for src in sources(name)]
+        return fuse(name, parts, tp)
+
+    def staged(name):  # a stacked layer parameter: idx[0] picks stages, read only those layers
+        memo = {}
+
+        def stage(s):
+            if s not in memo:
+                memo[s] = read(stage_layer(name, s, cfg.num_layers // pp))
+            return memo[s]
+        return lambda idx: np.stack([stage(s) for s in range(pp)[idx[0]]])[(slice(None), *idx[1:])]
+
     for key, var in tqdm(list(nnx.to_flat_state(state)), desc="loading weights", unit="tensor",
                          disable=None):
         name = ".".join(map(str, key))
-        parts = [to_layout(src, _read(src, index, handles, cfg, path), cfg, tp) for src in sources(name)]
-        w = fuse(name, parts, tp)
         want = var.get_value().shape
-        assert w.shape == want, (name, w.shape, want)
+        if pp > 1 and name.startswith("model.layers."):
+            get = staged(name)
+        else:
+            w = read(name)
+            assert w.shape == want, (name, w.shape, want)
+            get = lambda idx, w=w: w[idx]  # noqa: E731
         arr = jax.make_array_from_callback(
-            want, named(mesh, spec_for(name)),
-            lambda idx, w=w: np.ascontiguousarray(w[idx]).astype(np_dtype, copy=False))
+            want, named(mesh, spec_for(name, pp)),
+            lambda idx, get=get: np.ascontiguousarray(get(idx)).astype(np_dtype, copy=False))
         flat.append((key, var.replace(arr)))
     return graphdef, nnx.from_flat_state(flat)
