@@ -57,8 +57,8 @@ def test_pipeline_stages_hold_only_their_layers(deep):
 
 def test_seeded_sampling_is_independent_of_layout(deep):
     params = jaxtp.SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)
-    runs = [jaxtp.generate(jaxtp.load(deep[0], tp=tp, dp=dp, pp=pp, dtype="float32"), PROMPTS[:3], params)
-            for tp, dp, pp in [(1, 1, 1), (2, 2, 2)]]
+    models = [jaxtp.load(deep[0], tp=tp, dp=dp, pp=pp, dtype="float32") for tp, dp, pp in [(1, 1, 1), (2, 2, 2)]]
+    runs = [jaxtp.generate(m, PROMPTS[:3], params) for m in models]
     assert [o.token_ids for o in runs[0]] == [o.token_ids for o in runs[1]]
 
 
