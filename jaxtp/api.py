@@ -7,19 +7,19 @@ import random
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxtp import checkpoint, engine, memory
+from jaxtp import checkpoint, distributed, engine, memory
 from jaxtp.config import ModelConfig
 from jaxtp.loading import load_state, param_shapes, resolve
 from jaxtp.memory import MemoryPlan
 from jaxtp.outputs import Completion, Delta, Request, RequestOutput
 from jaxtp.sampling import SamplingParams
-from jaxtp.sharding import kv_heads_on_mesh, make_mesh, padded_vocab, validate_tp
+from jaxtp.sharding import (REPLICATED, kv_heads_on_mesh, make_mesh, named, padded_vocab, validate_pp,
+                            validate_tp)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -52,6 +52,14 @@ class Model:
         return self.mesh.shape["tp"]
 
     @property
+    def dp(self) -> int:
+        return self.mesh.shape["dp"]
+
+    @property
+    def pp(self) -> int:
+        return self.mesh.shape["pp"]
+
+    @property
     def kv_heads(self) -> int:
         return kv_heads_on_mesh(self.config, self.tp)
 
@@ -68,14 +76,18 @@ class Model:
         tokens = np.asarray(_check_ids(self, token_ids), np.int32)
         if tokens.ndim != 2:
             raise ValueError("Model.logits needs prompts of equal length")
+        tokens = distributed.put(tokens, named(self.mesh, REPLICATED))
         out = engine.forward_logits(self.graphdef, self.params, tokens, mesh=self.mesh)
-        return np.asarray(out)[..., : self.config.vocab_size]
+        return distributed.fetch(out)[..., : self.config.vocab_size]
 
 
 def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, devices=None,
-         memory_fraction: float = 0.9, device_memory_bytes: int | None = None) -> Model:
+         pp: int = 1, memory_fraction: float = 0.9, device_memory_bytes: int | None = None) -> Model:
     """Load a Hugging Face checkpoint (local dir or hub id), or a directory made by
-    scripts/convert.py (orbax, any tp), sharded over a (dp, tp) mesh.
+    scripts/convert.py (orbax, any tp), sharded over a (pp, dp, tp) mesh: tp-way tensor parallel,
+    dp data-parallel replicas (splitting the batch), pp pipeline stages (splitting the layers). In
+    a multi-process run (`distributed.initialize`) every process calls this with the same
+    arguments and the mesh spans all processes' devices.
 
     dtype: "float32", "bfloat16", "float16", or "auto" (the checkpoint's own dtype).
     memory_fraction: share of each device's memory that weights + KV cache may use (vLLM's
@@ -91,8 +103,12 @@ def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, d
     if dtype == "auto":
         own = checkpoint.read_marker(path)["dtype"] if orbax else cfg.torch_dtype
         dtype = own if own in DTYPES else "float32"
-    mesh = make_mesh(tp=tp, dp=dp, devices=devices)
+    mesh = make_mesh(tp=tp, dp=dp, pp=pp, devices=devices)
     validate_tp(cfg, tp)
+    validate_pp(cfg, pp)
+    if orbax and pp > 1:
+        raise ValueError(f"{path} is an orbax checkpoint, which loads with pp=1 only; load the "
+                         f"Hugging Face checkpoint it was converted from for pp={pp}")
     weights = memory.weight_bytes(param_shapes(cfg, mesh, DTYPES[dtype]), DTYPES[dtype])
     plan = memory.plan(cfg, tp, DTYPES[dtype], weights, memory_fraction, mesh, device_memory_bytes)
     graphdef, params = (checkpoint.restore if orbax else load_state)(path, cfg, mesh, DTYPES[dtype])
@@ -211,13 +227,14 @@ class LLM:
     """vLLM-shaped entry point: `LLM(model=..., tensor_parallel_size=2).generate(prompts, params)`."""
 
     def __init__(self, model: str, tensor_parallel_size: int = 1, dtype: str = "auto",
-                 seed: int | None = None, gpu_memory_utilization: float = 0.9, **kwargs):
+                 seed: int | None = None, data_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.9, **kwargs):
         if kwargs:
             raise TypeError(f"unsupported LLM argument(s): {', '.join(sorted(kwargs))}")
         if seed is not None:
             random.seed(seed)
-        self.model = load(model, tp=tensor_parallel_size, dtype=dtype,
-                          memory_fraction=gpu_memory_utilization)
+        self.model = load(model, tp=tensor_parallel_size, dtype=dtype, dp=data_parallel_size,
+                          pp=pipeline_parallel_size, memory_fraction=gpu_memory_utilization)
 
     def get_tokenizer(self):
         return self.model.tokenizer

@@ -7,6 +7,11 @@ their keys/values into free slots; decode advances every slot `steps` tokens in 
 frees the slots of finished sequences and prefills waiting ones into them. Shapes are bucketed
 (prompt group size and length to powers of two) so a run compiles a handful of programs once;
 the cache is donated so XLA updates it in place.
+
+With data parallelism the slots (and every per-slot array) are split on `dp` along the batch;
+with pipeline stages the model and cache are stacked per stage (pipeline.py) and nothing here
+changes but the cache's leading axis. Host data goes in and out only through `distributed.put`
+/ `fetch`, so the same code runs as one process or as many (multi-controller).
 """
 from __future__ import annotations
 
@@ -21,11 +26,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from jaxtp import kv_cache
+from jaxtp import distributed, kv_cache
 from jaxtp.kv_cache import KVCache
 from jaxtp.sampling import (MAX_LOGPROBS, Penalties, SamplerArrays, SamplingParams, TokenLogprobs,
                             sample, token_logprobs)
-from jaxtp.sharding import KV_CACHE_SPEC, REPLICATED
+from jaxtp.sharding import ROWS_SPEC
 
 CACHE_BUCKET = 128  # cache lengths are rounded up to this, to bound the number of compiled shapes
 
@@ -62,8 +67,8 @@ class Step(NamedTuple):
 
 
 def _constrain_cache(cache: KVCache, mesh: Mesh) -> KVCache:
-    spec = NamedSharding(mesh, KV_CACHE_SPEC)
-    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spec), cache)
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, kv_cache.cache_sharding(mesh, x.ndim)),
+                        cache)
 
 
 def _is_done(tok, count, rows: Rows):
@@ -87,12 +92,12 @@ def prefill(graphdef, params, cache: KVCache, state: DecodeState, rows: Rows, to
     """
     TRACES["prefill"] += 1
     model = nnx.merge(graphdef, params)
-    (n, t), (b, kvh, _, hd) = tokens.shape, cache.k[0].shape
-    layers = len(cache.k)
-    fresh = jnp.zeros((n, kvh, t, hd), cache.k[0].dtype)
+    (n, t), (b, kvh, _, hd) = tokens.shape, cache.k[0].shape[-4:]
+    layers, stages = len(cache.k), cache.k[0].shape[:-4]  # stages: () or (pp,)
+    fresh = jnp.zeros((*stages, n, kvh, t, hd), cache.k[0].dtype)
     h, new = model.hidden(tokens, _constrain_cache(KVCache([fresh] * layers, [fresh] * layers), mesh),
                           jnp.zeros((n,), jnp.int32))
-    put = lambda c, x: c.at[slots, :, :t].set(x, mode="drop")  # noqa: E731
+    put = lambda c, x: c.at[..., slots, :, :t, :].set(x, mode="drop")  # noqa: E731
     cache = KVCache(list(map(put, cache.k, new.k)), list(map(put, cache.v, new.v)))
 
     r = jax.tree.map(lambda x: x[jnp.minimum(slots, b - 1)], rows)
@@ -164,10 +169,10 @@ def forward_logits(graphdef, params, tokens, *, mesh):
     model = nnx.merge(graphdef, params)
     attn = model.model.layers[0].self_attn
     b, t = tokens.shape
-    shape = (b, attn.num_kv_heads, t, attn.head_dim)
+    pp = mesh.shape.get("pp", 1)
+    n, shape = kv_cache.shape(len(model.model.layers) * pp, b, attn.num_kv_heads, t, attn.head_dim, pp)
     dtype = model.model.norm.weight[...].dtype
-    cache = KVCache([jnp.zeros(shape, dtype)] * len(model.model.layers),
-                    [jnp.zeros(shape, dtype)] * len(model.model.layers))
+    cache = KVCache([jnp.zeros(shape, dtype)] * n, [jnp.zeros(shape, dtype)] * n)
     h, _ = model.hidden(tokens, _constrain_cache(cache, mesh), jnp.zeros((b,), jnp.int32))
     return model.logits(h)
 
@@ -175,6 +180,10 @@ def forward_logits(graphdef, params, tokens, *, mesh):
 def bucket(n: int, minimum: int = 1) -> int:
     """Next power of two >= n (and >= minimum)."""
     return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 @dataclasses.dataclass(eq=False)
@@ -204,17 +213,21 @@ class Engine:
     `add` queues a sequence; each `step` prefills waiting sequences into free slots (at most
     `max_prefill_tokens` padded prompt tokens per prefill call) and runs one decode chunk of
     `chunk` tokens, returning the sequences that got new tokens. `finish` ends a sequence from
-    the host (a stop string matched, a client went away) and frees its slot.
+    the host (a stop string matched, a client went away) and frees its slot. With data
+    parallelism `slots` must be a multiple of dp (each replica holds slots/dp of them).
     """
 
     def __init__(self, model, slots: int, max_len: int, chunk: int = 16, max_prefill_tokens: int = 8192):
         cfg, self.model, self.mesh = model.config, model, model.mesh
+        self.dp = self.mesh.shape["dp"]
+        if slots % self.dp:
+            raise ValueError(f"slots={slots} must be a multiple of data_parallel_size={self.dp}")
         self.slots, self.chunk, self.max_prefill_tokens = slots, chunk, max_prefill_tokens
         self.max_len = -(-max_len // CACHE_BUCKET) * CACHE_BUCKET
         self.eos = list(cfg.eos_token_ids)
         self.cache = kv_cache.init(cfg.num_layers, slots, model.kv_heads, self.max_len, cfg.head_dim,
                                    model.dtype, self.mesh)
-        self.replicated = NamedSharding(self.mesh, REPLICATED)
+        self.per_row = NamedSharding(self.mesh, ROWS_SPEC)
         idle = SamplingParams(max_tokens=1, temperature=0.0)
         self.host_rows = Rows.build([idle] * slots, [0] * slots, [[]] * slots)
         self.rows = self._put(self.host_rows)
@@ -225,7 +238,8 @@ class Engine:
         self._stopped = np.zeros(slots, bool)
 
     def _put(self, tree):
-        return jax.device_put(tree, self.replicated)
+        """Per-row host arrays -> device, split on dp."""
+        return distributed.put(tree, self.per_row)
 
     def add(self, seq: Sequence) -> None:
         if len(seq.prompt) + seq.params.max_tokens > self.max_len:
@@ -260,7 +274,7 @@ class Engine:
             step, self.state, self.cache = decode(
                 self.model.graphdef, self.model.params, self.cache, self.state, self.rows,
                 mesh=self.mesh, steps=self.chunk, **_static(active))
-            step, done = jax.device_get((step, self.state.done))
+            step, done = distributed.fetch((step, self.state.done))
             fresh = set(map(id, changed))
             for slot, seq in enumerate(self.running):
                 if seq is not None:
@@ -290,7 +304,8 @@ class Engine:
             self.state = self.state._replace(penalties=self._put(
                 Penalties(np.zeros((self.slots, v), bool), np.zeros((self.slots, v), np.int32))))
 
-        n, t = bucket(len(group)), min(bucket(max(len(s.prompt) for s in group), 16), self.max_len)
+        n = _round_up(bucket(len(group)), self.dp)
+        t = min(bucket(max(len(s.prompt) for s in group), 16), self.max_len)
         tokens = np.zeros((n, t), np.int32)
         for i, s in enumerate(group):
             tokens[i, : len(s.prompt)] = s.prompt
@@ -301,7 +316,7 @@ class Engine:
             self.model.graphdef, self.model.params, self.cache, self.state, self.rows,
             *self._put((tokens, lens, slot_ids)), mesh=self.mesh, **_static(group),
             prompt_logprobs=_logprob_bucket(want_prompt_lp) if want_prompt_lp else None)
-        step, prompt_lp, done = jax.device_get((step, prompt_lp, self.state.done))
+        step, prompt_lp, done = distributed.fetch((step, prompt_lp, self.state.done))
         step = jax.tree.map(lambda x: x[None], step)  # one step: [1, n]
         for i, seq in enumerate(group):
             if seq.params.prompt_logprobs is not None:
@@ -354,11 +369,15 @@ def _set_rows(all_rows: np.ndarray, slots: list[int], new: np.ndarray) -> np.nda
 
 
 def slots_that_fit(model, slots: int, max_len: int) -> int:
-    """At most `slots` cache rows of `max_len` tokens, and no more than the KV capacity sized at
-    load (`Model.max_kv_tokens`, from memory_fraction) holds; at least one."""
+    """About `slots` cache rows of `max_len` tokens: a multiple of dp (each replica gets as many),
+    no more than the KV capacity sized at load holds (`Model.max_kv_tokens` per replica, from
+    memory_fraction), at least one per replica."""
+    dp = model.mesh.shape["dp"]
+    per_replica = -(-slots // dp)
     capacity = getattr(model, "max_kv_tokens", None)
-    rounded = -(-max_len // CACHE_BUCKET) * CACHE_BUCKET
-    return max(1, slots if capacity is None else min(slots, capacity // rounded))
+    if capacity is not None:
+        per_replica = min(per_replica, capacity // (-(-max_len // CACHE_BUCKET) * CACHE_BUCKET))
+    return dp * max(1, per_replica)
 
 
 def run(model, seqs: list[Sequence], chunk: int = 16, max_slots: int = 256):

@@ -3,8 +3,11 @@
 Each HF tensor is memory-mapped on its own (safetensors_io), and `jax.make_array_from_callback`
 asks for each device's slice of the jaxtp parameter in HF orientation; `param_slice` reads just
 the HF rows behind that slice (KV heads replicated up to tp, vocab padded, q|k|v and gate|up
-fused) in one copy, and the device transposes to jaxtp's [in, out]. Nothing model-sized is ever built on the host: peak host memory stays near
-the largest tensor. The map is dropped after each tensor so its pages leave the process.
+fused) in one copy, and the device transposes to jaxtp's [in, out]. Nothing model-sized is ever
+built on the host: peak host memory stays near the largest tensor. The map is dropped after each
+tensor so its pages leave the process. In a multi-process run only this process's devices'
+slices are asked for; with pipeline stages a stacked layer parameter is read stage by stage, so a
+process reads only its stages' layers.
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ from tqdm.auto import tqdm
 from jaxtp import safetensors_io as st
 from jaxtp.config import ModelConfig
 from jaxtp.model import CausalLM
-from jaxtp.sharding import kv_heads_on_mesh, named, padded_vocab, spec_for, tp_size
+from jaxtp.pipeline import PipelinedLM, stage_layer
+from jaxtp.sharding import kv_heads_on_mesh, named, padded_vocab, pp_size, spec_for, tp_size
 
 def resolve(path_or_id: str | Path) -> Path:
     """A local model directory, or a hub id looked up in (and if allowed, fetched into) the HF cache."""
@@ -127,15 +131,16 @@ def _permute(order: tuple[int, ...], sharding):
 
 def abstract_model(cfg: ModelConfig, mesh, dtype) -> tuple[nnx.GraphDef, nnx.State]:
     """The model's graph and parameter shapes for this mesh, allocating nothing."""
-    tp = tp_size(mesh)
-    return nnx.split(nnx.eval_shape(
-        lambda: CausalLM(cfg, kv_heads_on_mesh(cfg, tp), padded_vocab(cfg, tp), tp, dtype)))
+    tp, pp = tp_size(mesh), pp_size(mesh)
+    args = (cfg, kv_heads_on_mesh(cfg, tp), padded_vocab(cfg, tp), tp, dtype)
+    return nnx.split(nnx.eval_shape(lambda: PipelinedLM(*args, pp=pp) if pp > 1 else CausalLM(*args)))
 
 
 def param_shapes(cfg: ModelConfig, mesh, dtype) -> dict[str, tuple[tuple[int, ...], object]]:
     """Parameter name -> (shape, sharding) on this mesh, allocating nothing."""
     _, state = abstract_model(cfg, mesh, dtype)
-    return {".".join(map(str, k)): (v.get_value().shape, named(mesh, spec_for(".".join(map(str, k)))))
+    pp = pp_size(mesh)
+    return {".".join(map(str, k)): (v.get_value().shape, named(mesh, spec_for(".".join(map(str, k)), pp)))
             for k, v in nnx.to_flat_state(state)}
 
 
@@ -153,7 +158,8 @@ def random_state(cfg: ModelConfig, mesh, dtype, seed: int = 0) -> tuple[nnx.Grap
                 return jnp.ones(shape, dtype)
             return (jax.random.normal(k, shape, jnp.float32) * 0.02).astype(dtype)
 
-        arr = jax.jit(init, out_shardings=named(mesh, spec_for(name)))(jax.random.key(seed * 100003 + i))
+        sharding = named(mesh, spec_for(name, pp_size(mesh)))
+        arr = jax.jit(init, out_shardings=sharding)(jax.random.key(seed * 100003 + i))
         flat.append((key, var.replace(arr)))
     return graphdef, nnx.from_flat_state(flat)
 
@@ -185,33 +191,45 @@ def check_tensors(tensors: dict[str, st.TensorInfo], needed: list[str], cfg: Mod
 def load_state(path: Path, cfg: ModelConfig, mesh, dtype) -> tuple[nnx.GraphDef, nnx.State]:
     """Build the model abstractly and fill every parameter straight into its sharding: each HF
     tensor is mapped once, each device's slice read from the map, then the map is dropped."""
-    tp = tp_size(mesh)
+    tp, pp = tp_size(mesh), pp_size(mesh)
     graphdef, state = abstract_model(cfg, mesh, dtype)
     flat_state = nnx.to_flat_state(state)
     names = [".".join(map(str, key)) for key, _ in flat_state]
     tensors = st.index(path)
-    check_tensors(tensors, [s for n in names for s in sources(n)], cfg, path)
+    per_stage = cfg.num_layers // pp
+
+    def layers(name):  # the per-layer parameter names behind a (possibly stage-stacked) one
+        if pp > 1 and name.startswith("model.layers."):
+            return [stage_layer(name, s, per_stage) for s in range(pp)]
+        return [name]
+    check_tensors(tensors, [s for n in names for h in layers(n) for s in sources(h)], cfg, path)
     np_dtype = np.dtype(jnp.dtype(dtype))
     flat = []
     for name, (key, var) in tqdm(list(zip(names, flat_state)), desc="loading weights", unit="tensor",
                                  disable=None):
-        srcs = {s: tensors[s].mmap() for s in sources(name)}
+        per_layer = layers(name)
+        stacked = pp > 1 and name.startswith("model.layers.")
+        srcs = {s: tensors[s].mmap() for h in per_layer for s in sources(h)}
 
-        def read(idx, name=name, srcs=srcs):
+        def read(idx, per_layer=per_layer, stacked=stacked, srcs=srcs):
             try:
-                return param_slice(name, idx, srcs, cfg, tp, np_dtype)
+                if not stacked:
+                    return param_slice(per_layer[0], idx, srcs, cfg, tp, np_dtype)
+                return np.stack([param_slice(per_layer[s], idx[1:], srcs, cfg, tp, np_dtype)
+                                 for s in range(pp)[idx[0]]])
             except OSError as e:
                 raise ValueError(f"cannot read {', '.join(map(repr, srcs))} from "
                                  f"{', '.join(sorted({str(tensors[s].file) for s in srcs}))}: {e}") from e
 
-        shape, spec = var.get_value().shape, spec_for(name)
-        order = hf_order(name, len(shape))
+        shape, spec = var.get_value().shape, spec_for(name, pp)
+        lead = int(stacked)  # the stage axis stays first
+        order = (0,) * lead + tuple(o + lead for o in hf_order(name, len(shape) - lead))
         inverse = tuple(np.argsort(order))  # HF orientation = layout.transpose(inverse)
         spec = tuple(spec) + (None,) * (len(shape) - len(spec))
         arr = jax.make_array_from_callback(tuple(shape[i] for i in inverse),
                                            named(mesh, P(*(spec[i] for i in inverse))), read)
         if order != tuple(range(len(shape))):
-            arr = _permute(order, named(mesh, spec_for(name)))(arr)
+            arr = _permute(order, named(mesh, spec_for(name, pp)))(arr)
         flat.append((key, var.replace(arr)))
         del srcs, read  # unmaps this tensor: its pages leave the process
     return graphdef, nnx.from_flat_state(flat)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
@@ -50,12 +51,22 @@ def size(n: int) -> str:
 def device_memory(mesh: Mesh) -> tuple[int, int]:
     """(memory of a device, bytes in use on it), for the mesh's tightest device. CPU devices
     report no stats: simulated devices share the host's RAM, so each gets an equal part of
-    what is available."""
-    stats = [d.memory_stats() for d in mesh.devices.flat]
+    what is available. In a multi-process run every process gets the tightest figure of all
+    processes, so all of them size the same cache (and compile the same programs)."""
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    stats = [d.memory_stats() for d in local]
     if all(s and "bytes_limit" in s for s in stats):
         s = min(stats, key=lambda s: s["bytes_limit"] - s.get("bytes_in_use", 0))
-        return int(s["bytes_limit"]), int(s.get("bytes_in_use", 0))
-    return host_available() // mesh.size, 0
+        mine = (int(s["bytes_limit"]), int(s.get("bytes_in_use", 0)))
+    else:
+        mine = (host_available() // len(local), 0)
+    if jax.process_count() == 1:
+        return mine
+    from jax.experimental import multihost_utils
+    mib = np.array([mine[0] // 2**20, -(-mine[1] // 2**20)], np.int32)  # jax ints are 32-bit
+    every = np.asarray(multihost_utils.process_allgather(mib)).reshape(-1, 2).tolist()
+    limit, in_use = min(every, key=lambda x: x[0] - x[1])
+    return limit * 2**20, in_use * 2**20
 
 
 def host_available() -> int:
@@ -77,9 +88,11 @@ def weight_bytes(shapes: dict[str, tuple[tuple[int, ...], NamedSharding]], dtype
     return max(per_device.values(), default=0)
 
 
-def kv_bytes_per_token(cfg: ModelConfig, tp: int, dtype) -> int:
-    """One cached token on one device: k and v, every layer, the device's share of KV heads."""
-    return 2 * cfg.num_layers * (kv_heads_on_mesh(cfg, tp) // tp) * cfg.head_dim * np.dtype(dtype).itemsize
+def kv_bytes_per_token(cfg: ModelConfig, tp: int, dtype, pp: int = 1) -> int:
+    """One cached token on one device: k and v, the device's stage's layers (all, without pp),
+    the device's share of KV heads."""
+    return (2 * (cfg.num_layers // pp) * (kv_heads_on_mesh(cfg, tp) // tp) * cfg.head_dim
+            * np.dtype(dtype).itemsize)
 
 
 def plan(cfg: ModelConfig, tp: int, dtype, weights: int, fraction: float, mesh: Mesh,
@@ -92,7 +105,7 @@ def plan(cfg: ModelConfig, tp: int, dtype, weights: int, fraction: float, mesh: 
     limit, in_use = device_memory(mesh)
     if device_bytes is not None:
         limit, in_use = int(device_bytes), 0
-    per_token = kv_bytes_per_token(cfg, tp, dtype)
+    per_token = kv_bytes_per_token(cfg, tp, dtype, mesh.shape.get("pp", 1))
     p = MemoryPlan(limit, fraction, in_use, weights, per_token, 0)
     if p.kv_budget_bytes <= 0:
         raise ValueError(f"the model does not fit: {p.describe()}. Use a larger tp, a smaller dtype "

@@ -86,7 +86,11 @@ class AsyncLLM:
         seed = params.seed if params.seed is not None else random.getrandbits(31)
         req = Request(request_id or str(next(self._ids)), prompt, prompt_ids, params, seed,
                       self.model.tokenizer)
-        sink = lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d)  # noqa: E731
+        def sink(d):  # called from the engine thread; the caller's loop may be gone by then
+            try:
+                loop.call_soon_threadsafe(deltas.put_nowait, d)
+            except RuntimeError:
+                pass
         self._in_flight += 1
         self._inbox.put(("add", req, sink))
         left = params.n

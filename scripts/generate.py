@@ -2,6 +2,10 @@
 
 With no --model it runs the embedded default checkpoint (checkpoints/tiny-arith, a tiny Llama
 trained to add numbers). On a machine without accelerators, --tp N runs on N simulated CPU devices.
+--dp N adds data-parallel replicas (they split the batch), --pp N pipeline stages (they split the
+layers). Multi-host: run the same command on every host with --coordinator HOST:PORT
+--num-processes N --process-id I (or JAXTP_COORDINATOR / JAXTP_NUM_PROCESSES / JAXTP_PROCESS_ID);
+the mesh then spans all processes' devices and process 0 prints.
 Every vLLM SamplingParams field is a flag; --stream prints text as it is generated, --chat wraps
 each prompt in the tokenizer's chat template, --prompts-file reads one prompt per line.
 """
@@ -19,6 +23,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="HF model directory or hub id")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (devices)")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel replicas (split the batch)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages (split the layers)")
+    d = p.add_argument_group("multi-process (jax.distributed)")
+    d.add_argument("--coordinator", help="HOST:PORT of process 0 (default: $JAXTP_COORDINATOR)")
+    d.add_argument("--num-processes", type=int, help="default: $JAXTP_NUM_PROCESSES")
+    d.add_argument("--process-id", type=int, help="default: $JAXTP_PROCESS_ID")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
     p.add_argument("--prompts-file", help="a file with one prompt per line ('-': stdin)")
@@ -70,16 +80,26 @@ def show_logprobs(out) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
+    procs = args.num_processes or int(os.environ.get("JAXTP_NUM_PROCESSES") or
+                                      os.environ.get("JAX_NUM_PROCESSES") or 1)
+    devices = max(args.tp * args.dp * args.pp // max(procs, 1), 1)  # per process
     # Must precede the first jax import; it only affects the CPU platform.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={max(args.tp, 1)}").strip()
+                               f" --xla_force_host_platform_device_count={devices}").strip()
+    from jaxtp import distributed
+    try:
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     import jax
     import jaxtp
 
+    if jax.process_index() > 0:  # every process runs the same program; one prints
+        sys.stdout = open(os.devnull, "w")
     try:
         params = jaxtp.SamplingParams(**{k: getattr(args, k) for k in SAMPLING_FLAGS})
         prompts = read_prompts(args)
-        model = jaxtp.load(args.model, tp=args.tp, dtype=args.dtype)
+        model = jaxtp.load(args.model, tp=args.tp, dp=args.dp, pp=args.pp, dtype=args.dtype)
         if args.chat:
             system = [{"role": "system", "content": args.system}] if args.system else []
             inputs = [jaxtp.chat_prompt(model, system + [{"role": "user", "content": p}]) for p in prompts]
@@ -100,7 +120,7 @@ def main(argv=None):
     devices = model.mesh.devices.flatten()
     print(f"{len(prompts)} prompts, {n} tokens in {elapsed:.2f}s ({n / elapsed:.1f} tok/s incl. "
           f"compilation), tp={model.tp}, devices={len(devices)}x {devices[0].platform} "
-          f"({jax.devices()[0].device_kind})")
+          f"({jax.devices()[0].device_kind}), dp={model.dp}, pp={model.pp}, processes={jax.process_count()}")
 
 
 def stream(jaxtp, model, prompts, inputs, params):
