@@ -1,29 +1,38 @@
-"""The public API: `load`, `generate`, and the vLLM-shaped `LLM`."""
+"""The public API: `load`, `generate`, `stream`, and the vLLM-shaped `LLM` (with `chat`)."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxtp import engine
+from jaxtp import checkpoint, distributed, engine, memory
 from jaxtp.config import ModelConfig
-from jaxtp.loading import load_state, resolve
+from jaxtp.loading import load_state, param_shapes, resolve
+from jaxtp.memory import MemoryPlan
+from jaxtp.outputs import Completion, Delta, Request, RequestOutput
 from jaxtp.sampling import SamplingParams
-from jaxtp.sharding import kv_heads_on_mesh, make_mesh, validate_tp
+from jaxtp.sharding import (REPLICATED, kv_heads_on_mesh, make_mesh, named, padded_vocab, validate_pp,
+                            validate_tp)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass
 class Model:
-    """A loaded, sharded model: its config, mesh, tokenizer and the nnx graph/state pair."""
+    """A loaded, sharded model: its config, mesh, tokenizer and the nnx graph/state pair.
+
+    memory: the device-memory plan made at load (jaxtp.memory.MemoryPlan), None for models built
+    without `load`. Its `max_kv_tokens` is the KV-cache capacity in tokens of each dp replica
+    (sum over the rows it serves of their cached positions), after the weights, within
+    `memory_fraction` of device memory; `kv_bytes_per_token` is what each token costs per device.
+    """
     config: ModelConfig
     mesh: Mesh
     tokenizer: object | None
@@ -31,14 +40,32 @@ class Model:
     params: nnx.State
     dtype: object
     path: Path
+    memory: MemoryPlan | None = None
+
+    @property
+    def max_kv_tokens(self) -> int | None:
+        """KV-cache tokens one dp replica may hold (see `memory`); None without a plan."""
+        return None if self.memory is None else self.memory.max_kv_tokens
 
     @property
     def tp(self) -> int:
         return self.mesh.shape["tp"]
 
     @property
+    def dp(self) -> int:
+        return self.mesh.shape["dp"]
+
+    @property
+    def pp(self) -> int:
+        return self.mesh.shape["pp"]
+
+    @property
     def kv_heads(self) -> int:
         return kv_heads_on_mesh(self.config, self.tp)
+
+    @property
+    def padded_vocab(self) -> int:
+        return padded_vocab(self.config, self.tp)
 
     @property
     def max_model_len(self) -> int:
@@ -49,34 +76,43 @@ class Model:
         tokens = np.asarray(_check_ids(self, token_ids), np.int32)
         if tokens.ndim != 2:
             raise ValueError("Model.logits needs prompts of equal length")
+        tokens = distributed.put(tokens, named(self.mesh, REPLICATED))
         out = engine.forward_logits(self.graphdef, self.params, tokens, mesh=self.mesh)
-        return np.asarray(out)[..., : self.config.vocab_size]
+        return distributed.fetch(out)[..., : self.config.vocab_size]
 
 
-@dataclasses.dataclass
-class Completion:
-    prompt: str | list[int]
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" | "length"
-    prompt_token_ids: list[int] = dataclasses.field(default_factory=list)
-
-
-def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, devices=None) -> Model:
-    """Load a Hugging Face checkpoint (local dir or hub id) sharded over a (dp, tp) mesh.
+def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, devices=None,
+         pp: int = 1, memory_fraction: float = 0.9, device_memory_bytes: int | None = None) -> Model:
+    """Load a Hugging Face checkpoint (local dir or hub id), or a directory made by
+    scripts/convert.py (orbax, any tp), sharded over a (pp, dp, tp) mesh: tp-way tensor parallel,
+    dp data-parallel replicas (splitting the batch), pp pipeline stages (splitting the layers). In
+    a multi-process run (`distributed.initialize`) every process calls this with the same
+    arguments and the mesh spans all processes' devices.
 
     dtype: "float32", "bfloat16", "float16", or "auto" (the checkpoint's own dtype).
+    memory_fraction: share of each device's memory that weights + KV cache may use (vLLM's
+    gpu_memory_utilization); the KV capacity is `Model.max_kv_tokens`. Raises if it cannot fit.
+    device_memory_bytes: overrides each device's memory (CPU reports none: there the default is
+    the host's available memory shared by the mesh's devices).
     """
     if dtype not in (*DTYPES, "auto"):
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or 'auto', got {dtype!r}")
     path = resolve(model)
     cfg = ModelConfig.from_dir(path)
+    orbax = checkpoint.is_orbax_dir(path)
     if dtype == "auto":
-        dtype = cfg.torch_dtype if cfg.torch_dtype in DTYPES else "float32"
-    mesh = make_mesh(tp=tp, dp=dp, devices=devices)
+        own = checkpoint.read_marker(path)["dtype"] if orbax else cfg.torch_dtype
+        dtype = own if own in DTYPES else "float32"
+    mesh = make_mesh(tp=tp, dp=dp, pp=pp, devices=devices)
     validate_tp(cfg, tp)
-    graphdef, params = load_state(path, cfg, mesh, DTYPES[dtype])
-    return Model(cfg, mesh, _tokenizer(path), graphdef, params, DTYPES[dtype], path)
+    validate_pp(cfg, pp)
+    if orbax and pp > 1:
+        raise ValueError(f"{path} is an orbax checkpoint, which loads with pp=1 only; load the "
+                         f"Hugging Face checkpoint it was converted from for pp={pp}")
+    weights = memory.weight_bytes(param_shapes(cfg, mesh, DTYPES[dtype]), DTYPES[dtype])
+    plan = memory.plan(cfg, tp, DTYPES[dtype], weights, memory_fraction, mesh, device_memory_bytes)
+    graphdef, params = (checkpoint.restore if orbax else load_state)(path, cfg, mesh, DTYPES[dtype])
+    return Model(cfg, mesh, _tokenizer(path), graphdef, params, DTYPES[dtype], path, plan)
 
 
 def _tokenizer(path: Path):
@@ -116,65 +152,89 @@ def _encode(model: Model, prompts) -> list[list[int]]:
     return out
 
 
-def generate(model: Model, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
-             ) -> list[Completion]:
-    """Generate for a batch of prompts (strings or token-id lists), each with its own params."""
+MAX_SLOTS = 256  # concurrent sequences at most (vLLM's max_num_seqs); more prompts queue
+
+
+def _requests(model: Model, prompts, params) -> list[Request]:
     ids = _encode(model, prompts)
     params = params if params is not None else SamplingParams()
     plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(ids)
     if len(plist) != len(ids):
         raise ValueError(f"got {len(plist)} SamplingParams for {len(ids)} prompts")
+    if model.tokenizer is None and any(p.stop for p in plist):
+        raise ValueError(f"{model.path} has no tokenizer, so stop strings cannot be matched: "
+                         "use stop_token_ids")
     # Never run past the model's maximum length (vLLM's max_model_len).
     plist = [p if len(x) + p.max_tokens <= model.max_model_len else
              dataclasses.replace(p, max_tokens=model.max_model_len - len(x),
                                  min_tokens=min(p.min_tokens, model.max_model_len - len(x)))
              for x, p in zip(ids, plist)]
-    seeds = [p.seed if p.seed is not None else random.getrandbits(31) for p in plist]
-    out_ids: list[list[int]] = [[] for _ in ids]
-    reasons: list[str] = [""] * len(ids)
-    for row, new, reason in engine.run(model, ids, plist, seeds):
-        out_ids[row].extend(new)
-        reasons[row] = reason or reasons[row]
-    return [Completion(p, _decode(model, t), t, r, x)
-            for p, x, t, r in zip(prompts, ids, out_ids, reasons)]
+    return [Request(str(next(_REQUEST_IDS)), prompt, x, p,
+                    p.seed if p.seed is not None else random.getrandbits(31), model.tokenizer)
+            for prompt, x, p in zip(prompts, ids, plist)]
 
 
-def _decode(model: Model, ids: list[int]) -> str:
+_REQUEST_IDS = itertools.count()
+
+
+def _drive(model: Model, requests: list[Request], chunk: int) -> Iterator[Delta]:
+    """Run requests to completion on one engine, yielding a Delta whenever a sample advances."""
+    owner = {id(s): r for r in requests for s in r.seqs}
+    seqs = [s for r in requests for s in r.seqs]
+    for eng, changed in engine.run(model, seqs, chunk, MAX_SLOTS):
+        for seq in changed:
+            yield owner[id(seq)].update(seq, eng)
+
+
+def generate(model: Model, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
+             ) -> list[Completion]:
+    """Generate for a batch of prompts (strings or token-id lists), each with its own params.
+    Returns one Completion per prompt, or params.n consecutive ones when n > 1."""
+    requests = _requests(model, prompts, params)
+    for _ in _drive(model, requests, chunk=16):
+        pass
+    return [c for r in requests for c in r.completions()]
+
+
+def stream(model: Model, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
+           chunk: int = 4) -> Iterator[Delta]:
+    """Like `generate`, but yields text deltas as they are produced: Delta(request, index, text,
+    token_ids, finish_reason), where `request.output()` gives the full RequestOutput so far.
+    Every `chunk` tokens per sequence cost one host round trip."""
+    for delta in _drive(model, _requests(model, prompts, params), chunk):
+        if delta.text or delta.token_ids or delta.finish_reason:
+            yield delta
+
+
+def chat_prompt(model: Model, messages: list[dict], add_generation_prompt: bool = True,
+                chat_template: str | None = None) -> list[int]:
+    """Token ids of a conversation rendered with the tokenizer's chat template."""
     if model.tokenizer is None:
-        return ""
-    return model.tokenizer.decode(ids, skip_special_tokens=True)
-
-
-@dataclasses.dataclass
-class CompletionOutput:
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    cumulative_logprob: float | None = None
-    logprobs: list | None = None
-
-
-@dataclasses.dataclass
-class RequestOutput:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    finished: bool = True
+        raise ValueError(f"{model.path} has no tokenizer, so it has no chat template")
+    if not isinstance(messages, (list, tuple)) or not all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+        raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    try:
+        ids = model.tokenizer.apply_chat_template(list(messages), chat_template=chat_template,
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  tokenize=True)
+    except ValueError as e:  # transformers: "Cannot use chat template functions because ..."
+        raise ValueError(f"cannot apply a chat template for {model.path}: {e}") from None
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 class LLM:
     """vLLM-shaped entry point: `LLM(model=..., tensor_parallel_size=2).generate(prompts, params)`."""
 
     def __init__(self, model: str, tensor_parallel_size: int = 1, dtype: str = "auto",
-                 seed: int | None = None, **kwargs):
+                 seed: int | None = None, data_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.9, **kwargs):
         if kwargs:
             raise TypeError(f"unsupported LLM argument(s): {', '.join(sorted(kwargs))}")
         if seed is not None:
             random.seed(seed)
-        self.model = load(model, tp=tensor_parallel_size, dtype=dtype)
-        self._next_id = 0
+        self.model = load(model, tp=tensor_parallel_size, dtype=dtype, dp=data_parallel_size,
+                          pp=pipeline_parallel_size, memory_fraction=gpu_memory_utilization)
 
     def get_tokenizer(self):
         return self.model.tokenizer
@@ -183,10 +243,14 @@ class LLM:
                  ) -> list[RequestOutput]:
         if isinstance(prompts, str):
             prompts = [prompts]
-        outs = []
-        for c in generate(self.model, prompts, sampling_params):
-            outs.append(RequestOutput(str(self._next_id), c.prompt if isinstance(c.prompt, str) else None,
-                                      c.prompt_token_ids,
-                                      [CompletionOutput(0, c.text, c.token_ids, c.finish_reason)]))
-            self._next_id += 1
-        return outs
+        requests = _requests(self.model, prompts, sampling_params)
+        for _ in _drive(self.model, requests, chunk=16):
+            pass
+        return [r.output() for r in requests]
+
+    def chat(self, messages, sampling_params: SamplingParams | None = None,
+             chat_template: str | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """One conversation (a list of {'role', 'content'} dicts) or a list of them."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        ids = [chat_prompt(self.model, c, add_generation_prompt, chat_template) for c in convs]
+        return self.generate(ids, sampling_params)

@@ -1,16 +1,24 @@
-"""The hot path: jitted prefill and multi-token decode, and the host loop that drives them.
+"""The hot path: jitted prefill and multi-token decode over a slot-based KV cache, and the
+`Engine` that schedules sequences onto the slots (continuous batching).
 
-Shapes are bucketed (batch and prompt length to powers of two, cache length to a multiple of
-CACHE_BUCKET) so a run compiles a handful of programs once; the cache is donated so XLA updates
-it in place. Decode runs `chunk` tokens per dispatch in an on-device loop; the host only reads
-tokens back between chunks.
+The cache has a fixed number of rows ("slots"). Prefill runs a group of new prompts and writes
+their keys/values into free slots; decode advances every slot `steps` tokens in an on-device loop
+(finished and empty slots idle in place). Between decode chunks the host reads the new tokens,
+frees the slots of finished sequences and prefills waiting ones into them. Shapes are bucketed
+(prompt group size and length to powers of two) so a run compiles a handful of programs once;
+the cache is donated so XLA updates it in place.
+
+With data parallelism the slots (and every per-slot array) are split on `dp` along the batch;
+with pipeline stages the model and cache are stacked per stage (pipeline.py) and nothing here
+changes but the cache's leading axis. Host data goes in and out only through `distributed.put`
+/ `fetch`, so the same code runs as one process or as many (multi-controller).
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
 import functools
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,10 +26,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from jaxtp import kv_cache
+from jaxtp import distributed, kv_cache
 from jaxtp.kv_cache import KVCache
-from jaxtp.sampling import SamplerArrays, SamplingParams, sample
-from jaxtp.sharding import KV_CACHE_SPEC, REPLICATED
+from jaxtp.sampling import (MAX_LOGPROBS, Penalties, SamplerArrays, SamplingParams, TokenLogprobs,
+                            sample, token_logprobs)
+from jaxtp.sharding import ROWS_SPEC
 
 CACHE_BUCKET = 128  # cache lengths are rounded up to this, to bound the number of compiled shapes
 
@@ -30,21 +39,16 @@ TRACES: collections.Counter = collections.Counter()
 
 
 class Rows(NamedTuple):
-    """Per-row request state on device, all [B] (stop_ids [B, K], -1 padded)."""
+    """Per-slot request constants on device, [B]."""
     sampler: SamplerArrays
     max_tokens: jax.Array
-    min_tokens: jax.Array
-    stop_ids: jax.Array
 
     @classmethod
-    def build(cls, params: list[SamplingParams], seeds: list[int], stops: list[list[int]]) -> "Rows":
+    def build(cls, params: list[SamplingParams], seeds: list[int], stops: list[list[int]],
+              indices: list[int] | None = None) -> "Rows":
         """Host arrays for one row per params/seed/stop-id list."""
-        stop_ids = np.full((len(params), max(1, max(map(len, stops)))), -1, np.int32)
-        for i, x in enumerate(stops):
-            stop_ids[i, : len(x)] = x
-        return cls(SamplerArrays.build(params, seeds),
-                   np.array([p.max_tokens for p in params], np.int32),
-                   np.array([p.min_tokens for p in params], np.int32), stop_ids)
+        return cls(SamplerArrays.build(params, seeds, stops, indices),
+                   np.array([p.max_tokens for p in params], np.int32))
 
 
 class DecodeState(NamedTuple):
@@ -52,55 +56,110 @@ class DecodeState(NamedTuple):
     pos: jax.Array      # where `tokens` will be written
     count: jax.Array    # tokens generated so far
     done: jax.Array
+    penalties: Penalties | None = None
+
+
+class Step(NamedTuple):
+    """What a prefill or decode call produced: tokens [..., B] (-1 where a row was already done)
+    and, if asked for, their log-probabilities."""
+    tokens: jax.Array
+    logprobs: TokenLogprobs | None
 
 
 def _constrain_cache(cache: KVCache, mesh: Mesh) -> KVCache:
-    spec = NamedSharding(mesh, KV_CACHE_SPEC)
-    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spec), cache)
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, kv_cache.cache_sharding(mesh, x.ndim)),
+                        cache)
 
 
 def _is_done(tok, count, rows: Rows):
-    stop = jnp.any(tok[:, None] == rows.stop_ids, axis=-1) & (count >= rows.min_tokens)
+    stop = jnp.any(tok[:, None] == rows.sampler.stop_ids, axis=-1) & (count >= rows.sampler.min_tokens)
     return stop | (count >= rows.max_tokens)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "greedy"), donate_argnames=("cache",))
-def prefill(graphdef, params, cache: KVCache, tokens, lens, rows: Rows, *, mesh, greedy):
-    """Prompts tokens [B, T] (right-padded, true lengths lens) -> (first DecodeState, cache)."""
+def _logprobs(logits, tok, k):
+    return None if k is None else token_logprobs(logits, tok, k)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "greedy", "min_tokens", "logprobs",
+                                    "prompt_logprobs"),
+                   donate_argnames=("cache", "state"))
+def prefill(graphdef, params, cache: KVCache, state: DecodeState, rows: Rows, tokens, lens, slots, *,
+            mesh, greedy, min_tokens=False, logprobs=None, prompt_logprobs=None):
+    """Prompts tokens [n, T] (right-padded; true lengths lens) into cache rows `slots` (a slot out
+    of range marks a padding row, which is dropped). Samples each prompt's first token.
+
+    Returns (Step [n], prompt TokenLogprobs [n, T-1] or None, state, cache).
+    """
     TRACES["prefill"] += 1
     model = nnx.merge(graphdef, params)
-    b = tokens.shape[0]
-    h, cache = model.hidden(tokens, cache, jnp.zeros((b,), jnp.int32))
-    logits = model.logits(h[jnp.arange(b), lens - 1])
-    count = jnp.ones((b,), jnp.int32)
-    tok = sample(logits, rows.sampler, count - 1, model.vocab_size, greedy)
-    state = DecodeState(tok, lens, count, _is_done(tok, count, rows))
-    return state, _constrain_cache(cache, mesh)
+    (n, t), (b, kvh, _, hd) = tokens.shape, cache.k[0].shape[-4:]
+    layers, stages = len(cache.k), cache.k[0].shape[:-4]  # stages: () or (pp,)
+    fresh = jnp.zeros((*stages, n, kvh, t, hd), cache.k[0].dtype)
+    h, new = model.hidden(tokens, _constrain_cache(KVCache([fresh] * layers, [fresh] * layers), mesh),
+                          jnp.zeros((n,), jnp.int32))
+    put = lambda c, x: c.at[..., slots, :, :t, :].set(x, mode="drop")  # noqa: E731
+    cache = KVCache(list(map(put, cache.k, new.k)), list(map(put, cache.v, new.v)))
+
+    r = jax.tree.map(lambda x: x[jnp.minimum(slots, b - 1)], rows)
+    logits = model.logits(h[jnp.arange(n), lens - 1])
+    penalties = None
+    if state.penalties is not None:
+        valid = (jnp.arange(t)[None, :] < lens[:, None]).astype(jnp.int32)
+        seen = jnp.zeros(logits.shape, jnp.int32).at[jnp.arange(n)[:, None], tokens].add(valid)
+        penalties = Penalties(seen > 0, jnp.zeros(logits.shape, jnp.int32))
+    zero = jnp.zeros((n,), jnp.int32)
+    tok = sample(logits, r.sampler, zero, model.vocab_size, greedy, penalties, min_tokens)
+    if penalties is not None:
+        penalties = penalties._replace(counts=penalties.counts.at[jnp.arange(n), tok].add(1))
+    prompt_lp = None
+    if prompt_logprobs is not None:
+        prompt_lp = token_logprobs(model.logits(h[:, :-1]), tokens[:, 1:], prompt_logprobs)
+
+    new_rows = DecodeState(tok, lens, zero + 1, _is_done(tok, zero + 1, r), penalties)
+    state = jax.tree.map(lambda old, x: old.at[slots].set(x, mode="drop"), state, new_rows)
+    return Step(tok, _logprobs(logits, tok, logprobs)), prompt_lp, state, _constrain_cache(cache, mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "greedy", "steps"),
-                   donate_argnames=("cache",))
-def decode(graphdef, params, cache: KVCache, state: DecodeState, rows: Rows, *, mesh, greedy, steps):
-    """`steps` decode steps on device -> (tokens [steps, B] (-1 once a row is done), state, cache)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "greedy", "min_tokens", "steps", "logprobs"),
+                   donate_argnames=("cache", "state"))
+def decode(graphdef, params, cache: KVCache, state: DecodeState, rows: Rows, *, mesh, greedy, steps,
+           min_tokens=False, logprobs=None):
+    """`steps` decode steps for every slot on device -> (Step [steps, B], state, cache)."""
     TRACES["decode"] += 1
     model = nnx.merge(graphdef, params)
-    out = jnp.full((steps, state.tokens.shape[0]), -1, jnp.int32)
+    b = state.tokens.shape[0]
+    out = jnp.full((steps, b), -1, jnp.int32)
+    k = 0 if logprobs is None else logprobs
+    lp_out = TokenLogprobs(jnp.zeros((steps, b)), jnp.zeros((steps, b), jnp.int32),
+                           jnp.zeros((steps, b, k), jnp.int32), jnp.zeros((steps, b, k)))
 
     def body(i, carry):
-        cache, s, out = carry
+        cache, s, out, lp_out = carry
         h, cache = model.hidden(s.tokens[:, None], cache, s.pos)
-        tok = sample(model.logits(h[:, 0]), rows.sampler, s.count, model.vocab_size, greedy)
+        logits = model.logits(h[:, 0])
+        tok = sample(logits, rows.sampler, s.count, model.vocab_size, greedy, s.penalties, min_tokens)
+        if logprobs is not None:
+            lp_out = jax.tree.map(lambda o, x: o.at[i].set(x), lp_out, token_logprobs(logits, tok, k))
         count = s.count + 1
+        penalties = s.penalties
+        if penalties is not None:
+            penalties = penalties._replace(
+                counts=penalties.counts.at[jnp.arange(b), tok].add(jnp.where(s.done, 0, 1)))
         tok = jnp.where(s.done, -1, tok)
         done = s.done | _is_done(tok, count, rows)
         # A finished row re-runs its last token at its last position: an idempotent cache write.
         nxt = DecodeState(jnp.where(s.done, s.tokens, tok), jnp.where(s.done, s.pos, s.pos + 1),
-                          jnp.where(s.done, s.count, count), done)
-        return _constrain_cache(cache, mesh), nxt, out.at[i].set(tok)
+                          jnp.where(s.done, s.count, count), done, penalties)
+        return _constrain_cache(cache, mesh), nxt, out.at[i].set(tok), lp_out
 
     # A fixed trip count: no per-step predicate copy to the host; the host checks `done` per chunk.
-    cache, state, out = jax.lax.fori_loop(0, steps, body, (cache, state, out))
-    return out, state, cache
+    cache, state, out, lp_out = jax.lax.fori_loop(0, steps, body, (cache, state, out, lp_out))
+    return Step(out, lp_out if logprobs is not None else None), state, cache
+
+
+@jax.jit
+def _stop_rows(state: DecodeState, stop) -> DecodeState:
+    return state._replace(done=state.done | stop)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh"))
@@ -110,10 +169,10 @@ def forward_logits(graphdef, params, tokens, *, mesh):
     model = nnx.merge(graphdef, params)
     attn = model.model.layers[0].self_attn
     b, t = tokens.shape
-    shape = (b, attn.num_kv_heads, t, attn.head_dim)
+    pp = mesh.shape.get("pp", 1)
+    n, shape = kv_cache.shape(len(model.model.layers) * pp, b, attn.num_kv_heads, t, attn.head_dim, pp)
     dtype = model.model.norm.weight[...].dtype
-    cache = KVCache([jnp.zeros(shape, dtype)] * len(model.model.layers),
-                    [jnp.zeros(shape, dtype)] * len(model.model.layers))
+    cache = KVCache([jnp.zeros(shape, dtype)] * n, [jnp.zeros(shape, dtype)] * n)
     h, _ = model.hidden(tokens, _constrain_cache(cache, mesh), jnp.zeros((b,), jnp.int32))
     return model.logits(h)
 
@@ -123,61 +182,211 @@ def bucket(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
-@dataclasses.dataclass
-class Finished:
-    token_ids: list[int]
-    finish_reason: str  # "stop" | "length"
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
-def run(model, prompts: list[list[int]], params: list[SamplingParams], seeds: list[int],
-        chunk: int = 16) -> Iterator[tuple[int, list[int], str | None]]:
-    """Generate for a batch of token-id prompts; yields (row, new token ids, finish reason or None)
-    after every decode chunk, so callers can stream. `model` is a jaxtp.Model."""
-    cfg, mesh = model.config, model.mesh
-    n = len(prompts)
-    eos = list(cfg.eos_token_ids)
-    stops = [list(p.stop_token_ids) + ([] if p.ignore_eos else eos) for p in params]
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    """One sequence to generate (a request with n samples has n). The engine appends to `tokens`
+    (and `logprobs`) and sets `finish_reason` ("stop" | "length" | "abort")."""
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    index: int = 0
+    stop_ids: list[int] = dataclasses.field(default_factory=list)
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[tuple] = dataclasses.field(default_factory=list)  # (logprob, rank, top_ids, top_lps)
+    prompt_logprobs: list[tuple] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    slot: int | None = None
 
-    b = bucket(n)
-    t = bucket(max(len(p) for p in prompts), 16)
-    max_len = max(len(p) + q.max_tokens for p, q in zip(prompts, params))
-    s = -(-max(max_len, t) // CACHE_BUCKET) * CACHE_BUCKET
-    pad_rows = b - n
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
-    tokens = np.zeros((b, t), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = p
-    lens = np.array([len(p) for p in prompts] + [1] * pad_rows, np.int32)
-    rows = Rows.build(params + [SamplingParams(max_tokens=1, temperature=0.0)] * pad_rows,
-                      seeds + [0] * pad_rows, stops + [[]] * pad_rows)
-    replicated = NamedSharding(mesh, REPLICATED)
-    tokens, lens, rows = jax.device_put((tokens, lens, rows), replicated)
-    greedy = all(p.greedy for p in params)
 
-    cache = kv_cache.init(cfg.num_layers, b, model.kv_heads, s, cfg.head_dim, model.dtype, mesh)
-    state, cache = prefill(model.graphdef, model.params, cache, tokens, lens, rows,
-                           mesh=mesh, greedy=greedy)
-    first, done = jax.device_get((state.tokens, state.done))
-    out: list[list[int]] = [[int(first[i])] for i in range(n)]
-    finished = [False] * n
+class Engine:
+    """Continuous batching over `slots` cache rows of `max_len` tokens each.
 
-    def report(i, new, done):
-        tok = out[i][-1]
-        reason = None
-        if done[i]:
-            reason = "stop" if tok in stops[i] and len(out[i]) >= params[i].min_tokens else "length"
-            finished[i] = True
-        return i, new, reason
+    `add` queues a sequence; each `step` prefills waiting sequences into free slots (at most
+    `max_prefill_tokens` padded prompt tokens per prefill call) and runs one decode chunk of
+    `chunk` tokens, returning the sequences that got new tokens. `finish` ends a sequence from
+    the host (a stop string matched, a client went away) and frees its slot. With data
+    parallelism `slots` must be a multiple of dp (each replica holds slots/dp of them).
+    """
 
-    for i in range(n):
-        yield report(i, [int(first[i])], done)
-    while not all(finished):
-        toks, state, cache = decode(model.graphdef, model.params, cache, state, rows,
-                                    mesh=mesh, greedy=greedy, steps=chunk)
-        toks, done = jax.device_get((toks, state.done))
-        for i in range(n):
-            if finished[i]:
-                continue
-            new = [int(x) for x in toks[:, i] if x >= 0]
-            out[i].extend(new)
-            yield report(i, new, done)
+    def __init__(self, model, slots: int, max_len: int, chunk: int = 16, max_prefill_tokens: int = 8192):
+        cfg, self.model, self.mesh = model.config, model, model.mesh
+        self.dp = self.mesh.shape["dp"]
+        if slots % self.dp:
+            raise ValueError(f"slots={slots} must be a multiple of data_parallel_size={self.dp}")
+        self.slots, self.chunk, self.max_prefill_tokens = slots, chunk, max_prefill_tokens
+        self.max_len = -(-max_len // CACHE_BUCKET) * CACHE_BUCKET
+        self.eos = list(cfg.eos_token_ids)
+        self.cache = kv_cache.init(cfg.num_layers, slots, model.kv_heads, self.max_len, cfg.head_dim,
+                                   model.dtype, self.mesh)
+        self.per_row = NamedSharding(self.mesh, ROWS_SPEC)
+        idle = SamplingParams(max_tokens=1, temperature=0.0)
+        self.host_rows = Rows.build([idle] * slots, [0] * slots, [[]] * slots)
+        self.rows = self._put(self.host_rows)
+        self.state = self._put(DecodeState(*(np.zeros(slots, np.int32) for _ in range(3)),
+                                           np.ones(slots, bool)))
+        self.running: list[Sequence | None] = [None] * slots
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self._stopped = np.zeros(slots, bool)
+
+    def _put(self, tree):
+        """Per-row host arrays -> device, split on dp."""
+        return distributed.put(tree, self.per_row)
+
+    def add(self, seq: Sequence) -> None:
+        if len(seq.prompt) + seq.params.max_tokens > self.max_len:
+            raise ValueError(f"prompt of {len(seq.prompt)} tokens + max_tokens={seq.params.max_tokens} "
+                             f"exceeds the engine's maximum length of {self.max_len} tokens")
+        seq.stop_ids = list(seq.params.stop_token_ids) + ([] if seq.params.ignore_eos else self.eos)
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
+        """End `seq` from the host; its slot is freed before the next decode chunk."""
+        if seq.finished:
+            return
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        elif seq.slot is not None:
+            self._stopped[seq.slot] = True
+            self.running[seq.slot], seq.slot = None, None
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting) or any(s is not None for s in self.running)
+
+    def step(self) -> list[Sequence]:
+        """Admit waiting sequences, run one decode chunk; returns sequences that changed."""
+        if self._stopped.any():
+            self.state = _stop_rows(self.state, self._put(self._stopped))
+            self._stopped[:] = False
+        changed = self._admit()
+        if any(s is not None for s in self.running):
+            active = [s for s in self.running if s is not None]
+            step, self.state, self.cache = decode(
+                self.model.graphdef, self.model.params, self.cache, self.state, self.rows,
+                mesh=self.mesh, steps=self.chunk, **_static(active))
+            step, done = distributed.fetch((step, self.state.done))
+            fresh = set(map(id, changed))
+            for slot, seq in enumerate(self.running):
+                if seq is not None:
+                    changed += [] if id(seq) in fresh else [seq]
+                    self._record(seq, step, np.nonzero(step.tokens[:, slot] >= 0)[0], slot, done[slot])
+        return changed
+
+    def _admit(self) -> list[Sequence]:
+        free = [i for i, s in enumerate(self.running) if s is None]
+        group: list[Sequence] = []
+        while self.waiting and len(group) < len(free):
+            t = bucket(max(len(s.prompt) for s in group + [self.waiting[0]]), 16)
+            if group and bucket(len(group) + 1) * t > self.max_prefill_tokens:
+                break
+            group.append(self.waiting.popleft())
+        if not group:
+            return []
+        for seq, slot in zip(group, free):
+            seq.slot, self.running[slot] = slot, seq
+        slots = [s.slot for s in group]
+        self.host_rows = jax.tree.map(lambda all_, new: _set_rows(all_, slots, new), self.host_rows,
+                                      Rows.build([s.params for s in group], [s.seed for s in group],
+                                                 [s.stop_ids for s in group], [s.index for s in group]))
+        self.rows = self._put(self.host_rows)
+        if self.state.penalties is None and any(s.params.penalized for s in group):
+            v = self.model.padded_vocab
+            self.state = self.state._replace(penalties=self._put(
+                Penalties(np.zeros((self.slots, v), bool), np.zeros((self.slots, v), np.int32))))
+
+        n = _round_up(bucket(len(group)), self.dp)
+        t = min(bucket(max(len(s.prompt) for s in group), 16), self.max_len)
+        tokens = np.zeros((n, t), np.int32)
+        for i, s in enumerate(group):
+            tokens[i, : len(s.prompt)] = s.prompt
+        lens = np.array([len(s.prompt) for s in group] + [1] * (n - len(group)), np.int32)
+        slot_ids = np.array(slots + [self.slots] * (n - len(group)), np.int32)
+        want_prompt_lp = [s.params.prompt_logprobs for s in group if s.params.prompt_logprobs is not None]
+        step, prompt_lp, self.state, self.cache = prefill(
+            self.model.graphdef, self.model.params, self.cache, self.state, self.rows,
+            *self._put((tokens, lens, slot_ids)), mesh=self.mesh, **_static(group),
+            prompt_logprobs=_logprob_bucket(want_prompt_lp) if want_prompt_lp else None)
+        step, prompt_lp, done = distributed.fetch((step, prompt_lp, self.state.done))
+        step = jax.tree.map(lambda x: x[None], step)  # one step: [1, n]
+        for i, seq in enumerate(group):
+            if seq.params.prompt_logprobs is not None:
+                seq.prompt_logprobs = [_entry(prompt_lp, (i, j), seq.params.prompt_logprobs)
+                                       for j in range(len(seq.prompt) - 1)]
+            self._record(seq, step, [0], i, done[seq.slot])
+        return group
+
+    def _record(self, seq: Sequence, step, at, col: int, done: bool) -> None:
+        for j in at:
+            seq.tokens.append(int(step.tokens[j, col]))
+            if seq.params.logprobs is not None:
+                seq.logprobs.append(_entry(step.logprobs, (j, col), seq.params.logprobs))
+        if done and not seq.finished:
+            last = seq.tokens[-1]
+            stopped = last in seq.stop_ids and len(seq.tokens) >= seq.params.min_tokens
+            seq.finish_reason = "stop" if stopped else "length"
+            seq.stop_reason = last if stopped and last not in self.eos else None
+            self.running[seq.slot], seq.slot = None, None
+
+
+def _static(seqs: list[Sequence]) -> dict:
+    """The compile-time switches a group of sequences needs (each variant compiles once)."""
+    return dict(greedy=all(s.params.greedy for s in seqs),
+                min_tokens=any(s.params.min_tokens > 0 for s in seqs),
+                logprobs=_logprob_bucket(s.params.logprobs for s in seqs))
+
+
+def _logprob_bucket(ks) -> int | None:
+    """The static top-k for a group: None if nobody asked, else the next power of two."""
+    ks = [k for k in ks if k is not None]
+    return None if not ks else (0 if max(ks) == 0 else min(bucket(max(ks)), bucket(MAX_LOGPROBS)))
+
+
+def _entry(lp: TokenLogprobs, at: tuple, k: int) -> tuple:
+    return (float(lp.logprob[at]), int(lp.rank[at]), lp.top_ids[at][:k].tolist(),
+            lp.top_logprobs[at][:k].tolist())
+
+
+def _set_rows(all_rows: np.ndarray, slots: list[int], new: np.ndarray) -> np.ndarray:
+    """Host update of per-slot arrays; stop_ids may need widening to the new rows' count."""
+    all_rows = np.array(all_rows)
+    if all_rows.ndim == 2 and new.shape[1] > all_rows.shape[1]:
+        pad = np.full((all_rows.shape[0], new.shape[1] - all_rows.shape[1]), -1, all_rows.dtype)
+        all_rows = np.concatenate([all_rows, pad], axis=1)
+    if all_rows.ndim == 2:
+        new = np.pad(new, ((0, 0), (0, all_rows.shape[1] - new.shape[1])), constant_values=-1)
+    all_rows[slots] = new
+    return all_rows
+
+
+def slots_that_fit(model, slots: int, max_len: int) -> int:
+    """About `slots` cache rows of `max_len` tokens: a multiple of dp (each replica gets as many),
+    no more than the KV capacity sized at load holds (`Model.max_kv_tokens` per replica, from
+    memory_fraction), at least one per replica."""
+    dp = model.mesh.shape["dp"]
+    per_replica = -(-slots // dp)
+    capacity = getattr(model, "max_kv_tokens", None)
+    if capacity is not None:
+        per_replica = min(per_replica, capacity // (-(-max_len // CACHE_BUCKET) * CACHE_BUCKET))
+    return dp * max(1, per_replica)
+
+
+def run(model, seqs: list[Sequence], chunk: int = 16, max_slots: int = 256):
+    """Generate `seqs` to completion; yields (engine, sequences that changed) after every engine
+    step, so callers can stream. The engine gets a slot per sequence where memory allows (up to
+    max_slots, vLLM's max_num_seqs); the rest wait for free slots."""
+    max_len = max(len(s.prompt) + s.params.max_tokens for s in seqs)
+    engine = Engine(model, slots_that_fit(model, min(bucket(len(seqs)), max_slots), max_len), max_len, chunk)
+    for s in seqs:
+        engine.add(s)
+    while engine.has_unfinished:
+        yield engine, engine.step()

@@ -1,24 +1,32 @@
 """Hugging Face checkpoints -> sharded nnx state, tensor by tensor.
 
-Each tensor is read from safetensors (memory-mapped), reshaped to jaxtp's layout ([in, out],
-KV heads replicated up to tp, vocab padded) as a lazy numpy view, and handed to
-`jax.make_array_from_callback`, which copies to each device only the slice it owns.
+Each HF tensor is memory-mapped on its own (safetensors_io), and `jax.make_array_from_callback`
+asks for each device's slice of the jaxtp parameter in HF orientation; `param_slice` reads just
+the HF rows behind that slice (KV heads replicated up to tp, vocab padded, q|k|v and gate|up
+fused) in one copy, and the device transposes to jaxtp's [in, out]. Nothing model-sized is ever
+built on the host: peak host memory stays near the largest tensor. The map is dropped after each
+tensor so its pages leave the process. In a multi-process run only this process's devices'
+slices are asked for; with pipeline stages a stacked layer parameter is read stage by stage, so a
+process reads only its stages' layers.
 """
 from __future__ import annotations
 
-import json
+import functools
+import re
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from jaxtp import safetensors_io as st
 from jaxtp.config import ModelConfig
 from jaxtp.model import CausalLM
-from jaxtp.sharding import kv_heads_on_mesh, named, padded_vocab, spec_for, tp_size
+from jaxtp.pipeline import PipelinedLM, stage_layer
+from jaxtp.sharding import kv_heads_on_mesh, named, padded_vocab, pp_size, spec_for, tp_size
 
 def resolve(path_or_id: str | Path) -> Path:
     """A local model directory, or a hub id looked up in (and if allowed, fetched into) the HF cache."""
@@ -34,48 +42,6 @@ def resolve(path_or_id: str | Path) -> Path:
                                       allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
     except Exception as e:  # offline, unknown repo, gated...
         raise FileNotFoundError(f"could not resolve hub id {str(path_or_id)!r}: {e}") from e
-
-
-def tensor_index(path: Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file, for single-file and sharded (*.index.json) checkpoints."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: path / file for name, file in weight_map.items()}
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path} has no *.safetensors weights (pytorch .bin is not supported)")
-    out = {}
-    for file in files:
-        with _open(file) as f:
-            out.update({name: file for name in f.keys()})
-    return out
-
-
-def _read(name: str, index: dict, handles: dict, cfg: ModelConfig, path: Path) -> np.ndarray:
-    """Read one HF tensor (memory-mapped), checking it against config.json."""
-    if name not in index:
-        raise KeyError(f"checkpoint {path} has no tensor {name!r}, which {cfg.architecture} "
-                       f"with this config.json needs")
-    file = index[name]
-    if file not in handles:
-        handles[file] = _open(file)
-    try:
-        w = handles[file].get_tensor(name)
-    except Exception as e:
-        raise ValueError(f"cannot read tensor {name!r} from {file}: {e}") from e
-    want = hf_shape(name, cfg)
-    if tuple(w.shape) != want:
-        raise ValueError(f"tensor {name!r} in {file} has shape {tuple(w.shape)}, but config.json "
-                         f"implies {want}")
-    return w
-
-
-def _open(file: Path):
-    try:
-        return safe_open(str(file), framework="np")
-    except Exception as e:
-        raise ValueError(f"cannot read safetensors file {file}: {e}") from e
 
 
 # Fused parameters -> the HF tensors they are built from (vLLM's QKVParallelLinear and
@@ -105,38 +71,77 @@ def hf_shape(name: str, cfg: ModelConfig) -> tuple[int, ...]:
     return (hd,) if module in ("q_norm", "k_norm") else (d,)
 
 
-def to_layout(name: str, w: np.ndarray, cfg: ModelConfig, tp: int) -> np.ndarray:
-    """One HF tensor -> jaxtp layout: [in, out], KV heads replicated up to tp, vocab padded."""
+def out_map(name: str, cfg: ModelConfig, tp: int) -> np.ndarray:
+    """For an HF tensor, the HF row (output feature) behind each position of jaxtp's output axis:
+    KV heads repeated up to tp, vocab padded with -1 (zeros)."""
+    module = name.split(".")[-2]
+    n = hf_shape(name, cfg)[0]
+    if module in ("k_proj", "v_proj"):
+        heads = np.repeat(np.arange(cfg.num_kv_heads), kv_heads_on_mesh(cfg, tp) // cfg.num_kv_heads)
+        return (heads[:, None] * cfg.head_dim + np.arange(cfg.head_dim)).reshape(-1)
+    if module in ("embed_tokens", "lm_head"):
+        return np.concatenate([np.arange(n), np.full(padded_vocab(cfg, tp) - n, -1)])
+    return np.arange(n)
+
+
+def gather(src: np.ndarray, rows: np.ndarray, cols: slice | None, dtype) -> np.ndarray:
+    """src[rows, cols] (row -1 -> zeros) as a fresh array of `dtype`. Runs of consecutive rows
+    are copied as slices, so only their bytes of the mmap are read, cast in that same copy."""
+    sub = src[:, cols] if src.ndim == 2 else src
+    out = np.zeros((len(rows), *sub.shape[1:]), dtype)
+    br = np.flatnonzero((np.diff(rows) != 1) & ~((rows[:-1] < 0) & (rows[1:] < 0))) + 1
+    for i, j in zip([0, *br], [*br, len(rows)]):
+        if rows[i] >= 0:
+            out[i:j] = sub[rows[i]: rows[i] + j - i]
+    return out
+
+
+def hf_order(name: str, ndim: int) -> tuple[int, ...]:
+    """The axis permutation taking a parameter from HF orientation (output features before input
+    features) to jaxtp's layout. The host reads in HF orientation, where each device's slice is
+    whole rows of the file (a plain copy); the device transposes, far faster than numpy."""
     if name.endswith("_proj.weight") or name == "lm_head.weight":
-        w = w.T
-    if "k_proj" in name or "v_proj" in name:
-        repeat = kv_heads_on_mesh(cfg, tp) // cfg.num_kv_heads
-        if repeat > 1:  # KV-head replication: head h becomes heads h*r .. h*r + r-1
-            lead = w.shape[:-1]
-            w = np.repeat(w.reshape(*lead, cfg.num_kv_heads, cfg.head_dim), repeat, axis=-2)
-            w = w.reshape(*lead, -1)
-    pad = padded_vocab(cfg, tp) - cfg.vocab_size
-    if pad and name.endswith("embed_tokens.weight"):
-        w = np.pad(w, ((0, pad), (0, 0)))
-    if pad and name == "lm_head.weight":
-        w = np.pad(w, ((0, 0), (0, pad)))
-    return w
+        return (1, 0) if ndim == 2 else (2, 0, 1)  # [out, in] -> [in, out]; [tp|2, w, d] -> [d, tp|2, w]
+    return tuple(range(ndim))
 
 
-def fuse(name: str, parts: list[np.ndarray], tp: int) -> np.ndarray:
-    """Combine laid-out parts: qkv -> [..., tp, q_local|k_local|v_local]; gate_up -> [d, 2, I]."""
+def param_slice(name: str, idx: tuple, srcs: dict[str, np.ndarray], cfg: ModelConfig, tp: int,
+                dtype) -> np.ndarray:
+    """Device slice `idx` of jaxtp parameter `name` in HF orientation (see hf_order), read from
+    its memory-mapped HF tensors: qkv_proj [tp, q|k|v of that device, d] (bias [tp, q|k|v]),
+    gate_up_proj [2, I, d], other linear weights [out, in], embedding [vocab, d], norms [d]."""
+    parts = sources(name)
     if ".qkv_proj." in name:
-        return np.concatenate([p.reshape(*p.shape[:-1], tp, -1) for p in parts], axis=-1)
+        p_sl, w_sl, *cols = idx
+        return np.stack([np.concatenate([gather(srcs[s], out_map(s, cfg, tp).reshape(tp, -1)[p],
+                                                *(cols or [None]), dtype) for s in parts])[w_sl]
+                         for p in range(tp)[p_sl]])
     if ".gate_up_proj." in name:
-        return np.stack(parts, axis=-2)
-    return parts[0]
+        k_sl, i_sl, d_sl = idx
+        return np.stack([gather(srcs[s], out_map(s, cfg, tp)[i_sl], d_sl, dtype)
+                         for s in np.array(parts)[k_sl]])
+    (src,) = parts
+    return gather(srcs[src], out_map(src, cfg, tp)[idx[0]], idx[1] if len(idx) > 1 else None, dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _permute(order: tuple[int, ...], sharding):
+    return jax.jit(lambda x: jnp.transpose(x, order), out_shardings=sharding)
 
 
 def abstract_model(cfg: ModelConfig, mesh, dtype) -> tuple[nnx.GraphDef, nnx.State]:
     """The model's graph and parameter shapes for this mesh, allocating nothing."""
-    tp = tp_size(mesh)
-    return nnx.split(nnx.eval_shape(
-        lambda: CausalLM(cfg, kv_heads_on_mesh(cfg, tp), padded_vocab(cfg, tp), tp, dtype)))
+    tp, pp = tp_size(mesh), pp_size(mesh)
+    args = (cfg, kv_heads_on_mesh(cfg, tp), padded_vocab(cfg, tp), tp, dtype)
+    return nnx.split(nnx.eval_shape(lambda: PipelinedLM(*args, pp=pp) if pp > 1 else CausalLM(*args)))
+
+
+def param_shapes(cfg: ModelConfig, mesh, dtype) -> dict[str, tuple[tuple[int, ...], object]]:
+    """Parameter name -> (shape, sharding) on this mesh, allocating nothing."""
+    _, state = abstract_model(cfg, mesh, dtype)
+    pp = pp_size(mesh)
+    return {".".join(map(str, k)): (v.get_value().shape, named(mesh, spec_for(".".join(map(str, k)), pp)))
+            for k, v in nnx.to_flat_state(state)}
 
 
 def random_state(cfg: ModelConfig, mesh, dtype, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
@@ -153,28 +158,78 @@ def random_state(cfg: ModelConfig, mesh, dtype, seed: int = 0) -> tuple[nnx.Grap
                 return jnp.ones(shape, dtype)
             return (jax.random.normal(k, shape, jnp.float32) * 0.02).astype(dtype)
 
-        arr = jax.jit(init, out_shardings=named(mesh, spec_for(name)))(jax.random.key(seed * 100003 + i))
+        sharding = named(mesh, spec_for(name, pp_size(mesh)))
+        arr = jax.jit(init, out_shardings=sharding)(jax.random.key(seed * 100003 + i))
         flat.append((key, var.replace(arr)))
     return graphdef, nnx.from_flat_state(flat)
 
 
+IGNORED = re.compile(r"rotary_emb\.inv_freq$")  # buffers some older checkpoints carry
+
+
+def check_tensors(tensors: dict[str, st.TensorInfo], needed: list[str], cfg: ModelConfig,
+                  path: Path) -> None:
+    """Every tensor the model needs is there with config.json's shape and a float dtype, and
+    nothing else is: a mismatched checkpoint fails before anything is loaded."""
+    for name in needed:
+        if name not in tensors:
+            raise KeyError(f"checkpoint {path} has no tensor {name!r}, which {cfg.architecture} "
+                           f"with this config.json needs")
+        t = tensors[name]
+        if t.shape != hf_shape(name, cfg):
+            raise ValueError(f"tensor {name!r} in {t.file} has shape {t.shape}, but config.json "
+                             f"implies {hf_shape(name, cfg)}")
+        t.dtype  # raises, naming tensor and file, for non-float tensors
+    extra = [n for n in tensors if n not in set(needed) and not IGNORED.search(n)
+             and not (n == "lm_head.weight" and cfg.tie_word_embeddings)]
+    if extra:
+        raise ValueError(f"checkpoint {path} has tensor(s) {cfg.architecture} with this config.json "
+                         f"does not use: {', '.join(f'{n!r} (in {tensors[n].file.name})' for n in extra[:5])}"
+                         f"{' ...' if len(extra) > 5 else ''}")
+
+
 def load_state(path: Path, cfg: ModelConfig, mesh, dtype) -> tuple[nnx.GraphDef, nnx.State]:
-    """Build the model abstractly and fill every parameter straight into its sharding."""
-    tp = tp_size(mesh)
+    """Build the model abstractly and fill every parameter straight into its sharding: each HF
+    tensor is mapped once, each device's slice read from the map, then the map is dropped."""
+    tp, pp = tp_size(mesh), pp_size(mesh)
     graphdef, state = abstract_model(cfg, mesh, dtype)
-    index = tensor_index(path)
+    flat_state = nnx.to_flat_state(state)
+    names = [".".join(map(str, key)) for key, _ in flat_state]
+    tensors = st.index(path)
+    per_stage = cfg.num_layers // pp
+
+    def layers(name):  # the per-layer parameter names behind a (possibly stage-stacked) one
+        if pp > 1 and name.startswith("model.layers."):
+            return [stage_layer(name, s, per_stage) for s in range(pp)]
+        return [name]
+    check_tensors(tensors, [s for n in names for h in layers(n) for s in sources(h)], cfg, path)
     np_dtype = np.dtype(jnp.dtype(dtype))
     flat = []
-    handles: dict[Path, object] = {}
-    for key, var in tqdm(list(nnx.to_flat_state(state)), desc="loading weights", unit="tensor",
-                         disable=None):
-        name = ".".join(map(str, key))
-        parts = [to_layout(src, _read(src, index, handles, cfg, path), cfg, tp) for src in sources(name)]
-        w = fuse(name, parts, tp)
-        want = var.get_value().shape
-        assert w.shape == want, (name, w.shape, want)
-        arr = jax.make_array_from_callback(
-            want, named(mesh, spec_for(name)),
-            lambda idx, w=w: np.ascontiguousarray(w[idx]).astype(np_dtype, copy=False))
+    for name, (key, var) in tqdm(list(zip(names, flat_state)), desc="loading weights", unit="tensor",
+                                 disable=None):
+        per_layer = layers(name)
+        stacked = pp > 1 and name.startswith("model.layers.")
+        srcs = {s: tensors[s].mmap() for h in per_layer for s in sources(h)}
+
+        def read(idx, per_layer=per_layer, stacked=stacked, srcs=srcs):
+            try:
+                if not stacked:
+                    return param_slice(per_layer[0], idx, srcs, cfg, tp, np_dtype)
+                return np.stack([param_slice(per_layer[s], idx[1:], srcs, cfg, tp, np_dtype)
+                                 for s in range(pp)[idx[0]]])
+            except OSError as e:
+                raise ValueError(f"cannot read {', '.join(map(repr, srcs))} from "
+                                 f"{', '.join(sorted({str(tensors[s].file) for s in srcs}))}: {e}") from e
+
+        shape, spec = var.get_value().shape, spec_for(name, pp)
+        lead = int(stacked)  # the stage axis stays first
+        order = (0,) * lead + tuple(o + lead for o in hf_order(name, len(shape) - lead))
+        inverse = tuple(np.argsort(order))  # HF orientation = layout.transpose(inverse)
+        spec = tuple(spec) + (None,) * (len(shape) - len(spec))
+        arr = jax.make_array_from_callback(tuple(shape[i] for i in inverse),
+                                           named(mesh, P(*(spec[i] for i in inverse))), read)
+        if order != tuple(range(len(shape))):
+            arr = _permute(order, named(mesh, spec_for(name, pp)))(arr)
         flat.append((key, var.replace(arr)))
+        del srcs, read  # unmaps this tensor: its pages leave the process
     return graphdef, nnx.from_flat_state(flat)

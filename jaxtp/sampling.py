@@ -16,37 +16,81 @@ import numpy as np
 
 @dataclasses.dataclass
 class SamplingParams:
-    """What to generate for one prompt. Defaults follow vLLM (temperature 1.0, 16 tokens)."""
+    """What to generate for one prompt; fields, defaults and meanings follow vLLM's SamplingParams.
+
+    Penalties (vLLM/OpenAI semantics): repetition_penalty divides positive logits and multiplies
+    negative ones for tokens seen in the prompt or the output; presence_penalty and
+    frequency_penalty subtract from the logits of tokens already generated (once, and per
+    occurrence). logprobs: how many top log-probabilities to return per generated token (0: only
+    the sampled token's); prompt_logprobs: the same for each prompt token. Log-probabilities are
+    of the raw model distribution, before penalties and temperature (vLLM's default).
+    """
+    n: int = 1
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0          # 0 or -1: off
     min_p: float = 0.0
     seed: int | None = None
+    stop: str | list[str] | None = None
     stop_token_ids: list[int] = dataclasses.field(default_factory=list)
+    include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     min_tokens: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
 
     def __post_init__(self):
         def check(ok, field, allowed):
             if not ok:
                 raise ValueError(f"SamplingParams.{field} must be {allowed}, got "
                                  f"{getattr(self, field)!r}")
+        check(_is_int(self.n) and self.n >= 1, "n", "an integer >= 1")
         check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "an integer >= 1")
         check(_is_num(self.temperature) and self.temperature >= 0, "temperature", "a number >= 0")
         check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "in (0, 1]")
         check(_is_int(self.top_k) and self.top_k >= -1, "top_k", "-1, 0 (off) or a positive integer")
         check(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "in [0, 1]")
         check(self.seed is None or _is_int(self.seed), "seed", "None or an integer")
-        check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        check(self.stop is None or (isinstance(self.stop, (list, tuple)) and
+                                    all(isinstance(s, str) and s for s in self.stop)),
+              "stop", "a non-empty string or a list of non-empty strings")
+        self.stop = list(self.stop or [])
+        check(isinstance(self.stop_token_ids, (list, tuple)) and
+              all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
               "a list of non-negative token ids")
         check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
               "an integer in [0, max_tokens]")
+        check(_is_num(self.repetition_penalty) and self.repetition_penalty > 0,
+              "repetition_penalty", "a number > 0 (1: off)")
+        check(_is_num(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+              "presence_penalty", "in [-2, 2]")
+        check(_is_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+              "frequency_penalty", "in [-2, 2]")
+        for field in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, field)
+            check(v is None or (_is_int(v) and 0 <= v <= MAX_LOGPROBS), field,
+                  f"None or an integer in [0, {MAX_LOGPROBS}]")
+        for field in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            check(isinstance(getattr(self, field), (bool, np.bool_)), field, "True or False")
         self.stop_token_ids = list(self.stop_token_ids)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return (self.repetition_penalty, self.presence_penalty, self.frequency_penalty) != (1, 0, 0)
+
+
+MAX_LOGPROBS = 20  # as OpenAI's API; bounds the top-k the engine computes
 
 
 def _is_int(x) -> bool:
@@ -59,20 +103,57 @@ def _is_num(x) -> bool:
 
 
 class SamplerArrays(NamedTuple):
-    """Per-row sampling parameters as device arrays [B]."""
+    """Per-row sampling parameters as arrays [B] (stop_ids [B, K], -1 padded)."""
     temperature: jax.Array
     top_k: jax.Array
     top_p: jax.Array
     min_p: jax.Array
     seed: jax.Array
+    index: jax.Array        # which of a request's n samples: a second key stream per seed
+    repetition_penalty: jax.Array
+    presence_penalty: jax.Array
+    frequency_penalty: jax.Array
+    min_tokens: jax.Array
+    stop_ids: jax.Array     # token ids that end the row (EOS unless ignore_eos, stop_token_ids)
 
     @classmethod
-    def build(cls, params: list[SamplingParams], seeds: list[int]) -> "SamplerArrays":
-        return cls(np.array([p.temperature for p in params], np.float32),
-                   np.array([max(p.top_k, 0) for p in params], np.int32),
-                   np.array([p.top_p for p in params], np.float32),
-                   np.array([p.min_p for p in params], np.float32),
-                   np.array(seeds, np.uint32))
+    def build(cls, params: list[SamplingParams], seeds: list[int],
+              stops: list[list[int]] | None = None, indices: list[int] | None = None) -> "SamplerArrays":
+        stops = stops or [[]] * len(params)
+        width = max(4, 1 << (max(map(len, stops)) - 1).bit_length())  # few distinct shapes
+        stop_ids = np.full((len(params), width), -1, np.int32)
+        for i, x in enumerate(stops):
+            stop_ids[i, : len(x)] = x
+        f32 = lambda field: np.array([getattr(p, field) for p in params], np.float32)  # noqa: E731
+        return cls(f32("temperature"), np.array([max(p.top_k, 0) for p in params], np.int32),
+                   f32("top_p"), f32("min_p"), np.array(seeds, np.uint32),
+                   np.array(indices or [0] * len(params), np.uint32), f32("repetition_penalty"),
+                   f32("presence_penalty"), f32("frequency_penalty"),
+                   np.array([p.min_tokens for p in params], np.int32), stop_ids)
+
+
+class Penalties(NamedTuple):
+    """Per-row token statistics the penalties need, [B, V_padded]; only kept when a row asks."""
+    in_prompt: jax.Array    # bool: token occurs in the prompt
+    counts: jax.Array       # int32: times the token was generated
+
+
+def apply_penalties(logits: jax.Array, s: SamplerArrays, p: Penalties) -> jax.Array:
+    """vLLM's order and formulas: repetition (prompt + output), then frequency and presence."""
+    rep = s.repetition_penalty[:, None]
+    seen = p.in_prompt | (p.counts > 0)
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    return (logits - s.frequency_penalty[:, None] * p.counts
+            - s.presence_penalty[:, None] * (p.counts > 0))
+
+
+def ban_stops(logits: jax.Array, s: SamplerArrays, count: jax.Array) -> jax.Array:
+    """min_tokens: a row that has generated fewer than min_tokens cannot sample a stop token."""
+    rows = jnp.arange(logits.shape[0])[:, None]
+    ids = jnp.where(s.stop_ids >= 0, s.stop_ids, logits.shape[-1])         # padding: dropped
+    ban = (count < s.min_tokens)[:, None] & (s.stop_ids >= 0)
+    banned = jnp.zeros(logits.shape, bool).at[rows, ids].set(ban, mode="drop")
+    return jnp.where(banned, -jnp.inf, logits)
 
 
 def filter_logits(logits: jax.Array, s: SamplerArrays, vocab_size: int) -> jax.Array:
@@ -96,19 +177,43 @@ def filter_logits(logits: jax.Array, s: SamplerArrays, vocab_size: int) -> jax.A
     return jnp.where(x >= jnp.maximum(jnp.maximum(kth, pth), minp), x, -jnp.inf)
 
 
-def sample(logits: jax.Array, s: SamplerArrays, counter: jax.Array, vocab_size: int,
-           greedy: bool) -> jax.Array:
-    """Next token [B] from float32 logits [B, V_padded]: greedy rows (temperature 0) take the
-    argmax, the others a Gumbel-max draw from the filtered distribution."""
+def sample(logits: jax.Array, s: SamplerArrays, count: jax.Array, vocab_size: int,
+           greedy: bool, penalties: Penalties | None = None, min_tokens: bool = False) -> jax.Array:
+    """Next token [B] from float32 logits [B, V_padded] for rows that have generated `count`
+    tokens: greedy rows (temperature 0) take the argmax, the others a Gumbel-max draw from the
+    filtered distribution. The static flags (greedy: all rows greedy; min_tokens: some row has
+    min_tokens) keep unused work out of the compiled step."""
+    if min_tokens:
+        logits = ban_stops(logits, s, count)
+    if penalties is not None:
+        logits = apply_penalties(logits, s, penalties)
     best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if greedy:
         return best
     x = filter_logits(logits, s, vocab_size)
 
-    def gumbel(seed, count):  # drawn over the true vocab so the stream is independent of tp
-        key = jax.random.fold_in(jax.random.key(seed), count)
+    def gumbel(seed, index, count):  # drawn over the true vocab so the stream is independent of tp
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), index), count)
         return jax.random.gumbel(key, (vocab_size,), jnp.float32)
 
-    noise = jnp.pad(jax.vmap(gumbel)(s.seed, counter), ((0, 0), (0, x.shape[-1] - vocab_size)))
+    noise = jax.vmap(gumbel)(s.seed, s.index, count)
+    noise = jnp.pad(noise, ((0, 0), (0, x.shape[-1] - vocab_size)))
     drawn = jnp.argmax(x + noise, axis=-1).astype(jnp.int32)
     return jnp.where(s.temperature > 0, drawn, best)
+
+
+class TokenLogprobs(NamedTuple):
+    """Log-probabilities of chosen tokens [...] and the top-k alternatives [..., k]."""
+    logprob: jax.Array
+    rank: jax.Array         # 1 + number of tokens more likely than the chosen one
+    top_ids: jax.Array
+    top_logprobs: jax.Array
+
+
+def token_logprobs(logits: jax.Array, chosen: jax.Array, k: int) -> TokenLogprobs:
+    """Raw-distribution log-probabilities for logits [..., V] and chosen ids [...]."""
+    lp = jax.nn.log_softmax(logits, axis=-1)
+    got = jnp.take_along_axis(lp, chosen[..., None], axis=-1)[..., 0]
+    rank = jnp.sum(lp > got[..., None], axis=-1).astype(jnp.int32) + 1
+    top_lp, top_ids = jax.lax.top_k(lp, k) if k else (lp[..., :0], jnp.zeros(lp[..., :0].shape, jnp.int32))
+    return TokenLogprobs(got, rank, top_ids.astype(jnp.int32), top_lp)

@@ -12,6 +12,11 @@ collectives. Weights are stored [in, out] (x @ W):
 
 When tp > num_kv_heads the loader repeats each KV head tp/num_kv_heads times (vLLM's KV-head
 replication), so every device owns exactly one KV head and the cache still splits on heads.
+
+Data parallelism: weights are replicated over `dp`; per-row data (cache rows, decode state,
+sampling constants, prompts) is split on `dp` along the batch. Pipeline parallelism: decoder
+layers are stacked per stage on a leading `pp` axis (see pipeline.py); everything else is
+replicated over `pp`.
 """
 from __future__ import annotations
 
@@ -34,37 +39,51 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r"norm\.weight$", P()),                                   # all norms: replicated
 )
 
-# Activations and cache.
+# Activations, cache and per-row data.
 KV_CACHE_SPEC = P("dp", "tp", None, None)   # [batch, kv_heads, seq, head_dim]
+STAGED_KV_CACHE_SPEC = P("pp", *KV_CACHE_SPEC)  # [stage, batch, kv_heads, seq, head_dim]
+ROWS_SPEC = P("dp")                         # [batch, ...]: one row per cache slot or prompt
 HEADS_SPEC = P("dp", None, "tp", None)      # [batch, seq, heads, head_dim]
 REPLICATED = P()
 
 
-def spec_for(path: str) -> P:
-    """PartitionSpec for a parameter path like 'model.layers.3.self_attn.q_proj.weight'."""
+def spec_for(path: str, pp: int = 1) -> P:
+    """PartitionSpec for a parameter path like 'model.layers.3.self_attn.q_proj.weight'; with
+    pp > 1 decoder-layer parameters carry a leading stage axis split on `pp`."""
     for pattern, spec in PARTITION_RULES:
         if re.search(pattern, path):
-            return spec
+            return P("pp", *spec) if pp > 1 and path.startswith("model.layers.") else spec
     raise KeyError(f"no partition rule matches parameter {path!r}")
 
 
-def make_mesh(tp: int = 1, dp: int = 1, devices=None) -> Mesh:
-    """A ('dp', 'tp') mesh over the first dp*tp devices; tp is the fastest-varying axis so a
-    tensor-parallel group sits on neighbouring (NVLink-connected) devices."""
+def make_mesh(tp: int = 1, dp: int = 1, devices=None, pp: int = 1) -> Mesh:
+    """A ('pp', 'dp', 'tp') mesh over the first pp*dp*tp devices; tp is the fastest-varying axis
+    so a tensor-parallel group sits on neighbouring (NVLink-connected, same-host) devices, and pp
+    the slowest, so stages are what crosses hosts. A multi-process mesh must use every device."""
     devices = list(devices if devices is not None else jax.devices())
-    if tp < 1 or dp < 1:
-        raise ValueError(f"tp and dp must be >= 1, got tp={tp}, dp={dp}")
-    if dp * tp > len(devices):
+    if tp < 1 or dp < 1 or pp < 1:
+        raise ValueError(f"tp, dp and pp must be >= 1, got tp={tp}, dp={dp}, pp={pp}")
+    need = pp * dp * tp
+    layout = f"tensor_parallel_size={tp} x data_parallel_size={dp} x pipeline_parallel_size={pp}"
+    if need > len(devices):
         kind = devices[0].platform if devices else "none"
-        hint = (f"; on a CPU-only machine set XLA_FLAGS=--xla_force_host_platform_device_count={dp * tp}"
+        hint = (f"; on a CPU-only machine set XLA_FLAGS=--xla_force_host_platform_device_count={need}"
                 " before jax is imported" if kind == "cpu" else "")
-        raise ValueError(f"tensor_parallel_size={tp} x data_parallel_size={dp} needs {dp * tp} devices, "
-                         f"but only {len(devices)} {kind} device(s) are visible{hint}")
-    return Mesh(np.array(devices[: dp * tp]).reshape(dp, tp), ("dp", "tp"))
+        raise ValueError(f"{layout} needs {need} devices, but only {len(devices)} {kind} device(s) "
+                         f"are visible{hint}")
+    if jax.process_count() > 1 and need != len(devices):
+        raise ValueError(f"{layout} = {need} devices, but a multi-process mesh must use all "
+                         f"{len(devices)} devices of its {jax.process_count()} processes "
+                         f"({jax.local_device_count()} each)")
+    return Mesh(np.array(devices[:need]).reshape(pp, dp, tp), ("pp", "dp", "tp"))
 
 
 def tp_size(mesh: Mesh) -> int:
     return mesh.shape["tp"]
+
+
+def pp_size(mesh: Mesh) -> int:
+    return mesh.shape.get("pp", 1)
 
 
 def kv_heads_on_mesh(cfg: ModelConfig, tp: int) -> int:
@@ -90,6 +109,12 @@ def validate_tp(cfg: ModelConfig, tp: int) -> None:
     if cfg.intermediate_size % tp:
         raise ValueError(f"intermediate_size ({cfg.intermediate_size}) must be divisible by tensor "
                          f"parallel size ({tp}).")
+
+
+def validate_pp(cfg: ModelConfig, pp: int) -> None:
+    if cfg.num_layers % pp:
+        raise ValueError(f"Number of hidden layers ({cfg.num_layers}) must be divisible by pipeline "
+                         f"parallel size ({pp}).")
 
 
 def named(mesh: Mesh, spec: P) -> NamedSharding:

@@ -66,3 +66,18 @@ def test_cli_reports_bad_input_without_a_traceback():
     assert run.returncode != 0
     assert run.stderr.strip() == ("error: Total number of attention heads (8) must be divisible by "
                                   "tensor parallel size (3).")
+
+
+def test_cli_stream_chat_prompts_file_and_sampling_flags(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("17+25=\n\n408+199=\n")
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), "--prompts-file", str(prompts),
+                          "--chat", "--stream", "--stop", "07", "--logprobs", "1", "--repetition-penalty", "1.0"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "'42'" in run.stdout and "'6'" in run.stdout and "'60" not in run.stdout
+    assert "2 prompts" in run.stdout and "tp=1" in run.stdout
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), "--prompt", "1+1=",
+                          "--presence-penalty", "3"], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert run.stderr.strip() == "error: SamplingParams.presence_penalty must be in [-2, 2], got 3.0"

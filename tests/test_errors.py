@@ -103,7 +103,13 @@ def test_bad_dtype(checkpoint):
     ("top_p", 1.5, r"in \(0, 1\]"), ("top_k", -2, "-1, 0 \\(off\\) or a positive integer"),
     ("min_p", 2.0, r"in \[0, 1\]"), ("seed", 1.5, "None or an integer"),
     ("stop_token_ids", [-1], "a list of non-negative token ids"),
-    ("min_tokens", 99, r"an integer in \[0, max_tokens\]"),
+    ("min_tokens", 99, r"an integer in \[0, max_tokens\]"), ("n", 0, "an integer >= 1"),
+    ("stop", [""], "a non-empty string or a list of non-empty strings"),
+    ("stop", 7, "a non-empty string or a list of non-empty strings"),
+    ("repetition_penalty", 0.0, r"a number > 0 \(1: off\)"),
+    ("presence_penalty", 2.5, r"in \[-2, 2\]"), ("frequency_penalty", -3, r"in \[-2, 2\]"),
+    ("logprobs", 21, r"None or an integer in \[0, 20\]"),
+    ("prompt_logprobs", -1, r"None or an integer in \[0, 20\]"), ("ignore_eos", "yes", "True or False"),
 ])
 def test_sampling_params_validation(field, value, allowed):
     with pytest.raises(ValueError, match=rf"SamplingParams.{field} must be {allowed}, got"):
@@ -132,6 +138,10 @@ def test_bad_prompts(model):
         jaxtp.generate(model, [[5] * 256], greedy)
     with pytest.raises(ValueError, match=r"got 2 SamplingParams for 1 prompts"):
         jaxtp.generate(model, [[5]], [greedy, greedy])
+    with pytest.raises(ValueError, match=r"has no tokenizer, so stop strings cannot be matched"):
+        jaxtp.generate(model, [[5]], jaxtp.SamplingParams(stop="x"))
+    with pytest.raises(ValueError, match=r"has no tokenizer, so it has no chat template"):
+        jaxtp.chat_prompt(model, [{"role": "user", "content": "hi"}])
 
 
 def test_generation_is_capped_at_max_model_len(model):
