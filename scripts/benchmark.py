@@ -109,14 +109,19 @@ def run_one(cfg, tp: int, batch: int, args, bandwidth: float) -> dict:
     rows = engine.Rows.build(sp, [0] * batch, [[]] * batch)
     put = lambda x: jax.device_put(x, NamedSharding(mesh, REPLICATED))  # noqa: E731
     tokens, lens, rows = put(tokens), put(np.full(batch, ctx, np.int32)), put(rows)
+    slots = put(np.arange(batch, dtype=np.int32))
     new_cache = lambda: kv_cache.init(cfg.num_layers, batch, model.kv_heads, s, cfg.head_dim,  # noqa
                                       dtype, mesh)
+    idle = lambda: put(engine.DecodeState(*(np.zeros(batch, np.int32) for _ in range(3)),  # noqa
+                                          np.ones(batch, bool)))
 
-    def do_prefill(cache):
-        return engine.prefill(graphdef, params, cache, tokens, lens, rows, mesh=mesh, greedy=True)
+    def do_prefill(cache, state):  # prompts into every cache slot, as the engine does
+        _, _, state, cache = engine.prefill(graphdef, params, cache, state, rows, tokens, lens, slots,
+                                            mesh=mesh, greedy=True)
+        return state, cache
 
     t0 = time.perf_counter()
-    state, cache = do_prefill(new_cache())
+    state, cache = do_prefill(new_cache(), idle())
     jax.block_until_ready(cache)
     prefill_compile_s = time.perf_counter() - t0
     print(f"  tp={tp} batch={batch}: prefill compiled+ran in {prefill_compile_s:.1f}s", flush=True)
@@ -125,14 +130,16 @@ def run_one(cfg, tp: int, batch: int, args, bandwidth: float) -> dict:
     if not args.no_prefill:
         def timed_prefill():  # the cache is donated and handed back: one cache in memory
             nonlocal state
-            state, holder[0] = do_prefill(holder[0])
+            state, holder[0] = do_prefill(holder[0], state)
             jax.block_until_ready(holder[0])
         prefill_ms = median_ms(timed_prefill, args.reps)
 
+    first = jax.tree.map(jnp.copy, state)  # decode donates its state: time every chunk from here
+
     def do_decode(cache):
-        out, _, cache = engine.decode(graphdef, params, cache, state, rows, mesh=mesh, greedy=True,
-                                      steps=steps)
-        return out, cache
+        out, _, cache = engine.decode(graphdef, params, cache, jax.tree.map(jnp.copy, first), rows,
+                                      mesh=mesh, greedy=True, steps=steps)
+        return out.tokens, cache
 
     t0 = time.perf_counter()
     out, holder[0] = do_decode(holder[0])
