@@ -28,18 +28,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The default checkpoint with room for 1024 tokens (so a request can run long), served with
-    16 slots: 64 concurrent requests must share them."""
-    model = tmp_path_factory.mktemp("long") / "tiny-arith"
-    shutil.copytree(DEFAULT, model)
-    cfg = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 1024}))
+def _serve(model, *flags):
+    """Start scripts/serve.py on a free loopback port; yields its URL, stops it afterwards."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), "--model", str(model),
-                             "--served-model-name", NAME, "--tp", "2", "--port", str(port), "--max-num-seqs", "16",
-                             "--decode-chunk", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             "--served-model-name", NAME, "--port", str(port), *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "XLA_FLAGS": ""})
     url = f"http://127.0.0.1:{port}"
     try:
@@ -55,6 +49,22 @@ def server(tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory):
+    """The default checkpoint with room for 1024 tokens, so a request can run long."""
+    model = tmp_path_factory.mktemp("long") / "tiny-arith"
+    shutil.copytree(DEFAULT, model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 1024}))
+    return model
+
+
+@pytest.fixture(scope="module")
+def server(long_model):
+    """16 slots at tp 2: 64 concurrent requests must share them."""
+    yield from _serve(long_model, "--tp", "2", "--max-num-seqs", "16", "--decode-chunk", "2")
 
 
 @pytest.fixture(scope="module")
@@ -225,3 +235,15 @@ def test_full_queue_refuses_new_requests(offline):
         assert first.token_ids and second[-1].finish_reason == "length"
     finally:
         llm.close()
+
+
+def test_full_queue_is_a_503_with_an_openai_error_body(long_model):
+    for url in _serve(long_model, "--max-num-seqs", "1", "--max-queue", "1", "--decode-chunk", "2"):
+        with httpx2.stream("POST", url + "/v1/completions", timeout=60,
+                           json={"model": NAME, "prompt": "1+1=", "max_tokens": 900, "temperature": 0,
+                                 "ignore_eos": True, "stream": True}) as busy:
+            lines = busy.iter_lines()  # held open: the one request in flight keeps running
+            next(lines)
+            r = httpx2.post(url + "/v1/completions", json={"model": NAME, "prompt": "2+2="})
+        assert r.status_code == 503
+        assert r.json()["error"]["type"] == "service_unavailable" and "max_queue=1" in r.json()["error"]["message"]
