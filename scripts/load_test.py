@@ -27,7 +27,12 @@ def parse_args(argv=None):
 
 
 async def main_async(args) -> dict:
-    client = openai.AsyncOpenAI(base_url=args.url.rstrip("/") + "/v1", api_key="none", max_retries=0)
+    async with openai.AsyncOpenAI(base_url=args.url.rstrip("/") + "/v1", api_key="none",
+                                  max_retries=0) as client:
+        return await run_load(client, args)
+
+
+async def run_load(client, args) -> dict:
     model = args.model or (await client.models.list()).data[0].id
     if args.prompt_file:
         prompts = [line.rstrip("\n") for line in open(args.prompt_file, encoding="utf-8") if line.strip()]

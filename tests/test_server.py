@@ -94,11 +94,11 @@ def test_64_concurrent_requests_match_offline_generate(server, offline):
     want = [o.text for o in jaxtp.generate(offline, prompts, params)]
 
     async def go():
-        client = _client(server)
-        comps = [client.completions.create(model=NAME, prompt=p, max_tokens=8, temperature=0) for p in prompts[:32]]
-        chats = [client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": p}],
-                                                max_tokens=8, temperature=0) for p in prompts[32:]]
-        return await asyncio.gather(*comps, *chats)
+        async with _client(server) as client:  # closed inside the loop that used it
+            comps = [client.completions.create(model=NAME, prompt=p, max_tokens=8, temperature=0) for p in prompts[:32]]
+            chats = [client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": p}],
+                                                    max_tokens=8, temperature=0) for p in prompts[32:]]
+            return await asyncio.gather(*comps, *chats)
 
     outs = asyncio.run(go())
     got = [o.choices[0].text for o in outs[:32]] + [o.choices[0].message.content for o in outs[32:]]
@@ -111,20 +111,20 @@ def test_streaming_completion_and_chat(server, offline):
     want = jaxtp.generate(offline, ["408+199="], jaxtp.SamplingParams(max_tokens=8, temperature=0))[0].text
 
     async def go():
-        client = _client(server)
-        text, finish = "", None
-        async for chunk in await client.completions.create(model=NAME, prompt="408+199=", max_tokens=8,
-                                                           temperature=0, stream=True):
-            text += chunk.choices[0].text
-            finish = chunk.choices[0].finish_reason or finish
-        chat, usage = "", None
-        async for chunk in await client.chat.completions.create(
-                model=NAME, messages=[{"role": "user", "content": "408+199="}], max_tokens=8, temperature=0,
-                stream=True, stream_options={"include_usage": True}):
-            if chunk.choices:
-                chat += chunk.choices[0].delta.content or ""
-            usage = chunk.usage or usage
-        return text, finish, chat, usage
+        async with _client(server) as client:  # closed inside the loop that used it
+            text, finish = "", None
+            async for chunk in await client.completions.create(model=NAME, prompt="408+199=", max_tokens=8,
+                                                               temperature=0, stream=True):
+                text += chunk.choices[0].text
+                finish = chunk.choices[0].finish_reason or finish
+            chat, usage = "", None
+            async for chunk in await client.chat.completions.create(
+                    model=NAME, messages=[{"role": "user", "content": "408+199="}], max_tokens=8, temperature=0,
+                    stream=True, stream_options={"include_usage": True}):
+                if chunk.choices:
+                    chat += chunk.choices[0].delta.content or ""
+                usage = chunk.usage or usage
+            return text, finish, chat, usage
 
     text, finish, chat, usage = asyncio.run(go())
     assert (text, finish, chat) == (want, "stop", want)
@@ -133,13 +133,13 @@ def test_streaming_completion_and_chat(server, offline):
 
 def test_sampling_extras_logprobs_and_n(server):
     async def go():
-        client = _client(server)
-        out = await client.completions.create(model=NAME, prompt="17+25=", max_tokens=8, temperature=0, logprobs=2,
-                                              stop=["2"], extra_body={"top_k": 5})
-        many = await client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "5+5="}],
-                                                    n=3, temperature=1.0, seed=1, max_tokens=4,
-                                                    logprobs=True, top_logprobs=2)
-        return out, many
+        async with _client(server) as client:  # closed inside the loop that used it
+            out = await client.completions.create(model=NAME, prompt="17+25=", max_tokens=8, temperature=0, logprobs=2,
+                                                  stop=["2"], extra_body={"top_k": 5})
+            many = await client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "5+5="}],
+                                                        n=3, temperature=1.0, seed=1, max_tokens=4,
+                                                        logprobs=True, top_logprobs=2)
+            return out, many
 
     out, many = asyncio.run(go())
     c = out.choices[0]
@@ -180,22 +180,22 @@ def test_disconnecting_stream_frees_its_slot_and_spares_the_others(server, offli
     tokens_before = _metric(server, "jaxtp:generation_tokens_total")
 
     async def go():
-        client = _client(server)
+        async with _client(server) as client:  # closed inside the loop that used it
 
-        async def quitter():
-            async with httpx2.AsyncClient(timeout=60) as http:
-                async with http.stream("POST", server + "/v1/completions",
-                                       json={"model": NAME, "prompt": "1+1=", "max_tokens": 1000, "temperature": 0,
-                                             "ignore_eos": True, "stream": True}) as r:
-                    seen = 0
-                    async for line in r.aiter_lines():
-                        seen += line.startswith("data:")
-                        if seen == 3:
-                            return  # closes the connection mid-stream
+            async def quitter():
+                async with httpx2.AsyncClient(timeout=60) as http:
+                    async with http.stream("POST", server + "/v1/completions",
+                                           json={"model": NAME, "prompt": "1+1=", "max_tokens": 1000, "temperature": 0,
+                                                 "ignore_eos": True, "stream": True}) as r:
+                        seen = 0
+                        async for line in r.aiter_lines():
+                            seen += line.startswith("data:")
+                            if seen == 3:
+                                return  # closes the connection mid-stream
 
-        others = [client.completions.create(model=NAME, prompt=p, max_tokens=8, temperature=0) for p in prompts]
-        res = await asyncio.gather(quitter(), *others)
-        return [o.choices[0].text for o in res[1:]]
+            others = [client.completions.create(model=NAME, prompt=p, max_tokens=8, temperature=0) for p in prompts]
+            res = await asyncio.gather(quitter(), *others)
+            return [o.choices[0].text for o in res[1:]]
 
     assert asyncio.run(go()) == want
     for _ in range(100):
