@@ -20,7 +20,8 @@ def run(name, d_in, d_out, batch, layout, n=32):
     shape, spec = {"in_out": ((n, d_in, d_out), "bi,io->bo"), "out_in": ((n, d_out, d_in), "bi,oi->bo"),
                    # jaxtp's fused q|k|v [d, tp, w] / gate|up [d, 2, I]: a split axis of 2
                    "fused3d": ((n, d_in, 2, d_out // 2), "bi,ikw->bkw")}[layout]
-    w = jax.random.normal(key, shape, jnp.bfloat16)
+    # separate arrays, not slices of one stacked array (XLA would copy each slice before its dot)
+    w = [jax.random.normal(jax.random.fold_in(key, i), shape[1:], jnp.bfloat16) for i in range(n)]
     x = jax.random.normal(key, (batch, d_in), jnp.bfloat16)
 
     @jax.jit
