@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxtp import checkpoint, distributed, engine, memory
+from jaxtp import checkpoint, distributed, engine, memory, quantize
 from jaxtp.config import ModelConfig
 from jaxtp.loading import load_state, param_shapes, resolve
 from jaxtp.memory import MemoryPlan
@@ -82,7 +82,8 @@ class Model:
 
 
 def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, devices=None,
-         pp: int = 1, memory_fraction: float = 0.9, device_memory_bytes: int | None = None) -> Model:
+         pp: int = 1, memory_fraction: float = 0.9, device_memory_bytes: int | None = None,
+         quantization: str | None = None) -> Model:
     """Load a Hugging Face checkpoint (local dir or hub id), or a directory made by
     scripts/convert.py (orbax, any tp), sharded over a (pp, dp, tp) mesh: tp-way tensor parallel,
     dp data-parallel replicas (splitting the batch), pp pipeline stages (splitting the layers). In
@@ -94,9 +95,14 @@ def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, d
     gpu_memory_utilization); the KV capacity is `Model.max_kv_tokens`. Raises if it cannot fit.
     device_memory_bytes: overrides each device's memory (CPU reports none: there the default is
     the host's available memory shared by the mesh's devices).
+    quantization: None, or "int8" for int8 weight-only projections (quantize.py; dtype stays the
+    activation and scale dtype).
     """
     if dtype not in (*DTYPES, "auto"):
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or 'auto', got {dtype!r}")
+    if quantization not in (None, *quantize.METHODS):
+        raise ValueError(f"quantization must be None or one of {', '.join(map(repr, quantize.METHODS))}, "
+                         f"got {quantization!r}")
     path = resolve(model)
     cfg = ModelConfig.from_dir(path)
     orbax = checkpoint.is_orbax_dir(path)
@@ -112,6 +118,10 @@ def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, d
     weights = memory.weight_bytes(param_shapes(cfg, mesh, DTYPES[dtype]), DTYPES[dtype])
     plan = memory.plan(cfg, tp, DTYPES[dtype], weights, memory_fraction, mesh, device_memory_bytes)
     graphdef, params = (checkpoint.restore if orbax else load_state)(path, cfg, mesh, DTYPES[dtype])
+    if quantization == "int8":
+        graphdef, params = quantize.int8(graphdef, params, mesh)  # then size the cache anew
+        plan = memory.plan(cfg, tp, DTYPES[dtype], memory.array_bytes(params), memory_fraction, mesh,
+                           device_memory_bytes)
     return Model(cfg, mesh, _tokenizer(path), graphdef, params, DTYPES[dtype], path, plan)
 
 
@@ -228,13 +238,14 @@ class LLM:
 
     def __init__(self, model: str, tensor_parallel_size: int = 1, dtype: str = "auto",
                  seed: int | None = None, data_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.9, **kwargs):
+                 gpu_memory_utilization: float = 0.9, quantization: str | None = None, **kwargs):
         if kwargs:
             raise TypeError(f"unsupported LLM argument(s): {', '.join(sorted(kwargs))}")
         if seed is not None:
             random.seed(seed)
         self.model = load(model, tp=tensor_parallel_size, dtype=dtype, dp=data_parallel_size,
-                          pp=pipeline_parallel_size, memory_fraction=gpu_memory_utilization)
+                          pp=pipeline_parallel_size, memory_fraction=gpu_memory_utilization,
+                          quantization=quantization)
 
     def get_tokenizer(self):
         return self.model.tokenizer

@@ -88,6 +88,15 @@ def weight_bytes(shapes: dict[str, tuple[tuple[int, ...], NamedSharding]], dtype
     return max(per_device.values(), default=0)
 
 
+def array_bytes(tree) -> int:
+    """Bytes of the arrays in `tree` on the fullest of this process's devices."""
+    per_device: dict = {}
+    for x in jax.tree.leaves(tree):
+        for shard in x.addressable_shards:
+            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+    return max(per_device.values(), default=0)
+
+
 def kv_bytes_per_token(cfg: ModelConfig, tp: int, dtype, pp: int = 1) -> int:
     """One cached token on one device: k and v, the device's stage's layers (all, without pp),
     the device's share of KV heads."""

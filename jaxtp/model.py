@@ -30,13 +30,27 @@ def _param(shape, dtype):
     return nnx.Param(jnp.zeros(shape, dtype))
 
 
+def _value(param):
+    return None if param is None else param[...]
+
+
+def matmul(spec: str, x, weight, scale):
+    """einsum of activations with a weight that is either plain or int8 with a per-output-channel
+    `scale` (weight-only quantization, see quantize.py): the int8 -> activation-dtype convert is
+    left for XLA to fuse into the matmul, so HBM traffic is the int8 bytes."""
+    if scale is None:
+        return jnp.einsum(spec, x, weight)
+    return jnp.einsum(spec, x, weight.astype(x.dtype)) * scale.astype(x.dtype)
+
+
 class Linear(nnx.Module):
     def __init__(self, d_in: int, d_out: int, dtype, bias: bool = False):
         self.weight = _param((d_in, d_out), dtype)
         self.bias = _param((d_out,), dtype) if bias else None
+        self.scale = nnx.data(None)  # an int8 weight's per-output-channel scale (quantize.py)
 
     def __call__(self, x):
-        y = x @ self.weight[...]
+        y = matmul("...i,io->...o", x, self.weight[...], _value(self.scale))
         return y if self.bias is None else y + self.bias[...]
 
 
@@ -61,9 +75,10 @@ class QKVLinear(nnx.Module):
         width = sum(self.local) * head_dim
         self.weight = _param((d, tp, width), dtype)
         self.bias = _param((tp, width), dtype) if bias else None
+        self.scale = nnx.data(None)  # an int8 weight's per-output-channel scale (quantize.py)
 
     def __call__(self, x):
-        y = jnp.einsum("btd,dpw->btpw", x, self.weight[...])
+        y = matmul("btd,dpw->btpw", x, self.weight[...], _value(self.scale))
         if self.bias is not None:
             y = y + self.bias[...]
         b, t = x.shape[:2]
@@ -114,9 +129,10 @@ class GateUpLinear(nnx.Module):
 
     def __init__(self, d: int, inter: int, dtype):
         self.weight = _param((d, 2, inter), dtype)
+        self.scale = nnx.data(None)  # an int8 weight's per-output-channel scale (quantize.py)
 
     def __call__(self, x):
-        gate_up = jnp.einsum("btd,dki->btki", x, self.weight[...])
+        gate_up = matmul("btd,dki->btki", x, self.weight[...], _value(self.scale))
         return gate_up[:, :, 0], gate_up[:, :, 1]
 
 

@@ -36,6 +36,11 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r"gate_up_proj\.weight$", P(None, None, "tp")),           # column-split [d, gate|up, I]
     (r"(o_proj|down_proj)\.weight$", P("tp", None)),           # row-split
     (r"lm_head\.weight$", P(None, "tp")),                      # vocab-split columns
+    # int8 weight-only quantization (quantize.py): one scale per output channel, split as the
+    # weight's output axis is
+    (r"qkv_proj\.scale$", P("tp", None)),
+    (r"gate_up_proj\.scale$", P(None, "tp")),
+    (r"(o_proj|down_proj)\.scale$", P()),
     (r"norm\.weight$", P()),                                   # all norms: replicated
 )
 

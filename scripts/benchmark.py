@@ -38,6 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--no-prefill", action="store_true", help="skip timing prefill")
+    p.add_argument("--quantization", choices=["int8"], default=None, help="int8 weight-only projections")
     p.add_argument("--json", help="write results here")
     p.add_argument("--trace", help="profile one more decode chunk per config into this directory "
                    "and print its per-kernel summary (scripts/gpu/trace_summary.py)")
@@ -98,6 +99,9 @@ def run_one(cfg, tp: int, batch: int, args, bandwidth: float) -> dict:
     mesh = make_mesh(tp=tp)
     validate_tp(cfg, tp)
     graphdef, params = random_state(cfg, mesh, dtype)
+    if args.quantization == "int8":
+        from jaxtp import quantize
+        graphdef, params = quantize.int8(graphdef, params, mesh)
     model = Model(cfg, mesh, None, graphdef, params, dtype, Path("random"))
     weight_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(params))
 

@@ -17,6 +17,7 @@ def parse_args(argv=None):
     p.add_argument("--served-model-name", help="name clients use (default: --model as given)")
     p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--quantization", choices=["int8"], default=None, help="int8 weight-only projections")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-num-seqs", type=int, default=64, help="KV-cache slots (concurrent sequences)")
@@ -37,7 +38,8 @@ def main(argv=None):
     from jaxtp.serving import AsyncLLM
 
     try:
-        model = jaxtp.load(args.model, tp=args.tp, dtype=args.dtype)
+        model = jaxtp.load(args.model, tp=args.tp, dtype=args.dtype,
+                           quantization=args.quantization)
         llm = AsyncLLM(model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                        max_queue=args.max_queue, chunk=args.decode_chunk)
     except (ValueError, TypeError, KeyError, OSError) as e:
