@@ -162,9 +162,6 @@ def _encode(model: Model, prompts) -> list[list[int]]:
     return out
 
 
-MAX_SLOTS = 256  # concurrent sequences at most (vLLM's max_num_seqs); more prompts queue
-
-
 def _requests(model: Model, prompts, params) -> list[Request]:
     ids = _encode(model, prompts)
     params = params if params is not None else SamplingParams()
@@ -179,8 +176,7 @@ def _requests(model: Model, prompts, params) -> list[Request]:
              dataclasses.replace(p, max_tokens=model.max_model_len - len(x),
                                  min_tokens=min(p.min_tokens, model.max_model_len - len(x)))
              for x, p in zip(ids, plist)]
-    return [Request(str(next(_REQUEST_IDS)), prompt, x, p,
-                    p.seed if p.seed is not None else random.getrandbits(31), model.tokenizer)
+    return [Request(str(next(_REQUEST_IDS)), prompt, x, p, model.tokenizer)
             for prompt, x, p in zip(prompts, ids, plist)]
 
 
@@ -191,7 +187,7 @@ def _drive(model: Model, requests: list[Request], chunk: int) -> Iterator[Delta]
     """Run requests to completion on one engine, yielding a Delta whenever a sample advances."""
     owner = {id(s): r for r in requests for s in r.seqs}
     seqs = [s for r in requests for s in r.seqs]
-    for eng, changed in engine.run(model, seqs, chunk, MAX_SLOTS):
+    for eng, changed in engine.run(model, seqs, chunk):
         for seq in changed:
             yield owner[id(seq)].update(seq, eng)
 

@@ -58,6 +58,11 @@ class DecodeState(NamedTuple):
     done: jax.Array
     penalties: Penalties | None = None
 
+    @classmethod
+    def idle(cls, slots: int) -> "DecodeState":
+        """Host arrays for `slots` empty slots (done, so decode leaves them alone)."""
+        return cls(*(np.zeros(slots, np.int32) for _ in range(3)), np.ones(slots, bool))
+
 
 class Step(NamedTuple):
     """What a prefill or decode call produced: tokens [..., B] (-1 where a row was already done)
@@ -182,7 +187,7 @@ def bucket(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
@@ -223,7 +228,7 @@ class Engine:
         if slots % self.dp:
             raise ValueError(f"slots={slots} must be a multiple of data_parallel_size={self.dp}")
         self.slots, self.chunk, self.max_prefill_tokens = slots, chunk, max_prefill_tokens
-        self.max_len = -(-max_len // CACHE_BUCKET) * CACHE_BUCKET
+        self.max_len = round_up(max_len, CACHE_BUCKET)
         self.eos = list(cfg.eos_token_ids)
         self.cache = kv_cache.init(cfg.num_layers, slots, model.kv_heads, self.max_len, cfg.head_dim,
                                    model.dtype, self.mesh)
@@ -231,8 +236,7 @@ class Engine:
         idle = SamplingParams(max_tokens=1, temperature=0.0)
         self.host_rows = Rows.build([idle] * slots, [0] * slots, [[]] * slots)
         self.rows = self._put(self.host_rows)
-        self.state = self._put(DecodeState(*(np.zeros(slots, np.int32) for _ in range(3)),
-                                           np.ones(slots, bool)))
+        self.state = self._put(DecodeState.idle(slots))
         self.running: list[Sequence | None] = [None] * slots
         self.waiting: collections.deque[Sequence] = collections.deque()
         self._stopped = np.zeros(slots, bool)
@@ -304,7 +308,7 @@ class Engine:
             self.state = self.state._replace(penalties=self._put(
                 Penalties(np.zeros((self.slots, v), bool), np.zeros((self.slots, v), np.int32))))
 
-        n = _round_up(bucket(len(group)), self.dp)
+        n = round_up(bucket(len(group)), self.dp)
         t = min(bucket(max(len(s.prompt) for s in group), 16), self.max_len)
         tokens = np.zeros((n, t), np.int32)
         for i, s in enumerate(group):
@@ -376,11 +380,14 @@ def slots_that_fit(model, slots: int, max_len: int) -> int:
     per_replica = -(-slots // dp)
     capacity = getattr(model, "max_kv_tokens", None)
     if capacity is not None:
-        per_replica = min(per_replica, capacity // (-(-max_len // CACHE_BUCKET) * CACHE_BUCKET))
+        per_replica = min(per_replica, capacity // round_up(max_len, CACHE_BUCKET))
     return dp * max(1, per_replica)
 
 
-def run(model, seqs: list[Sequence], chunk: int = 16, max_slots: int = 256):
+MAX_SLOTS = 256  # concurrent sequences at most (vLLM's max_num_seqs); more prompts queue
+
+
+def run(model, seqs: list[Sequence], chunk: int = 16, max_slots: int = MAX_SLOTS):
     """Generate `seqs` to completion; yields (engine, sequences that changed) after every engine
     step, so callers can stream. The engine gets a slot per sequence where memory allows (up to
     max_slots, vLLM's max_num_seqs); the rest wait for free slots."""

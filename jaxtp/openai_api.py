@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from jaxtp.api import _check_ids, chat_prompt
-from jaxtp.outputs import Delta
+from jaxtp.outputs import Delta, Logprob
 from jaxtp.sampling import SamplingParams
 from jaxtp.serving import AsyncLLM, QueueFull
 
@@ -195,7 +195,7 @@ def build_app(llm: AsyncLLM, served_model_name: str) -> FastAPI:
         prompts = _completion_prompts(llm, body.prompt)
         items = [(p, ids, _params(body, check_length(len(ids), body.max_tokens), body.logprobs))
                  for p, ids in prompts]
-        rid, tok = f"cmpl-{uuid.uuid4().hex}", llm.model.tokenizer
+        rid = f"cmpl-{uuid.uuid4().hex}"
         streams = [run(http, p, ids, sp) for p, ids, sp in items]
         n = items[0][2].n
 
@@ -210,7 +210,7 @@ def build_app(llm: AsyncLLM, served_model_name: str) -> FastAPI:
                     i = k * n + d.index
                     text = ("" if i in echoed else echo(k)) + d.text
                     echoed.add(i)
-                    lp = _legacy_logprobs(tok, d.token_ids, d.logprobs) if body.logprobs is not None else None
+                    lp = _legacy_logprobs(d.token_ids, d.logprobs) if body.logprobs is not None else None
                     chunk = {"id": rid, "object": "text_completion", "created": int(time.time()),
                              "model": served_model_name,
                              "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": d.finish_reason}]}
@@ -227,7 +227,7 @@ def build_app(llm: AsyncLLM, served_model_name: str) -> FastAPI:
         for k, req in enumerate(outs):
             for o in req.output().outputs:
                 text = echo(k) + o.text
-                lp = _legacy_logprobs(tok, o.token_ids, o.logprobs) if body.logprobs is not None else None
+                lp = _legacy_logprobs(o.token_ids, o.logprobs) if body.logprobs is not None else None
                 choices.append({"index": k * n + o.index, "text": text, "logprobs": lp,
                                 "finish_reason": o.finish_reason})
                 completion_tokens += len(o.token_ids)
@@ -248,7 +248,7 @@ def build_app(llm: AsyncLLM, served_model_name: str) -> FastAPI:
             raise APIError("top_logprobs requires logprobs=true", param="top_logprobs")
         k = body.top_logprobs or 0
         params = _params(body, max_tokens, k if body.logprobs else None)
-        rid, tok, name = f"chatcmpl-{uuid.uuid4().hex}", llm.model.tokenizer, served_model_name
+        rid, name = f"chatcmpl-{uuid.uuid4().hex}", served_model_name
         stream = run(http, None, ids, params)
 
         if body.stream:
@@ -261,7 +261,7 @@ def build_app(llm: AsyncLLM, served_model_name: str) -> FastAPI:
                 async for _, d in _merge([stream]):
                     completion_tokens += len(d.token_ids)
                     c = {"index": d.index, "delta": {"content": d.text} if d.text else {},
-                         "logprobs": _chat_logprobs(tok, d.token_ids, d.logprobs, k) if body.logprobs else None,
+                         "logprobs": _chat_logprobs(d.token_ids, d.logprobs, k) if body.logprobs else None,
                          "finish_reason": d.finish_reason}
                     yield f"data: {json.dumps(_chat_chunk(rid, name, c))}\n\n"
                 if (body.stream_options or {}).get("include_usage"):
@@ -272,7 +272,7 @@ def build_app(llm: AsyncLLM, served_model_name: str) -> FastAPI:
         req = await _collect(stream)
         outs = req.output().outputs
         choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
-                    "logprobs": _chat_logprobs(tok, o.token_ids, o.logprobs, k) if body.logprobs else None,
+                    "logprobs": _chat_logprobs(o.token_ids, o.logprobs, k) if body.logprobs else None,
                     "finish_reason": o.finish_reason} for o in outs]
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": name,
                 "choices": choices, "usage": _usage(len(ids), sum(len(o.token_ids) for o in outs))}
@@ -379,14 +379,15 @@ def _chat_chunk(rid, model, choice) -> dict:
             "choices": [choice]}
 
 
-def _token_str(tok, t: int) -> str:
-    return tok.decode([t]) if tok is not None else str(t)
+def _token_str(t: int, lp: Logprob) -> str:
+    """The token's text, decoded once by outputs.Request (the id itself without a tokenizer)."""
+    return str(t) if lp.decoded_token is None else lp.decoded_token
 
 
-def _chat_logprobs(tok, token_ids, entries, k: int) -> dict:
+def _chat_logprobs(token_ids, entries, k: int) -> dict:
     """OpenAI chat logprobs: per token, its own and the top-k alternatives'."""
     def item(t, lp):
-        s = _token_str(tok, t)
+        s = _token_str(t, lp)
         return {"token": s, "logprob": lp.logprob, "bytes": list(s.encode())}
     return {"content": [{**item(t, e[t]), "top_logprobs": [item(x, lp) for x, lp in
                                                            sorted(e.items(), key=lambda kv: kv[1].rank)
@@ -394,13 +395,13 @@ def _chat_logprobs(tok, token_ids, entries, k: int) -> dict:
                         for t, e in zip(token_ids, entries or [])]}
 
 
-def _legacy_logprobs(tok, token_ids, entries, offset: int = 0) -> dict:
+def _legacy_logprobs(token_ids, entries, offset: int = 0) -> dict:
     tokens, lps, tops, offsets = [], [], [], []
     for t, e in zip(token_ids, entries or []):
-        s = _token_str(tok, t)
+        s = _token_str(t, e[t])
         tokens.append(s)
         lps.append(e[t].logprob)
-        tops.append({_token_str(tok, x): lp.logprob for x, lp in e.items()})
+        tops.append({_token_str(x, lp): lp.logprob for x, lp in e.items()})
         offsets.append(offset)
         offset += len(s)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}

@@ -4,6 +4,7 @@ into text, stop-string cuts, log-probabilities and stream deltas."""
 from __future__ import annotations
 
 import dataclasses
+import random
 
 from jaxtp.detokenize import TextStream
 from jaxtp.engine import Engine, Sequence
@@ -70,10 +71,10 @@ class Delta:
 class Request:
     """One prompt with its `params.n` engine sequences and their text streams."""
 
-    def __init__(self, request_id: str, prompt, prompt_ids: list[int], params: SamplingParams,
-                 seed: int, tokenizer):
+    def __init__(self, request_id: str, prompt, prompt_ids: list[int], params: SamplingParams, tokenizer):
         self.request_id, self.prompt, self.prompt_ids, self.params = request_id, prompt, prompt_ids, params
         self.tokenizer = tokenizer
+        seed = params.seed if params.seed is not None else random.getrandbits(31)  # unseeded: fresh
         self.seqs = [Sequence(prompt_ids, params, seed, i) for i in range(params.n)]
         self.texts = [TextStream(tokenizer, params.stop, params.include_stop_str_in_output,
                                  params.skip_special_tokens) for _ in self.seqs]
@@ -131,6 +132,7 @@ class Request:
                              [self._sample(s) for s in self.seqs], self.finished)
 
     def completions(self) -> list[Completion]:
+        out = self.output()
         return [Completion(self.prompt, o.text, o.token_ids, o.finish_reason, self.prompt_ids, o.index,
-                           o.cumulative_logprob, o.logprobs, self.prompt_logprobs(), o.stop_reason)
-                for o in self.output().outputs]
+                           o.cumulative_logprob, o.logprobs, out.prompt_logprobs, o.stop_reason)
+                for o in out.outputs]

@@ -10,7 +10,6 @@ import asyncio
 import itertools
 import logging
 import queue
-import random
 import threading
 import time
 from typing import AsyncIterator
@@ -83,9 +82,7 @@ class AsyncLLM:
             raise QueueFull(f"the server has {self._in_flight} requests in flight (max_queue="
                             f"{self.max_queue}); retry later")
         loop, deltas = asyncio.get_running_loop(), asyncio.Queue()
-        seed = params.seed if params.seed is not None else random.getrandbits(31)
-        req = Request(request_id or str(next(self._ids)), prompt, prompt_ids, params, seed,
-                      self.model.tokenizer)
+        req = Request(request_id or str(next(self._ids)), prompt, prompt_ids, params, self.model.tokenizer)
         def sink(d):  # called from the engine thread; the caller's loop may be gone by then
             try:
                 loop.call_soon_threadsafe(deltas.put_nowait, d)
@@ -116,7 +113,7 @@ class AsyncLLM:
                 changed = self.engine.step()
             except Exception as e:  # noqa: BLE001  fail the batch, keep serving
                 log.exception("engine step failed; failing %d requests", len(self._active))
-                for req, sink, _ in {id(r): (r, s, t) for r, s, t in self._active.values()}.values():
+                for sink in {id(r): s for r, s, _ in self._active.values()}.values():  # once per request
                     sink(RuntimeError(f"generation failed: {e}"))
                 self._active.clear()
                 self.engine = Engine(*self._engine_args)  # the donated cache may be gone

@@ -106,7 +106,7 @@ def run_one(cfg, tp: int, batch: int, args, bandwidth: float) -> dict:
     weight_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(params))
 
     ctx, steps = args.ctx, args.steps
-    s = -(-(ctx + steps) // engine.CACHE_BUCKET) * engine.CACHE_BUCKET
+    s = engine.round_up(ctx + steps, engine.CACHE_BUCKET)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (batch, ctx)).astype(np.int32)
     sp = [SamplingParams(max_tokens=10**6, temperature=0.0, ignore_eos=True)] * batch
@@ -116,8 +116,7 @@ def run_one(cfg, tp: int, batch: int, args, bandwidth: float) -> dict:
     slots = put(np.arange(batch, dtype=np.int32))
     new_cache = lambda: kv_cache.init(cfg.num_layers, batch, model.kv_heads, s, cfg.head_dim,  # noqa
                                       dtype, mesh)
-    idle = lambda: put(engine.DecodeState(*(np.zeros(batch, np.int32) for _ in range(3)),  # noqa
-                                          np.ones(batch, bool)))
+    idle = lambda: put(engine.DecodeState.idle(batch))  # noqa: E731
 
     def do_prefill(cache, state):  # prompts into every cache slot, as the engine does
         _, _, state, cache = engine.prefill(graphdef, params, cache, state, rows, tokens, lens, slots,
