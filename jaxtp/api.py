@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxtp import checkpoint, distributed, engine, memory, quantize
+from jaxtp import allreduce, checkpoint, distributed, engine, memory, quantize
 from jaxtp.config import ModelConfig
 from jaxtp.loading import load_state, param_shapes, resolve
 from jaxtp.memory import MemoryPlan
@@ -41,6 +41,7 @@ class Model:
     dtype: object
     path: Path
     memory: MemoryPlan | None = None
+    all_reduce: str = "xla"  # how row-parallel partial sums are added (allreduce.py)
 
     @property
     def max_kv_tokens(self) -> int | None:
@@ -77,13 +78,14 @@ class Model:
         if tokens.ndim != 2:
             raise ValueError("Model.logits needs prompts of equal length")
         tokens = distributed.put(tokens, named(self.mesh, REPLICATED))
-        out = engine.forward_logits(self.graphdef, self.params, tokens, mesh=self.mesh)
+        out = engine.forward_logits(self.graphdef, self.params, tokens, mesh=self.mesh,
+                                    all_reduce=self.all_reduce)
         return distributed.fetch(out)[..., : self.config.vocab_size]
 
 
 def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, devices=None,
          pp: int = 1, memory_fraction: float = 0.9, device_memory_bytes: int | None = None,
-         quantization: str | None = None) -> Model:
+         quantization: str | None = None, all_reduce: str = "auto") -> Model:
     """Load a Hugging Face checkpoint (local dir or hub id), or a directory made by
     scripts/convert.py (orbax, any tp), sharded over a (pp, dp, tp) mesh: tp-way tensor parallel,
     dp data-parallel replicas (splitting the batch), pp pipeline stages (splitting the layers). In
@@ -97,6 +99,8 @@ def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, d
     the host's available memory shared by the mesh's devices).
     quantization: None, or "int8" for int8 weight-only projections (quantize.py; dtype stays the
     activation and scale dtype).
+    all_reduce: "auto" (the one-shot NVLink kernel on CUDA GPUs where it applies, else XLA's),
+    "xla", "custom" or "shard_map"; see jaxtp/allreduce.py.
     """
     if dtype not in (*DTYPES, "auto"):
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or 'auto', got {dtype!r}")
@@ -112,6 +116,7 @@ def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, d
     mesh = make_mesh(tp=tp, dp=dp, pp=pp, devices=devices)
     validate_tp(cfg, tp)
     validate_pp(cfg, pp)
+    reduce_mode = allreduce.resolve(all_reduce, mesh)
     if orbax and pp > 1:
         raise ValueError(f"{path} is an orbax checkpoint, which loads with pp=1 only; load the "
                          f"Hugging Face checkpoint it was converted from for pp={pp}")
@@ -122,7 +127,7 @@ def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, d
         graphdef, params = quantize.int8(graphdef, params, mesh)  # then size the cache anew
         plan = memory.plan(cfg, tp, DTYPES[dtype], memory.array_bytes(params), memory_fraction, mesh,
                            device_memory_bytes)
-    return Model(cfg, mesh, _tokenizer(path), graphdef, params, DTYPES[dtype], path, plan)
+    return Model(cfg, mesh, _tokenizer(path), graphdef, params, DTYPES[dtype], path, plan, reduce_mode)
 
 
 def _tokenizer(path: Path):
@@ -234,14 +239,15 @@ class LLM:
 
     def __init__(self, model: str, tensor_parallel_size: int = 1, dtype: str = "auto",
                  seed: int | None = None, data_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.9, quantization: str | None = None, **kwargs):
+                 gpu_memory_utilization: float = 0.9, quantization: str | None = None,
+                 disable_custom_all_reduce: bool = False, **kwargs):
         if kwargs:
             raise TypeError(f"unsupported LLM argument(s): {', '.join(sorted(kwargs))}")
         if seed is not None:
             random.seed(seed)
         self.model = load(model, tp=tensor_parallel_size, dtype=dtype, dp=data_parallel_size,
                           pp=pipeline_parallel_size, memory_fraction=gpu_memory_utilization,
-                          quantization=quantization)
+                          quantization=quantization, all_reduce="xla" if disable_custom_all_reduce else "auto")
 
     def get_tokenizer(self):
         return self.model.tokenizer

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtp import rope
+from jaxtp import allreduce, rope
 from jaxtp.config import ModelConfig
 from jaxtp.kv_cache import KVCache, write
 
@@ -52,6 +52,15 @@ class Linear(nnx.Module):
     def __call__(self, x):
         y = matmul("...i,io->...o", x, self.weight[...], _value(self.scale))
         return y if self.bias is None else y + self.bias[...]
+
+
+class RowLinear(Linear):
+    """A row-parallel projection (o_proj, down_proj): its input features are split over tp, so
+    each device's product is a partial sum; allreduce.row_parallel says how they are added."""
+
+    def __call__(self, x):
+        return allreduce.row_parallel(lambda x, w, s: matmul("...i,io->...o", x, w, s), x,
+                                      self.weight[...], _value(self.scale))
 
 
 class RMSNorm(nnx.Module):
@@ -93,7 +102,7 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, num_kv_heads, hd
         self.window = cfg.sliding_window
         self.qkv_proj = QKVLinear(d, cfg.num_heads, num_kv_heads, hd, tp, dtype, cfg.qkv_bias)
-        self.o_proj = Linear(cfg.num_heads * hd, d, dtype)
+        self.o_proj = RowLinear(cfg.num_heads * hd, d, dtype)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype)
@@ -139,7 +148,7 @@ class GateUpLinear(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype):
         self.gate_up_proj = GateUpLinear(cfg.hidden_size, cfg.intermediate_size, dtype)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, dtype)
+        self.down_proj = RowLinear(cfg.intermediate_size, cfg.hidden_size, dtype)
 
     def __call__(self, x):
         gate, up = self.gate_up_proj(x)

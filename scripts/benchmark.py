@@ -9,6 +9,7 @@ weight shard + its live KV cache) divided by the HBM bandwidth measured in the s
 better of a copy and a full read); `roofline` = that floor / measured ms per step.
 """
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -39,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--no-prefill", action="store_true", help="skip timing prefill")
     p.add_argument("--quantization", choices=["int8"], default=None, help="int8 weight-only projections")
+    p.add_argument("--all-reduce", nargs="+", default=["auto"], choices=["auto", "xla", "custom", "shard_map"],
+                   help="all-reduce modes to time at tp > 1 (jaxtp/allreduce.py); each is checked to "
+                   "give the same greedy tokens")
     p.add_argument("--json", help="write results here")
     p.add_argument("--trace", help="profile one more decode chunk per config into this directory "
                    "and print its per-kernel summary (scripts/gpu/trace_summary.py)")
@@ -83,13 +87,13 @@ def memory_bandwidth(device) -> dict:
     return out
 
 
-def run_one(cfg, tp: int, batch: int, args, bandwidth: float) -> dict:
+def run_one(cfg, tp: int, batch: int, args, bandwidth: float, all_reduce: str = "auto") -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
     from jax.sharding import NamedSharding
 
-    from jaxtp import engine, kv_cache
+    from jaxtp import allreduce, engine, kv_cache
     from jaxtp.api import DTYPES, Model
     from jaxtp.loading import random_state
     from jaxtp.sampling import SamplingParams
@@ -98,11 +102,12 @@ def run_one(cfg, tp: int, batch: int, args, bandwidth: float) -> dict:
     dtype = DTYPES[args.dtype]
     mesh = make_mesh(tp=tp)
     validate_tp(cfg, tp)
+    mode = allreduce.resolve(all_reduce, mesh)
     graphdef, params = random_state(cfg, mesh, dtype)
     if args.quantization == "int8":
         from jaxtp import quantize
         graphdef, params = quantize.int8(graphdef, params, mesh)
-    model = Model(cfg, mesh, None, graphdef, params, dtype, Path("random"))
+    model = Model(cfg, mesh, None, graphdef, params, dtype, Path("random"), all_reduce=mode)
     weight_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(params))
 
     ctx, steps = args.ctx, args.steps
@@ -120,7 +125,7 @@ def run_one(cfg, tp: int, batch: int, args, bandwidth: float) -> dict:
 
     def do_prefill(cache, state):  # prompts into every cache slot, as the engine does
         _, _, state, cache = engine.prefill(graphdef, params, cache, state, rows, tokens, lens, slots,
-                                            mesh=mesh, greedy=True)
+                                            mesh=mesh, greedy=True, all_reduce=mode)
         return state, cache
 
     t0 = time.perf_counter()
@@ -141,14 +146,15 @@ def run_one(cfg, tp: int, batch: int, args, bandwidth: float) -> dict:
 
     def do_decode(cache):
         out, _, cache = engine.decode(graphdef, params, cache, jax.tree.map(jnp.copy, first), rows,
-                                      mesh=mesh, greedy=True, steps=steps)
+                                      mesh=mesh, greedy=True, steps=steps, all_reduce=mode)
         return out.tokens, cache
 
     t0 = time.perf_counter()
     out, holder[0] = do_decode(holder[0])
     jax.block_until_ready(out)
     decode_compile_s = time.perf_counter() - t0
-    print(f"  tp={tp} batch={batch}: decode compiled+ran in {decode_compile_s:.1f}s", flush=True)
+    digest = hashlib.sha256(np.asarray(out).tobytes()).hexdigest()[:12]  # greedy tokens of one chunk
+    print(f"  tp={tp} batch={batch} all_reduce={mode}: decode compiled+ran in {decode_compile_s:.1f}s", flush=True)
 
     def timed():
         out, holder[0] = do_decode(holder[0])
@@ -158,14 +164,15 @@ def run_one(cfg, tp: int, batch: int, args, bandwidth: float) -> dict:
     if args.trace:
         sys.path.insert(0, str(Path(__file__).resolve().parent / "gpu"))
         import trace_summary
-        where = Path(args.trace) / f"tp{tp}_b{batch}"
+        where = Path(args.trace) / f"tp{tp}_b{batch}_{mode}"
         with jax.profiler.trace(str(where)):
             timed()
         trace_summary.summarize(where, steps)
     kv_live = (2 * cfg.num_layers * batch * (model.kv_heads // tp) * (ctx + steps / 2) * cfg.head_dim
                * jnp.dtype(dtype).itemsize)
     floor_ms = (weight_bytes + kv_live) / bandwidth * 1e3
-    return dict(shape=args.shape, tp=tp, batch=batch, ctx=ctx, ms_per_step=step_ms,
+    return dict(shape=args.shape, tp=tp, batch=batch, ctx=ctx, all_reduce=mode, tokens=digest,
+                ms_per_step=step_ms,
                 tokens_per_s=batch / step_ms * 1e3,
                 prefill_tokens_per_s=None if prefill_ms is None else batch * ctx / prefill_ms * 1e3,
                 compile_s=prefill_compile_s + decode_compile_s, weight_gb_per_device=weight_bytes / 1e9,
@@ -189,20 +196,26 @@ def main(argv=None):
           flush=True)
     results = []
     for tp in args.tp:
-        for batch in args.batch:
-            r = run_one(cfg, tp, batch, args, bandwidth)
-            results.append(r)
-            print(json.dumps(r), flush=True)
+        for mode in (args.all_reduce if tp > 1 else ["xla"]):
+            for batch in args.batch:
+                r = run_one(cfg, tp, batch, args, bandwidth, mode)
+                results.append(r)
+                print(json.dumps(r), flush=True)
     base = {r["batch"]: r["tokens_per_s"] for r in results if r["tp"] == 1}
     print(f"\n{args.shape} {args.dtype} ctx={args.ctx} on {results[0]['device']} "
           f"(roofline at {bandwidth / 1e12:.2f} TB/s)")
-    print(f"{'tp':>3} {'batch':>5} {'ms/step':>8} {'tok/s':>9} {'vs tp1':>7} {'prefill tok/s':>13} "
+    print(f"{'tp':>3} {'all_reduce':>10} {'batch':>5} {'ms/step':>8} {'tok/s':>9} {'vs tp1':>7} {'prefill tok/s':>13} "
           f"{'roofline':>8} {'compile s':>9}")
     for r in results:
         speedup = r["tokens_per_s"] / base[r["batch"]] if r["batch"] in base else float("nan")
         pre = f"{r['prefill_tokens_per_s']:.0f}" if r["prefill_tokens_per_s"] else "-"
-        print(f"{r['tp']:>3} {r['batch']:>5} {r['ms_per_step']:>8.3f} {r['tokens_per_s']:>9.1f} "
+        print(f"{r['tp']:>3} {r['all_reduce']:>10} {r['batch']:>5} {r['ms_per_step']:>8.3f} {r['tokens_per_s']:>9.1f} "
               f"{speedup:>6.2f}x {pre:>13} {r['roofline']:>7.0%} {r['compile_s']:>9.1f}")
+    for tp, batch in sorted({(r["tp"], r["batch"]) for r in results}):
+        digests = {r["all_reduce"]: r["tokens"] for r in results if (r["tp"], r["batch"]) == (tp, batch)}
+        if len(digests) > 1:
+            same = "identical" if len(set(digests.values())) == 1 else "DIFFERENT"
+            print(f"tp={tp} batch={batch}: greedy tokens {same} across all-reduce modes {digests}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -31,6 +31,9 @@ def parse_args(argv=None):
     d.add_argument("--process-id", type=int, help="default: $JAXTP_PROCESS_ID")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--quantization", choices=["int8"], default=None, help="int8 weight-only projections")
+    p.add_argument("--all-reduce", choices=["auto", "xla", "custom", "shard_map"], default="auto",
+                   help="how tensor-parallel partial sums are added: auto = the one-shot NVLink kernel on "
+                   "CUDA GPUs, else XLA's all-reduce (jaxtp/allreduce.py)")
     p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
     p.add_argument("--prompts-file", help="a file with one prompt per line ('-': stdin)")
     p.add_argument("--chat", action="store_true", help="apply the chat template (prompt = user turn)")
@@ -101,7 +104,8 @@ def main(argv=None):
         params = jaxtp.SamplingParams(**{k: getattr(args, k) for k in SAMPLING_FLAGS})
         prompts = read_prompts(args)
         model = jaxtp.load(args.model, tp=args.tp, dp=args.dp, pp=args.pp, dtype=args.dtype,
-                           quantization=args.quantization)
+                           quantization=args.quantization,
+                           all_reduce=args.all_reduce)
         if args.chat:
             system = [{"role": "system", "content": args.system}] if args.system else []
             inputs = [jaxtp.chat_prompt(model, system + [{"role": "user", "content": p}]) for p in prompts]

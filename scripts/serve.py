@@ -18,6 +18,9 @@ def parse_args(argv=None):
     p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--quantization", choices=["int8"], default=None, help="int8 weight-only projections")
+    p.add_argument("--all-reduce", choices=["auto", "xla", "custom", "shard_map"], default="auto",
+                   help="how tensor-parallel partial sums are added: auto = the one-shot NVLink kernel on "
+                   "CUDA GPUs, else XLA's all-reduce (jaxtp/allreduce.py)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-num-seqs", type=int, default=64, help="KV-cache slots (concurrent sequences)")
@@ -39,7 +42,8 @@ def main(argv=None):
 
     try:
         model = jaxtp.load(args.model, tp=args.tp, dtype=args.dtype,
-                           quantization=args.quantization)
+                           quantization=args.quantization,
+                           all_reduce=args.all_reduce)
         llm = AsyncLLM(model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                        max_queue=args.max_queue, chunk=args.decode_chunk)
     except (ValueError, TypeError, KeyError, OSError) as e:

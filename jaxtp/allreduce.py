@@ -1,0 +1,132 @@
+"""How the partial sums of row-parallel layers (o_proj, down_proj) are added up over `tp`.
+
+A decode step of an L-layer model all-reduces 2L small activations ([batch, hidden], 8 KB at
+batch 1). Through XLA each is an NCCL all-reduce costing 20-30 us on 2x H200, whatever its size,
+which cancels what splitting the weights saves. So the row-parallel matmul can instead run
+under `shard_map` and hand its partial sum to a one-shot NVLink all-reduce (kernels/all_reduce.cu,
+an XLA FFI call): each GPU writes its block straight into its peers' memory and sums what they
+wrote, one kernel and one round trip. Inputs above MAX_BYTES (prefill) keep NCCL.
+
+Modes (`jaxtp.load(..., all_reduce=...)`, stored on the Model, static in the jitted steps):
+
+  "xla"        weights and activations carry shardings; the SPMD partitioner inserts NCCL
+               all-reduces. Used wherever the others do not apply.
+  "custom"     the one-shot kernel. Needs CUDA GPUs that reach each other peer-to-peer, one
+               process, pp = dp = 1, and nvcc on first use (the kernel is built and cached).
+  "shard_map"  the same shard_map with `lax.psum`: the custom path's plumbing, testable on CPU.
+  "auto"       "custom" where it applies (tp > 1), else "xla".
+
+Every mode adds the same terms; with 2 GPUs all three give bitwise-equal sums.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import ctypes
+import logging
+from typing import Callable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from jaxtp import kernels
+
+MODES = ("auto", "xla", "custom", "shard_map")
+MAX_BYTES = 1 << 20  # per-device input size up to which the custom kernel is used (batch <= 128 at d=4096)
+TARGET = "jaxtp_all_reduce"
+
+_active: contextvars.ContextVar[tuple[Mesh, str] | None] = contextvars.ContextVar("all_reduce", default=None)
+_library: ctypes.CDLL | None = None
+_log = logging.getLogger(__name__)
+
+
+def resolve(mode: str, mesh: Mesh) -> str:
+    """The mode a model on `mesh` runs with; "custom" is set up here (built, buffers allocated)."""
+    if mode not in MODES:
+        raise ValueError(f"all_reduce must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+    if mesh.shape["tp"] == 1 or mode == "xla":
+        return "xla"  # nothing to reduce
+    unsupported = _unsupported(mesh, custom=mode in ("auto", "custom"))
+    if mode == "auto":
+        if unsupported is None:
+            try:
+                setup(mesh)
+                return "custom"
+            except kernels.BuildError as e:
+                unsupported = str(e)
+        if jax.default_backend() == "gpu":
+            _log.warning("custom all-reduce unavailable (%s); using XLA's NCCL all-reduce", unsupported)
+        return "xla"
+    if unsupported is not None:
+        raise ValueError(f"all_reduce={mode!r} cannot run here: {unsupported}")
+    if mode == "custom":
+        setup(mesh)
+    return mode
+
+
+def _unsupported(mesh: Mesh, custom: bool) -> str | None:
+    if mesh.shape["pp"] > 1 or mesh.shape["dp"] > 1:
+        return (f"it needs pipeline_parallel_size = data_parallel_size = 1 (got pp={mesh.shape['pp']}, "
+                f"dp={mesh.shape['dp']})")
+    if not custom:
+        return None
+    platforms = {d.platform for d in mesh.devices.flat}
+    if platforms != {"gpu"}:
+        return f"it needs CUDA GPUs, the mesh is on {', '.join(sorted(platforms))}"
+    if jax.process_count() > 1:
+        return "it needs a single process (peer-to-peer buffers are per process)"
+    return None
+
+
+def setup(mesh: Mesh) -> None:
+    """Build and load the kernel, register it with XLA and allocate its buffers on every tp group."""
+    global _library
+    if _library is None:
+        major, minor = str(mesh.devices.flat[0].compute_capability).split(".")
+        lib = kernels.build("all_reduce", f"{major}{minor}")
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxtpAllReduce), platform="CUDA")
+        lib.jaxtp_ar_error.restype = ctypes.c_char_p
+        lib.jaxtp_ar_init.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+        _library = lib
+    tp = mesh.shape["tp"]
+    ordinals = np.array([d.local_hardware_id for d in mesh.devices.flat], np.int32)
+    if _library.jaxtp_ar_init(ordinals.ctypes.data_as(ctypes.POINTER(ctypes.c_int)), ordinals.size // tp,
+                              tp, MAX_BYTES):
+        raise kernels.BuildError(f"custom all-reduce setup failed: {_library.jaxtp_ar_error().decode()}")
+
+
+@contextlib.contextmanager
+def use(mesh: Mesh, mode: str):
+    """While tracing a step: row-parallel layers reduce with `mode` over `mesh`'s tp axis."""
+    token = _active.set(None if mode == "xla" else (mesh, mode))
+    try:
+        yield
+    finally:
+        _active.reset(token)
+
+
+def row_parallel(matmul: Callable, x, weight, scale=None):
+    """matmul(x, weight, scale) for a weight split on its input axis (rows) over tp, summed over tp.
+
+    Outside `use` (or in "xla" mode) this is the plain matmul and XLA inserts the all-reduce.
+    """
+    active = _active.get()
+    if active is None:
+        return matmul(x, weight, scale)
+    mesh, mode = active
+
+    def local(x, weight, *scale):  # this device's blocks: x [..., in/tp], weight [in/tp, out]
+        return _sum(matmul(x, weight, scale[0] if scale else None), mode)
+
+    args, specs = (x, weight), (P(*[None] * (x.ndim - 1), "tp"), P("tp", None))
+    if scale is not None:  # int8 weights: a per-output-channel scale, replicated
+        args, specs = args + (scale,), specs + (P(),)
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)(*args)
+
+
+def _sum(partial, mode: str):
+    """Inside shard_map: the sum over tp of each device's `partial`."""
+    if mode == "custom" and partial.nbytes <= MAX_BYTES and partial.nbytes % 16 == 0:
+        return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(partial.shape, partial.dtype))(partial)
+    return jax.lax.psum(partial, "tp")
