@@ -9,8 +9,6 @@ the cache, so prefill, decode and ragged batches share one code path.
 """
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -26,31 +24,6 @@ def einsum_f32(spec: str, a, b):
     if jax.default_backend() == "cpu" and (a.dtype != jnp.float32 or b.dtype != jnp.float32):
         return jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32))
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
-
-
-DECODE_FORM = os.environ.get("JAXTP_DECODE_ATTENTION", "reduce")  # experiment switch (issue 3)
-
-
-def attention_scores(q, k_cache):
-    """q [B, T, KVH, G, D] . k_cache [B, KVH, S, D] -> f32 scores [B, KVH, G, T, S].
-
-    For one new token (decode) this is a GEMV per head, which XLA's dot emitters run far below
-    HBM bandwidth; written as multiply-and-reduce over head_dim it is one reduction fusion that
-    streams the cache once."""
-    if q.shape[1] == 1 and DECODE_FORM == "reduce":
-        f32 = jnp.float32
-        s = jnp.sum(q[:, 0, :, :, None, :].astype(f32) * k_cache[:, :, None].astype(f32), axis=-1)
-        return s[:, :, :, None, :]
-    return einsum_f32("btkgd,bksd->bkgts", q, k_cache)
-
-
-def attention_values(probs, v_cache):
-    """probs [B, KVH, G, T, S] . v_cache [B, KVH, S, D] -> f32 [B, T, KVH, G, D] (see
-    attention_scores: for decode, a reduction over S)."""
-    if probs.shape[3] == 1 and DECODE_FORM == "reduce":
-        f32 = jnp.float32
-        return jnp.sum(probs[:, :, :, 0, :, None].astype(f32) * v_cache[:, :, None].astype(f32), axis=-2)[:, None]
-    return einsum_f32("bkgts,bksd->btkgd", probs, v_cache)
 
 
 def _param(shape, dtype):
@@ -147,14 +120,16 @@ class Attention(nnx.Module):
 
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
-        scores = attention_scores(q, k_cache) * (self.head_dim ** -0.5)
+        scores = einsum_f32("btkgd,bksd->bkgts", q, k_cache)
+        scores = scores * (self.head_dim ** -0.5)
         key_pos = jnp.arange(k_cache.shape[2])
         visible = key_pos[None, None, :] <= positions[:, :, None]                 # [B, T, S]
         if self.window is not None:
             visible &= key_pos[None, None, :] > positions[:, :, None] - self.window
         scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-        out = attention_values(probs, v_cache).astype(x.dtype).reshape(b, t, self.num_heads * self.head_dim)
+        out = einsum_f32("bkgts,bksd->btkgd", probs, v_cache)
+        out = out.astype(x.dtype).reshape(b, t, self.num_heads * self.head_dim)
         return self.o_proj(out), k_cache, v_cache
 
 

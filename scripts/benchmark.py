@@ -167,7 +167,10 @@ def run_one(cfg, tp: int, batch: int, args, bandwidth: float, all_reduce: str = 
         where = Path(args.trace) / f"tp{tp}_b{batch}_{mode}"
         with jax.profiler.trace(str(where)):
             timed()
-        trace_summary.summarize(where, steps)
+        hlo = engine.decode.lower(graphdef, params, holder[0], first, rows, mesh=mesh, greedy=True,
+                                  steps=steps, all_reduce=mode).compile().as_text()
+        (where / "decode.hlo.txt").write_text(hlo)
+        trace_summary.summarize(where, steps, hlo=hlo)
     kv_live = (2 * cfg.num_layers * batch * (model.kv_heads // tp) * (ctx + steps / 2) * cfg.head_dim
                * jnp.dtype(dtype).itemsize)
     floor_ms = (weight_bytes + kv_live) / bandwidth * 1e3

@@ -1,4 +1,5 @@
 # Issue 3, session 3, call 3: decode attention as multiply-and-reduce (model.attention_scores /
+# (The JAXTP_DECODE_ATTENTION switch was removed after this run: the reduce form gained nothing.)
 # attention_values) with the custom all-reduce: the table, the einsum form at tp1 b1 for
 # comparison, and a kernel trace of tp2 b1.
 export PYTHONUNBUFFERED=1 JAXTP_CACHE=/tmp/jaxtp-cache

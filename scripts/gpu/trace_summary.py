@@ -1,13 +1,29 @@
 """Per-GPU kernel summary of a jax.profiler trace: busy vs idle time per decode step and the
-kernels that take it. Usage: python trace_summary.py TRACE_DIR [STEPS]."""
+kernels that take it, each XLA fusion described by its ops and shapes when the compiled HLO text
+is given. Usage: python trace_summary.py TRACE_DIR [STEPS [HLO_TEXT_FILE]]."""
 import collections
+import re
 import sys
 from pathlib import Path
 
 from jax._src.lib import _profile_data
 
 
-def summarize(trace_dir, steps: int = 1, top: int = 25):
+def describe(hlo: str, name: str) -> str:
+    """'bf16[1,4096] <- dot,convert (bf16[1,2048], bf16[2048,4096])' for an HLO fusion name."""
+    m = re.search(rf"^\s*(?:ROOT )?%?{re.escape(name)} = (\S+) fusion\((.*?)\), kind=\w+, calls=%?([\w.-]+)",
+                  hlo, re.M)
+    if not m:
+        return ""
+    shape, _, comp = m.groups()
+    body = re.search(rf"^%?{re.escape(comp)} [^\n]*\{{\n(.*?)^\}}", hlo, re.M | re.S)
+    ops = re.findall(r"= \S+ ([a-z-]+)\(", body.group(1)) if body else []
+    kinds = [o for o in dict.fromkeys(ops) if o not in ("parameter", "constant", "bitcast", "broadcast")]
+    args = re.findall(r"= (\w+\[[\d,]*\])\S* parameter\(", body.group(1)) if body else []
+    return f"{shape} <- {','.join(kinds[:6])} ({', '.join(args[:4])})"
+
+
+def summarize(trace_dir, steps: int = 1, top: int = 25, hlo: str = ""):
     files = sorted(Path(trace_dir).rglob("*.xplane.pb"))
     if not files:
         print(f"no xplane.pb under {trace_dir}")
@@ -37,8 +53,10 @@ def summarize(trace_dir, steps: int = 1, top: int = 25):
               f"{(span - busy) / 1e6 / steps:.3f} in {len(gaps) / steps:.0f} gaps/step; streams "
               f"{sorted({x[3] for x in events})}")
         for name, (n, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:top]:
-            print(f"   {t / 1e3 / steps:9.1f} us/step {n / steps:6.1f}x {t / n / 1e3:8.2f} us  {name[:90]}")
+            print(f"   {t / 1e3 / steps:9.1f} us/step {n / steps:6.1f}x {t / n / 1e3:8.2f} us  {name[:90]}"
+                  f"  {describe(hlo, name)}")
 
 
 if __name__ == "__main__":
-    summarize(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1)
+    summarize(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1, 25,
+              Path(sys.argv[3]).read_text() if len(sys.argv) > 3 else "")
