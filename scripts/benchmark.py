@@ -47,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--trace", help="profile one more decode chunk per config into this directory "
                    "and print its per-kernel summary (scripts/gpu/trace_summary.py)")
     p.add_argument("--cpu-devices", type=int, default=8, help="simulated devices on a CPU-only host")
+    p.add_argument("--bandwidth-mib", type=int, default=2048, help="array size for the bandwidth measurement")
     return p.parse_args(argv)
 
 
@@ -66,12 +67,12 @@ def median_ms(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def memory_bandwidth(device) -> dict:
-    """Measured HBM bandwidth in bytes/s over 2 GiB: `copy` (read + write, an elementwise pass)
+def memory_bandwidth(device, mib: int = 2048) -> dict:
+    """Measured HBM bandwidth in bytes/s over `mib` MiB (default 2 GiB): `copy` (read + write, an elementwise pass)
     and `read` (a full reduction). Ten launches are queued per timing, so launch gaps vanish."""
     import jax
     import jax.numpy as jnp
-    x = jax.device_put(jax.random.normal(jax.random.key(0), (1 << 30,), jnp.bfloat16), device)
+    x = jax.device_put(jax.random.normal(jax.random.key(0), (mib << 19,), jnp.bfloat16), device)
     out = {}
     for kind, fn, traffic in [("copy", lambda x: x * 2, 2 * x.nbytes),
                               ("read", lambda x: jnp.sum(x, dtype=jnp.float32), x.nbytes)]:
@@ -192,7 +193,7 @@ def main(argv=None):
     from jaxtp.config import ModelConfig
 
     cfg = ModelConfig.from_hf(config(args.shape))
-    bw = memory_bandwidth(jax.devices()[0])
+    bw = memory_bandwidth(jax.devices()[0], args.bandwidth_mib)
     bandwidth = max(bw.values())  # the better of the two: the stricter roofline
     print(f"device: {jax.devices()[0].device_kind} x{len(jax.devices())}, measured bandwidth "
           f"copy {bw['copy'] / 1e12:.2f} TB/s, read {bw['read'] / 1e12:.2f} TB/s; jax {jax.__version__}",

@@ -43,7 +43,7 @@ struct Params {
 
 Params g_params[kMaxDevices];
 bool g_ready[kMaxDevices] = {};
-int64_t g_max_bytes = 0;
+int g_group[kMaxDevices][kMaxRanks];  // the CUDA ordinals of each registered device's group
 std::mutex g_mutex;
 char g_error[512] = "";
 
@@ -57,50 +57,28 @@ __device__ __forceinline__ uint32_t load_acquire(const uint32_t* p) {
   return v;
 }
 
-// 8 elements of T per 16-byte vector, accumulated in float.
-template <typename T> struct Vec;
-template <> struct Vec<__nv_bfloat16> {
-  static constexpr int n = 8;
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(float x) { return x; }
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16(x); }
+template <> __device__ __forceinline__ __half from_float(float x) { return __float2half(x); }
+template <> __device__ __forceinline__ float from_float(float x) { return x; }
+
+// A 16-byte vector of T (8 bf16/f16 or 4 f32), accumulated in float.
+template <typename T>
+struct Vec {
+  static constexpr int n = 16 / sizeof(T);
   static __device__ __forceinline__ void add(float* acc, uint4 v) {
-    const __nv_bfloat16* e = reinterpret_cast<const __nv_bfloat16*>(&v);
+    const T* e = reinterpret_cast<const T*>(&v);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) acc[i] += __bfloat162float(e[i]);
+    for (int i = 0; i < n; ++i) acc[i] += to_float(e[i]);
   }
   static __device__ __forceinline__ uint4 pack(const float* acc) {
     uint4 v;
-    __nv_bfloat16* e = reinterpret_cast<__nv_bfloat16*>(&v);
+    T* e = reinterpret_cast<T*>(&v);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) e[i] = __float2bfloat16(acc[i]);
-    return v;
-  }
-};
-template <> struct Vec<__half> {
-  static constexpr int n = 8;
-  static __device__ __forceinline__ void add(float* acc, uint4 v) {
-    const __half* e = reinterpret_cast<const __half*>(&v);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) acc[i] += __half2float(e[i]);
-  }
-  static __device__ __forceinline__ uint4 pack(const float* acc) {
-    uint4 v;
-    __half* e = reinterpret_cast<__half*>(&v);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) e[i] = __float2half(acc[i]);
-    return v;
-  }
-};
-template <> struct Vec<float> {
-  static constexpr int n = 4;
-  static __device__ __forceinline__ void add(float* acc, uint4 v) {
-    const float* e = reinterpret_cast<const float*>(&v);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[i] += e[i];
-  }
-  static __device__ __forceinline__ uint4 pack(const float* acc) {
-    uint4 v;
-    float* e = reinterpret_cast<float*>(&v);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) e[i] = acc[i];
+    for (int i = 0; i < n; ++i) e[i] = from_float<T>(acc[i]);
     return v;
   }
 };
@@ -169,8 +147,9 @@ const char* jaxtp_ar_error() { return g_error; }
 
 // Register `groups` all-reduce groups of `ranks` GPUs each: ordinals[g * ranks + r] is the CUDA
 // ordinal of rank r of group g. Allocates the buffers for inputs of up to max_bytes and enables
-// peer access inside each group. Returns 0, or 1 with jaxtp_ar_error() saying why. A device
-// already registered is left as it is (one model per device per process).
+// peer access inside each group. Returns 0, or 1 with jaxtp_ar_error() saying why. A group
+// registered before is reused; a device registered in a different group is refused (its buffers
+// and counters belong to that group's programs).
 int jaxtp_ar_init(const int* ordinals, int groups, int ranks, int64_t max_bytes) {
   std::lock_guard<std::mutex> lock(g_mutex);
   if (ranks < 2 || ranks > kMaxRanks || max_bytes <= 0 || max_bytes % 16) {
@@ -182,15 +161,25 @@ int jaxtp_ar_init(const int* ordinals, int groups, int ranks, int64_t max_bytes)
   CHECK_CUDA(cudaGetDevice(&previous));
   for (int g = 0; g < groups; ++g) {
     const int* dev = ordinals + g * ranks;
-    bool all_ready = true;
+    int registered = 0;
     for (int r = 0; r < ranks; ++r) {
       if (dev[r] < 0 || dev[r] >= kMaxDevices) {
         snprintf(g_error, sizeof(g_error), "CUDA ordinal %d out of range", dev[r]);
         return 1;
       }
-      all_ready &= g_ready[dev[r]] && g_params[dev[r]].ranks == ranks && g_params[dev[r]].max_bytes == max_bytes;
+      if (!g_ready[dev[r]]) continue;
+      // Already registered: only as this very group (same GPUs, same ranks) may it be reused.
+      bool same = g_params[dev[r]].ranks == ranks && g_params[dev[r]].max_bytes == max_bytes &&
+                  g_params[dev[r]].rank == r;
+      for (int q = 0; same && q < ranks; ++q) same = g_group[dev[r]][q] == dev[q];
+      if (!same) {
+        snprintf(g_error, sizeof(g_error), "GPU %d is already in another all-reduce group (a model "
+                 "loaded earlier in this process with another tp or device order)", dev[r]);
+        return 1;
+      }
+      ++registered;
     }
-    if (all_ready) continue;
+    if (registered == ranks) continue;
     for (int r = 0; r < ranks; ++r) {
       for (int q = 0; q < ranks; ++q) {
         if (q == r) continue;
@@ -229,10 +218,10 @@ int jaxtp_ar_init(const int* ordinals, int groups, int ranks, int64_t max_bytes)
       g_params[dev[r]] = p;
       g_params[dev[r]].rank = r;
       g_params[dev[r]].counter = counters[r];
+      for (int q = 0; q < ranks; ++q) g_group[dev[r]][q] = dev[q];
       g_ready[dev[r]] = true;
     }
   }
-  g_max_bytes = max_bytes;
   CHECK_CUDA(cudaSetDevice(previous));
   return 0;
 }
