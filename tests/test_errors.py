@@ -3,10 +3,10 @@ import json
 import shutil
 
 import pytest
-from safetensors.numpy import load_file, save_file
 
 import jaxtp
 from conftest import make_checkpoint
+from test_loading import copy, edited
 from jaxtp.config import ModelConfig
 
 
@@ -65,11 +65,8 @@ def test_missing_model_directory(tmp_path):
 
 
 def test_missing_tensor_is_named(checkpoint, tmp_path):
-    dst = tmp_path / "m"
-    shutil.copytree(checkpoint("llama")[0], dst)
-    tensors = load_file(dst / "model.safetensors")
-    del tensors["model.layers.1.mlp.up_proj.weight"]
-    save_file(tensors, dst / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    dst = edited(checkpoint, tmp_path, lambda t: {n: x for n, x in t.items() if n != name})
     with pytest.raises(KeyError, match=r"no tensor 'model.layers.1.mlp.up_proj.weight'"):
         jaxtp.load(dst)
 
@@ -83,10 +80,8 @@ def test_shape_mismatch_names_tensor_and_file(checkpoint, tmp_path):
 
 
 def test_corrupt_weights_file_is_named(checkpoint, tmp_path):
-    dst = tmp_path / "m"
-    shutil.copytree(checkpoint("llama")[0], dst)
-    data = (dst / "model.safetensors").read_bytes()
-    (dst / "model.safetensors").write_bytes(data[: len(data) // 2])
+    dst, file = copy(checkpoint, tmp_path)
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
     with pytest.raises(ValueError, match=r"model.safetensors"):
         jaxtp.load(dst)
 

@@ -67,6 +67,13 @@ def copy(checkpoint, tmp_path):
     return dst, dst / "model.safetensors"
 
 
+def edited(checkpoint, tmp_path, edit):
+    """A copy of the llama checkpoint whose tensors are edit(tensors)."""
+    dst, file = copy(checkpoint, tmp_path)
+    save_file(edit(load_file(file)), file)
+    return dst
+
+
 def test_bad_header_json(checkpoint, tmp_path):
     dst, file = copy(checkpoint, tmp_path)
     file.write_bytes((20).to_bytes(8, "little") + b'{"model.embed": [1,' + b"\0" * 100)
@@ -90,21 +97,16 @@ def test_truncated_data_names_tensor(checkpoint, tmp_path):
 
 
 def test_wrong_dtype_names_tensor(checkpoint, tmp_path):
-    dst, file = copy(checkpoint, tmp_path)
-    tensors = load_file(file)
-    tensors["model.layers.0.self_attn.o_proj.weight"] = tensors["model.layers.0.self_attn.o_proj.weight"
-                                                                ].astype(np.int32)
-    save_file(tensors, file)
+    name = "model.layers.0.self_attn.o_proj.weight"
+    dst = edited(checkpoint, tmp_path, lambda t: {**t, name: t[name].astype(np.int32)})
     with pytest.raises(ValueError, match=r"tensor 'model.layers.0.self_attn.o_proj.weight' in .*model."
                                          r"safetensors has dtype I32; jaxtp loads floating point weights"):
         jaxtp.load(dst)
 
 
 def test_unexpected_tensor_is_named(checkpoint, tmp_path):
-    dst, file = copy(checkpoint, tmp_path)
-    tensors = load_file(file)
-    tensors["model.layers.0.mlp.extra_proj.weight"] = np.zeros((4, 4), np.float32)
-    save_file(tensors, file)
+    extra = {"model.layers.0.mlp.extra_proj.weight": np.zeros((4, 4), np.float32)}
+    dst = edited(checkpoint, tmp_path, lambda t: {**t, **extra})
     with pytest.raises(ValueError, match=r"has tensor\(s\) LlamaForCausalLM with this config.json does not "
                                          r"use: 'model.layers.0.mlp.extra_proj.weight' \(in model.safetensors\)"):
         jaxtp.load(dst)
