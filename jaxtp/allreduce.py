@@ -80,19 +80,18 @@ def _unsupported(mesh: Mesh, custom: bool) -> str | None:
 
 
 def setup(mesh: Mesh) -> None:
-    """Build and load the kernel, register it with XLA and allocate its buffers on every tp group."""
+    """Build and load the kernel, register it with XLA and allocate its buffers on the mesh's GPUs
+    (one tp group: `resolve` allows the kernel only with pp = dp = 1)."""
     global _library
     if _library is None:
         major, minor = str(mesh.devices.flat[0].compute_capability).split(".")
         lib = kernels.build("all_reduce", f"{major}{minor}")
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxtpAllReduce), platform="CUDA")
         lib.jaxtp_ar_error.restype = ctypes.c_char_p
-        lib.jaxtp_ar_init.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+        lib.jaxtp_ar_init.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int64]
         _library = lib
-    tp = mesh.shape["tp"]
     ordinals = np.array([d.local_hardware_id for d in mesh.devices.flat], np.int32)
-    if _library.jaxtp_ar_init(ordinals.ctypes.data_as(ctypes.POINTER(ctypes.c_int)), ordinals.size // tp,
-                              tp, MAX_BYTES):
+    if _library.jaxtp_ar_init(ordinals.ctypes.data_as(ctypes.POINTER(ctypes.c_int)), ordinals.size, MAX_BYTES):
         raise kernels.BuildError(f"custom all-reduce setup failed: {_library.jaxtp_ar_error().decode()}")
 
 

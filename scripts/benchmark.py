@@ -145,9 +145,10 @@ def run_one(cfg, tp: int, batch: int, args, bandwidth: float, all_reduce: str = 
 
     first = jax.tree.map(jnp.copy, state)  # decode donates its state: time every chunk from here
 
+    static = dict(mesh=mesh, greedy=True, steps=steps, all_reduce=mode)  # the decode program timed
+
     def do_decode(cache):
-        out, _, cache = engine.decode(graphdef, params, cache, jax.tree.map(jnp.copy, first), rows,
-                                      mesh=mesh, greedy=True, steps=steps, all_reduce=mode)
+        out, _, cache = engine.decode(graphdef, params, cache, jax.tree.map(jnp.copy, first), rows, **static)
         return out.tokens, cache
 
     t0 = time.perf_counter()
@@ -168,8 +169,7 @@ def run_one(cfg, tp: int, batch: int, args, bandwidth: float, all_reduce: str = 
         where = Path(args.trace) / f"tp{tp}_b{batch}_{mode}"
         with jax.profiler.trace(str(where)):
             timed()
-        hlo = engine.decode.lower(graphdef, params, holder[0], first, rows, mesh=mesh, greedy=True,
-                                  steps=steps, all_reduce=mode).compile().as_text()
+        hlo = engine.decode.lower(graphdef, params, holder[0], first, rows, **static).compile().as_text()
         (where / "decode.hlo.txt").write_text(hlo)
         trace_summary.summarize(where, steps, hlo=hlo)
     kv_live = (2 * cfg.num_layers * batch * (model.kv_heads // tp) * (ctx + steps / 2) * cfg.head_dim

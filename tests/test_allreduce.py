@@ -62,7 +62,7 @@ def test_kernel_builds_and_refuses_to_start_without_gpus(tmp_path, monkeypatch):
     assert list((tmp_path / "kernels").glob("all_reduce-sm90-*.so"))
     lib.jaxtp_ar_error.restype = ctypes.c_char_p
     ordinals = (ctypes.c_int * 2)(0, 1)
-    assert lib.jaxtp_ar_init(ordinals, 1, 2, ctypes.c_int64(1 << 20)) == 1  # no CUDA device here
+    assert lib.jaxtp_ar_init(ordinals, 2, ctypes.c_int64(1 << 20)) == 1  # no CUDA device here
     assert b"failed" in lib.jaxtp_ar_error()
 
 

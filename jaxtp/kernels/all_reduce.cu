@@ -145,82 +145,79 @@ extern "C" {
 // Message of the last failed jaxtp_ar_init.
 const char* jaxtp_ar_error() { return g_error; }
 
-// Register `groups` all-reduce groups of `ranks` GPUs each: ordinals[g * ranks + r] is the CUDA
-// ordinal of rank r of group g. Allocates the buffers for inputs of up to max_bytes and enables
-// peer access inside each group. Returns 0, or 1 with jaxtp_ar_error() saying why. A group
-// registered before is reused; a device registered in a different group is refused (its buffers
-// and counters belong to that group's programs).
-int jaxtp_ar_init(const int* ordinals, int groups, int ranks, int64_t max_bytes) {
+// Register one all-reduce group: ordinals[r] is the CUDA ordinal of rank r of `ranks` GPUs.
+// Allocates the buffers for inputs of up to max_bytes and enables peer access inside the group.
+// Returns 0, or 1 with jaxtp_ar_error() saying why. A group registered before is reused; a
+// device registered in a different group is refused (its buffers and counters belong to that
+// group's programs).
+int jaxtp_ar_init(const int* dev, int ranks, int64_t max_bytes) {
   std::lock_guard<std::mutex> lock(g_mutex);
   if (ranks < 2 || ranks > kMaxRanks || max_bytes <= 0 || max_bytes % 16) {
     snprintf(g_error, sizeof(g_error), "bad arguments: ranks=%d (2..%d), max_bytes=%lld", ranks,
              kMaxRanks, static_cast<long long>(max_bytes));
     return 1;
   }
+  int registered = 0;
+  for (int r = 0; r < ranks; ++r) {
+    if (dev[r] < 0 || dev[r] >= kMaxDevices) {
+      snprintf(g_error, sizeof(g_error), "CUDA ordinal %d out of range", dev[r]);
+      return 1;
+    }
+    if (!g_ready[dev[r]]) continue;
+    // Already registered: only as this very group (same GPUs, same ranks) may it be reused.
+    bool same = g_params[dev[r]].ranks == ranks && g_params[dev[r]].max_bytes == max_bytes &&
+                g_params[dev[r]].rank == r;
+    for (int q = 0; same && q < ranks; ++q) same = g_group[dev[r]][q] == dev[q];
+    if (!same) {
+      snprintf(g_error, sizeof(g_error), "GPU %d is already in another all-reduce group (a model "
+               "loaded earlier in this process with another tp or device order)", dev[r]);
+      return 1;
+    }
+    ++registered;
+  }
+  if (registered == ranks) return 0;
+  for (int r = 0; r < ranks; ++r) {
+    for (int q = 0; q < ranks; ++q) {
+      if (q == r) continue;
+      int can = 0;
+      CHECK_CUDA(cudaDeviceCanAccessPeer(&can, dev[r], dev[q]));
+      if (!can) {
+        snprintf(g_error, sizeof(g_error), "GPU %d cannot access GPU %d (no peer-to-peer path)",
+                 dev[r], dev[q]);
+        return 1;
+      }
+    }
+  }
   int previous = 0;
   CHECK_CUDA(cudaGetDevice(&previous));
-  for (int g = 0; g < groups; ++g) {
-    const int* dev = ordinals + g * ranks;
-    int registered = 0;
-    for (int r = 0; r < ranks; ++r) {
-      if (dev[r] < 0 || dev[r] >= kMaxDevices) {
-        snprintf(g_error, sizeof(g_error), "CUDA ordinal %d out of range", dev[r]);
-        return 1;
-      }
-      if (!g_ready[dev[r]]) continue;
-      // Already registered: only as this very group (same GPUs, same ranks) may it be reused.
-      bool same = g_params[dev[r]].ranks == ranks && g_params[dev[r]].max_bytes == max_bytes &&
-                  g_params[dev[r]].rank == r;
-      for (int q = 0; same && q < ranks; ++q) same = g_group[dev[r]][q] == dev[q];
-      if (!same) {
-        snprintf(g_error, sizeof(g_error), "GPU %d is already in another all-reduce group (a model "
-                 "loaded earlier in this process with another tp or device order)", dev[r]);
-        return 1;
-      }
-      ++registered;
-    }
-    if (registered == ranks) continue;
-    for (int r = 0; r < ranks; ++r) {
-      for (int q = 0; q < ranks; ++q) {
-        if (q == r) continue;
-        int can = 0;
-        CHECK_CUDA(cudaDeviceCanAccessPeer(&can, dev[r], dev[q]));
-        if (!can) {
-          snprintf(g_error, sizeof(g_error), "GPU %d cannot access GPU %d (no peer-to-peer path)",
-                   dev[r], dev[q]);
-          return 1;
-        }
+  Params p = {};
+  p.ranks = ranks;
+  p.max_bytes = max_bytes;
+  uint32_t* counters[kMaxRanks];
+  for (int r = 0; r < ranks; ++r) {
+    CHECK_CUDA(cudaSetDevice(dev[r]));
+    for (int q = 0; q < ranks; ++q) {
+      if (q == r) continue;
+      cudaError_t e = cudaDeviceEnablePeerAccess(dev[q], 0);
+      if (e == cudaErrorPeerAccessAlreadyEnabled) {
+        cudaGetLastError();  // clear it
+      } else {
+        CHECK_CUDA(e);
       }
     }
-    Params p = {};
-    p.ranks = ranks;
-    p.max_bytes = max_bytes;
-    uint32_t* counters[kMaxRanks];
-    for (int r = 0; r < ranks; ++r) {
-      CHECK_CUDA(cudaSetDevice(dev[r]));
-      for (int q = 0; q < ranks; ++q) {
-        if (q == r) continue;
-        cudaError_t e = cudaDeviceEnablePeerAccess(dev[q], 0);
-        if (e == cudaErrorPeerAccessAlreadyEnabled) {
-          cudaGetLastError();  // clear it
-        } else {
-          CHECK_CUDA(e);
-        }
-      }
-      CHECK_CUDA(cudaMalloc(&p.recv[r], 2 * ranks * max_bytes));
-      CHECK_CUDA(cudaMalloc(&p.flags[r], kBlocks * kMaxRanks * sizeof(uint32_t)));
-      CHECK_CUDA(cudaMemset(p.flags[r], 0, kBlocks * kMaxRanks * sizeof(uint32_t)));
-      CHECK_CUDA(cudaMalloc(&counters[r], kBlocks * sizeof(uint32_t)));
-      CHECK_CUDA(cudaMemset(counters[r], 0, kBlocks * sizeof(uint32_t)));
-      CHECK_CUDA(cudaDeviceSynchronize());
-    }
-    for (int r = 0; r < ranks; ++r) {
-      g_params[dev[r]] = p;
-      g_params[dev[r]].rank = r;
-      g_params[dev[r]].counter = counters[r];
-      for (int q = 0; q < ranks; ++q) g_group[dev[r]][q] = dev[q];
-      g_ready[dev[r]] = true;
-    }
+    CHECK_CUDA(cudaMalloc(&p.recv[r], 2 * ranks * max_bytes));
+    CHECK_CUDA(cudaMalloc(&p.flags[r], kBlocks * kMaxRanks * sizeof(uint32_t)));
+    CHECK_CUDA(cudaMemset(p.flags[r], 0, kBlocks * kMaxRanks * sizeof(uint32_t)));
+    CHECK_CUDA(cudaMalloc(&counters[r], kBlocks * sizeof(uint32_t)));
+    CHECK_CUDA(cudaMemset(counters[r], 0, kBlocks * sizeof(uint32_t)));
+    CHECK_CUDA(cudaDeviceSynchronize());
+  }
+  for (int r = 0; r < ranks; ++r) {
+    g_params[dev[r]] = p;
+    g_params[dev[r]].rank = r;
+    g_params[dev[r]].counter = counters[r];
+    for (int q = 0; q < ranks; ++q) g_group[dev[r]][q] = dev[q];
+    g_ready[dev[r]] = true;
   }
   CHECK_CUDA(cudaSetDevice(previous));
   return 0;
@@ -234,7 +231,7 @@ static ffi::Error AllReduce(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<f
       attr.device >= kMaxDevices || !g_ready[attr.device]) {
     cudaGetLastError();
     return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
-                      "jaxtp all-reduce: this GPU was not registered (jaxtp.all_reduce.setup)");
+                      "jaxtp all-reduce: this GPU was not registered (jaxtp.allreduce.setup)");
   }
   const Params& p = g_params[attr.device];
   const int64_t bytes = static_cast<int64_t>(x.size_bytes());
