@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxtp import allreduce, checkpoint, distributed, engine, memory, quantize
+from jaxtp import allreduce, checkpoint, decode_ops, distributed, engine, memory, quantize
 from jaxtp.config import ModelConfig
 from jaxtp.loading import load_state, param_shapes, resolve
 from jaxtp.memory import MemoryPlan
@@ -42,6 +42,7 @@ class Model:
     path: Path
     memory: MemoryPlan | None = None
     all_reduce: str = "xla"  # how row-parallel partial sums are added (allreduce.py)
+    kernels: str = "xla"     # whether decode runs the Pallas kernels (decode_ops.py)
 
     @property
     def max_kv_tokens(self) -> int | None:
@@ -79,13 +80,13 @@ class Model:
             raise ValueError("Model.logits needs prompts of equal length")
         tokens = distributed.put(tokens, named(self.mesh, REPLICATED))
         out = engine.forward_logits(self.graphdef, self.params, tokens, mesh=self.mesh,
-                                    all_reduce=self.all_reduce)
+                                    all_reduce=self.all_reduce, kernels=self.kernels)
         return distributed.fetch(out)[..., : self.config.vocab_size]
 
 
 def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, devices=None,
          pp: int = 1, memory_fraction: float = 0.9, device_memory_bytes: int | None = None,
-         quantization: str | None = None, all_reduce: str = "auto") -> Model:
+         quantization: str | None = None, all_reduce: str = "auto", kernels: str = "auto") -> Model:
     """Load a Hugging Face checkpoint (local dir or hub id), or a directory made by
     scripts/convert.py (orbax, any tp), sharded over a (pp, dp, tp) mesh: tp-way tensor parallel,
     dp data-parallel replicas (splitting the batch), pp pipeline stages (splitting the layers). In
@@ -101,6 +102,8 @@ def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, d
     activation and scale dtype).
     all_reduce: "auto" (the one-shot NVLink kernel on CUDA GPUs where it applies, else XLA's),
     "xla", "custom" or "shard_map"; see jaxtp/allreduce.py.
+    kernels: "auto" (the Pallas decode kernels on GPUs where they apply, else XLA's), "xla" or
+    "pallas"; see jaxtp/decode_ops.py.
     """
     if dtype not in (*DTYPES, "auto"):
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or 'auto', got {dtype!r}")
@@ -116,7 +119,7 @@ def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, d
     mesh = make_mesh(tp=tp, dp=dp, pp=pp, devices=devices)
     validate_tp(cfg, tp)
     validate_pp(cfg, pp)
-    reduce_mode = allreduce.resolve(all_reduce, mesh)
+    reduce_mode, kernel_mode = resolve_modes(all_reduce, kernels, mesh)
     if orbax and pp > 1:
         raise ValueError(f"{path} is an orbax checkpoint, which loads with pp=1 only; load the "
                          f"Hugging Face checkpoint it was converted from for pp={pp}")
@@ -127,7 +130,16 @@ def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, d
         graphdef, params = quantize.int8(graphdef, params, mesh)  # then size the cache anew
         plan = memory.plan(cfg, tp, DTYPES[dtype], memory.array_bytes(params), memory_fraction, mesh,
                            device_memory_bytes)
-    return Model(cfg, mesh, _tokenizer(path), graphdef, params, DTYPES[dtype], path, plan, reduce_mode)
+    return Model(cfg, mesh, _tokenizer(path), graphdef, params, DTYPES[dtype], path, plan, reduce_mode,
+                 kernel_mode)
+
+
+def resolve_modes(all_reduce: str, kernels: str, mesh) -> tuple[str, str]:
+    """The (all_reduce, kernels) modes a model on `mesh` runs with (allreduce.py, decode_ops.py)."""
+    reduce_mode, kernel_mode = allreduce.resolve(all_reduce, mesh), decode_ops.resolve(kernels, mesh)
+    if kernel_mode == "pallas" and reduce_mode == "xla" and mesh.shape["tp"] > 1:
+        reduce_mode = "shard_map"  # the row-parallel GEMV needs its shard_map; psum = XLA's all-reduce
+    return reduce_mode, kernel_mode
 
 
 def _tokenizer(path: Path):

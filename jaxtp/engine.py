@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from jaxtp import allreduce, distributed, kv_cache
+from jaxtp import allreduce, decode_ops, distributed, kv_cache
 from jaxtp.kv_cache import KVCache
 from jaxtp.sampling import (MAX_LOGPROBS, Penalties, SamplerArrays, SamplingParams, TokenLogprobs,
                             sample, token_logprobs)
@@ -86,10 +86,11 @@ def _logprobs(logits, tok, k):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "greedy", "min_tokens", "logprobs",
-                                    "prompt_logprobs", "all_reduce"),
+                                    "prompt_logprobs", "all_reduce", "kernels"),
                    donate_argnames=("cache", "state"))
 def prefill(graphdef, params, cache: KVCache, state: DecodeState, rows: Rows, tokens, lens, slots, *,
-            mesh, greedy, min_tokens=False, logprobs=None, prompt_logprobs=None, all_reduce="xla"):
+            mesh, greedy, min_tokens=False, logprobs=None, prompt_logprobs=None, all_reduce="xla",
+            kernels="xla"):
     """Prompts tokens [n, T] (right-padded; true lengths lens) into cache rows `slots` (a slot out
     of range marks a padding row, which is dropped). Samples each prompt's first token.
 
@@ -100,7 +101,7 @@ def prefill(graphdef, params, cache: KVCache, state: DecodeState, rows: Rows, to
     (n, t), (b, kvh, _, hd) = tokens.shape, cache.k[0].shape[-4:]
     layers, stages = len(cache.k), cache.k[0].shape[:-4]  # stages: () or (pp,)
     fresh = jnp.zeros((*stages, n, kvh, t, hd), cache.k[0].dtype)
-    with allreduce.use(mesh, all_reduce):
+    with allreduce.use(mesh, all_reduce), decode_ops.use(mesh, kernels):
         h, new = model.hidden(tokens, _constrain_cache(KVCache([fresh] * layers, [fresh] * layers), mesh),
                               jnp.zeros((n,), jnp.int32))
     put = lambda c, x: c.at[..., slots, :, :t, :].set(x, mode="drop")  # noqa: E731
@@ -127,10 +128,10 @@ def prefill(graphdef, params, cache: KVCache, state: DecodeState, rows: Rows, to
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "greedy", "min_tokens", "steps", "logprobs",
-                                    "all_reduce"),
+                                    "all_reduce", "kernels"),
                    donate_argnames=("cache", "state"))
 def decode(graphdef, params, cache: KVCache, state: DecodeState, rows: Rows, *, mesh, greedy, steps,
-           min_tokens=False, logprobs=None, all_reduce="xla"):
+           min_tokens=False, logprobs=None, all_reduce="xla", kernels="xla"):
     """`steps` decode steps for every slot on device -> (Step [steps, B], state, cache)."""
     TRACES["decode"] += 1
     model = nnx.merge(graphdef, params)
@@ -142,7 +143,7 @@ def decode(graphdef, params, cache: KVCache, state: DecodeState, rows: Rows, *, 
 
     def body(i, carry):
         cache, s, out, lp_out = carry
-        with allreduce.use(mesh, all_reduce):
+        with allreduce.use(mesh, all_reduce), decode_ops.use(mesh, kernels):
             h, cache = model.hidden(s.tokens[:, None], cache, s.pos)
         logits = model.logits(h[:, 0])
         tok = sample(logits, rows.sampler, s.count, model.vocab_size, greedy, s.penalties, min_tokens)
@@ -170,8 +171,8 @@ def _stop_rows(state: DecodeState, stop) -> DecodeState:
     return state._replace(done=state.done | stop)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "all_reduce"))
-def forward_logits(graphdef, params, tokens, *, mesh, all_reduce="xla"):
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "all_reduce", "kernels"))
+def forward_logits(graphdef, params, tokens, *, mesh, all_reduce="xla", kernels="xla"):
     """Full-sequence float32 logits [B, T, V_padded] for equal-length prompts (tests, scoring)."""
     TRACES["forward_logits"] += 1
     model = nnx.merge(graphdef, params)
@@ -181,7 +182,7 @@ def forward_logits(graphdef, params, tokens, *, mesh, all_reduce="xla"):
     n, shape = kv_cache.shape(len(model.model.layers) * pp, b, attn.num_kv_heads, t, attn.head_dim, pp)
     dtype = model.model.norm.weight[...].dtype
     cache = KVCache([jnp.zeros(shape, dtype)] * n, [jnp.zeros(shape, dtype)] * n)
-    with allreduce.use(mesh, all_reduce):
+    with allreduce.use(mesh, all_reduce), decode_ops.use(mesh, kernels):
         h, _ = model.hidden(tokens, _constrain_cache(cache, mesh), jnp.zeros((b,), jnp.int32))
     return model.logits(h)
 
@@ -281,7 +282,8 @@ class Engine:
             active = [s for s in self.running if s is not None]
             step, self.state, self.cache = decode(
                 self.model.graphdef, self.model.params, self.cache, self.state, self.rows,
-                mesh=self.mesh, steps=self.chunk, all_reduce=self.model.all_reduce, **_static(active))
+                mesh=self.mesh, steps=self.chunk, all_reduce=self.model.all_reduce,
+                kernels=self.model.kernels, **_static(active))
             step, done = distributed.fetch((step, self.state.done))
             fresh = set(map(id, changed))
             for slot, seq in enumerate(self.running):
@@ -323,6 +325,7 @@ class Engine:
         step, prompt_lp, self.state, self.cache = prefill(
             self.model.graphdef, self.model.params, self.cache, self.state, self.rows,
             *self._put((tokens, lens, slot_ids)), mesh=self.mesh, all_reduce=self.model.all_reduce,
+            kernels=self.model.kernels,
             **_static(group),
             prompt_logprobs=_logprob_bucket(want_prompt_lp) if want_prompt_lp else None)
         step, prompt_lp, done = distributed.fetch((step, prompt_lp, self.state.done))

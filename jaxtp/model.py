@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtp import allreduce, rope
+from jaxtp import allreduce, decode_ops, rope
 from jaxtp.config import ModelConfig
 from jaxtp.kv_cache import KVCache, write
+from jaxtp.sharding import KV_CACHE_SPEC, spec_for
 
 
 def einsum_f32(spec: str, a, b):
@@ -43,6 +44,21 @@ def matmul(spec: str, x, weight, scale):
     return jnp.einsum(spec, x, weight.astype(x.dtype)) * scale.astype(x.dtype)
 
 
+def column_matmul(spec: str, x, weight, scale, rule: str):
+    """`matmul` for a column-split weight (partition rule `rule`): the decode GEMV kernel where
+    it applies (decode_ops.py), else XLA's einsum."""
+    xla = lambda x, w: matmul(spec, x, w, scale)  # noqa: E731
+    if scale is not None:  # int8 weights stay with XLA
+        return xla(x, weight)
+    return decode_ops.column_matmul(x, weight, spec_for(rule), xla)
+
+
+def row_matmul(x, weight, scale):
+    """`matmul` for one device's block of a row-split weight (inside allreduce.row_parallel)."""
+    xla = lambda x, w: matmul("...i,io->...o", x, w, scale)  # noqa: E731
+    return xla(x, weight) if scale is not None else decode_ops.local_matmul(x, weight, xla)
+
+
 class Linear(nnx.Module):
     def __init__(self, d_in: int, d_out: int, dtype, bias: bool = False):
         self.weight = _param((d_in, d_out), dtype)
@@ -59,8 +75,7 @@ class RowLinear(Linear):
     each device's product is a partial sum; allreduce.row_parallel says how they are added."""
 
     def __call__(self, x):
-        return allreduce.row_parallel(lambda x, w, s: matmul("...i,io->...o", x, w, s), x,
-                                      self.weight[...], _value(self.scale))
+        return allreduce.row_parallel(row_matmul, x, self.weight[...], _value(self.scale))
 
 
 class RMSNorm(nnx.Module):
@@ -87,7 +102,7 @@ class QKVLinear(nnx.Module):
         self.scale = nnx.data(None)  # an int8 weight's per-output-channel scale (quantize.py)
 
     def __call__(self, x):
-        y = matmul("btd,dpw->btpw", x, self.weight[...], _value(self.scale))
+        y = column_matmul("btd,dpw->btpw", x, self.weight[...], _value(self.scale), "qkv_proj.weight")
         if self.bias is not None:
             y = y + self.bias[...]
         b, t = x.shape[:2]
@@ -120,6 +135,14 @@ class Attention(nnx.Module):
 
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
+        out = decode_ops.attention(q, k_cache, v_cache, positions, self.window, KV_CACHE_SPEC)
+        if out is None:
+            out = self.attend(q, k_cache, v_cache, positions)
+        out = out.astype(x.dtype).reshape(b, t, self.num_heads * self.head_dim)
+        return self.o_proj(out), k_cache, v_cache
+
+    def attend(self, q, k_cache, v_cache, positions):
+        """XLA's attention of q [B, T, KVH, G, D] over the cache -> [B, T, KVH, G, D] (float32)."""
         scores = einsum_f32("btkgd,bksd->bkgts", q, k_cache)
         scores = scores * (self.head_dim ** -0.5)
         key_pos = jnp.arange(k_cache.shape[2])
@@ -128,9 +151,7 @@ class Attention(nnx.Module):
             visible &= key_pos[None, None, :] > positions[:, :, None] - self.window
         scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-        out = einsum_f32("bkgts,bksd->btkgd", probs, v_cache)
-        out = out.astype(x.dtype).reshape(b, t, self.num_heads * self.head_dim)
-        return self.o_proj(out), k_cache, v_cache
+        return einsum_f32("bkgts,bksd->btkgd", probs, v_cache)
 
 
 class GateUpLinear(nnx.Module):
@@ -141,7 +162,8 @@ class GateUpLinear(nnx.Module):
         self.scale = nnx.data(None)  # an int8 weight's per-output-channel scale (quantize.py)
 
     def __call__(self, x):
-        gate_up = matmul("btd,dki->btki", x, self.weight[...], _value(self.scale))
+        gate_up = column_matmul("btd,dki->btki", x, self.weight[...], _value(self.scale),
+                                "gate_up_proj.weight")
         return gate_up[:, :, 0], gate_up[:, :, 1]
 
 

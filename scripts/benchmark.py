@@ -43,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--all-reduce", nargs="+", default=["auto"], choices=["auto", "xla", "custom", "shard_map"],
                    help="all-reduce modes to time at tp > 1 (jaxtp/allreduce.py); each is checked to "
                    "give the same greedy tokens")
+    p.add_argument("--kernels", nargs="+", default=["auto"], choices=["auto", "xla", "pallas"],
+                   help="decode kernel modes to time (jaxtp/decode_ops.py); each is checked to give "
+                   "the same greedy tokens")
     p.add_argument("--json", help="write results here")
     p.add_argument("--trace", help="profile one more decode chunk per config into this directory "
                    "and print its per-kernel summary (scripts/gpu/trace_summary.py)")
@@ -88,14 +91,15 @@ def memory_bandwidth(device, mib: int = 2048) -> dict:
     return out
 
 
-def run_one(cfg, tp: int, batch: int, args, bandwidth: float, all_reduce: str = "auto") -> dict:
+def run_one(cfg, tp: int, batch: int, args, bandwidth: float, all_reduce: str = "auto",
+            kernels: str = "auto") -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
     from jax.sharding import NamedSharding
 
-    from jaxtp import allreduce, engine, kv_cache
-    from jaxtp.api import DTYPES, Model
+    from jaxtp import engine, kv_cache
+    from jaxtp.api import DTYPES, Model, resolve_modes
     from jaxtp.loading import random_state
     from jaxtp.sampling import SamplingParams
     from jaxtp.sharding import REPLICATED, make_mesh, validate_tp
@@ -103,12 +107,12 @@ def run_one(cfg, tp: int, batch: int, args, bandwidth: float, all_reduce: str = 
     dtype = DTYPES[args.dtype]
     mesh = make_mesh(tp=tp)
     validate_tp(cfg, tp)
-    mode = allreduce.resolve(all_reduce, mesh)
+    mode, kmode = resolve_modes(all_reduce, kernels, mesh)
     graphdef, params = random_state(cfg, mesh, dtype)
     if args.quantization == "int8":
         from jaxtp import quantize
         graphdef, params = quantize.int8(graphdef, params, mesh)
-    model = Model(cfg, mesh, None, graphdef, params, dtype, Path("random"), all_reduce=mode)
+    model = Model(cfg, mesh, None, graphdef, params, dtype, Path("random"), all_reduce=mode, kernels=kmode)
     weight_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(params))
 
     ctx, steps = args.ctx, args.steps
@@ -126,7 +130,7 @@ def run_one(cfg, tp: int, batch: int, args, bandwidth: float, all_reduce: str = 
 
     def do_prefill(cache, state):  # prompts into every cache slot, as the engine does
         _, _, state, cache = engine.prefill(graphdef, params, cache, state, rows, tokens, lens, slots,
-                                            mesh=mesh, greedy=True, all_reduce=mode)
+                                            mesh=mesh, greedy=True, all_reduce=mode, kernels=kmode)
         return state, cache
 
     t0 = time.perf_counter()
@@ -145,7 +149,7 @@ def run_one(cfg, tp: int, batch: int, args, bandwidth: float, all_reduce: str = 
 
     first = jax.tree.map(jnp.copy, state)  # decode donates its state: time every chunk from here
 
-    static = dict(mesh=mesh, greedy=True, steps=steps, all_reduce=mode)  # the decode program timed
+    static = dict(mesh=mesh, greedy=True, steps=steps, all_reduce=mode, kernels=kmode)  # the decode program timed
 
     def do_decode(cache):
         out, _, cache = engine.decode(graphdef, params, cache, jax.tree.map(jnp.copy, first), rows, **static)
@@ -156,7 +160,7 @@ def run_one(cfg, tp: int, batch: int, args, bandwidth: float, all_reduce: str = 
     jax.block_until_ready(out)
     decode_compile_s = time.perf_counter() - t0
     digest = hashlib.sha256(np.asarray(out).tobytes()).hexdigest()[:12]  # greedy tokens of one chunk
-    print(f"  tp={tp} batch={batch} all_reduce={mode}: decode compiled+ran in {decode_compile_s:.1f}s", flush=True)
+    print(f"  tp={tp} batch={batch} all_reduce={mode} kernels={kmode}: decode compiled+ran in {decode_compile_s:.1f}s", flush=True)
 
     def timed():
         out, holder[0] = do_decode(holder[0])
@@ -166,7 +170,7 @@ def run_one(cfg, tp: int, batch: int, args, bandwidth: float, all_reduce: str = 
     if args.trace:
         sys.path.insert(0, str(Path(__file__).resolve().parent / "gpu"))
         import trace_summary
-        where = Path(args.trace) / f"tp{tp}_b{batch}_{mode}"
+        where = Path(args.trace) / f"tp{tp}_b{batch}_{mode}_{kmode}"
         with jax.profiler.trace(str(where)):
             timed()
         hlo = engine.decode.lower(graphdef, params, holder[0], first, rows, **static).compile().as_text()
@@ -175,7 +179,7 @@ def run_one(cfg, tp: int, batch: int, args, bandwidth: float, all_reduce: str = 
     kv_live = (2 * cfg.num_layers * batch * (model.kv_heads // tp) * (ctx + steps / 2) * cfg.head_dim
                * jnp.dtype(dtype).itemsize)
     floor_ms = (weight_bytes + kv_live) / bandwidth * 1e3
-    return dict(shape=args.shape, tp=tp, batch=batch, ctx=ctx, all_reduce=mode, tokens=digest,
+    return dict(shape=args.shape, tp=tp, batch=batch, ctx=ctx, all_reduce=mode, kernels=kmode, tokens=digest,
                 ms_per_step=step_ms,
                 tokens_per_s=batch / step_ms * 1e3,
                 prefill_tokens_per_s=None if prefill_ms is None else batch * ctx / prefill_ms * 1e3,
@@ -201,25 +205,28 @@ def main(argv=None):
     results = []
     for tp in args.tp:
         for mode in (args.all_reduce if tp > 1 else ["xla"]):
-            for batch in args.batch:
-                r = run_one(cfg, tp, batch, args, bandwidth, mode)
-                results.append(r)
-                print(json.dumps(r), flush=True)
-    base = {r["batch"]: r["tokens_per_s"] for r in results if r["tp"] == 1}
+            for kernels in args.kernels:
+                for batch in args.batch:
+                    r = run_one(cfg, tp, batch, args, bandwidth, mode, kernels)
+                    results.append(r)
+                    print(json.dumps(r), flush=True)
+    base = {(r["batch"], r["kernels"]): r["tokens_per_s"] for r in results if r["tp"] == 1}
     print(f"\n{args.shape} {args.dtype} ctx={args.ctx} on {results[0]['device']} "
           f"(roofline at {bandwidth / 1e12:.2f} TB/s)")
-    print(f"{'tp':>3} {'all_reduce':>10} {'batch':>5} {'ms/step':>8} {'tok/s':>9} {'vs tp1':>7} {'prefill tok/s':>13} "
+    print(f"{'tp':>3} {'all_reduce':>10} {'kernels':>7} {'batch':>5} {'ms/step':>8} {'tok/s':>9} {'vs tp1':>7} {'prefill tok/s':>13} "
           f"{'roofline':>8} {'compile s':>9}")
     for r in results:
-        speedup = r["tokens_per_s"] / base[r["batch"]] if r["batch"] in base else float("nan")
+        tp1 = base.get((r["batch"], r["kernels"]))
+        speedup = r["tokens_per_s"] / tp1 if tp1 else float("nan")
         pre = f"{r['prefill_tokens_per_s']:.0f}" if r["prefill_tokens_per_s"] else "-"
-        print(f"{r['tp']:>3} {r['all_reduce']:>10} {r['batch']:>5} {r['ms_per_step']:>8.3f} {r['tokens_per_s']:>9.1f} "
+        print(f"{r['tp']:>3} {r['all_reduce']:>10} {r['kernels']:>7} {r['batch']:>5} {r['ms_per_step']:>8.3f} {r['tokens_per_s']:>9.1f} "
               f"{speedup:>6.2f}x {pre:>13} {r['roofline']:>7.0%} {r['compile_s']:>9.1f}")
     for tp, batch in sorted({(r["tp"], r["batch"]) for r in results}):
-        digests = {r["all_reduce"]: r["tokens"] for r in results if (r["tp"], r["batch"]) == (tp, batch)}
+        digests = {f"{r['all_reduce']}/{r['kernels']}": r["tokens"] for r in results
+                   if (r["tp"], r["batch"]) == (tp, batch)}
         if len(digests) > 1:
             same = "identical" if len(set(digests.values())) == 1 else "DIFFERENT"
-            print(f"tp={tp} batch={batch}: greedy tokens {same} across all-reduce modes {digests}")
+            print(f"tp={tp} batch={batch}: greedy tokens {same} across modes (all_reduce/kernels) {digests}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

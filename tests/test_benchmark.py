@@ -1,5 +1,5 @@
 """scripts/benchmark.py end to end on the simulated CPU devices, at a tiny shape: the table, the
-JSON, and the greedy-token check across all-reduce modes."""
+JSON, and the greedy-token check across all-reduce and decode-kernel modes."""
 import json
 import sys
 from pathlib import Path
@@ -8,20 +8,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import benchmark  # noqa: E402
 
 
-def test_benchmark_runs_and_checks_tokens_across_all_reduce_modes(tmp_path, capsys):
+def test_benchmark_runs_and_checks_tokens_across_modes(tmp_path, capsys):
     out = tmp_path / "bench.json"
     benchmark.main(["--shape", "tiny", "--tp", "1", "2", "--batch", "1", "3", "--ctx", "20", "--steps", "3",
-                    "--reps", "1", "--all-reduce", "xla", "shard_map", "--bandwidth-mib", "8",
-                    "--json", str(out)])
+                    "--reps", "1", "--all-reduce", "xla", "shard_map", "--kernels", "xla", "pallas",
+                    "--bandwidth-mib", "8", "--json", str(out)])
     results = json.loads(out.read_text())
-    assert [(r["tp"], r["all_reduce"], r["batch"]) for r in results] == [
-        (1, "xla", 1), (1, "xla", 3), (2, "xla", 1), (2, "xla", 3), (2, "shard_map", 1), (2, "shard_map", 3)]
+    # kernels="pallas" with all_reduce="xla" runs the row-parallel GEMV under shard_map (psum)
+    assert [(r["tp"], r["all_reduce"], r["kernels"], r["batch"]) for r in results] == [
+        (1, "xla", "xla", 1), (1, "xla", "xla", 3), (1, "xla", "pallas", 1), (1, "xla", "pallas", 3),
+        (2, "xla", "xla", 1), (2, "xla", "xla", 3), (2, "shard_map", "pallas", 1), (2, "shard_map", "pallas", 3),
+        (2, "shard_map", "xla", 1), (2, "shard_map", "xla", 3), (2, "shard_map", "pallas", 1),
+        (2, "shard_map", "pallas", 3)]
     for r in results:
         assert r["ms_per_step"] > 0 and r["prefill_tokens_per_s"] > 0 and 0 < r["roofline"]
         assert r["weight_gb_per_device"] > 0
-    by = {(r["tp"], r["all_reduce"], r["batch"]): r for r in results}
-    assert by[(2, "xla", 1)]["weight_gb_per_device"] < by[(1, "xla", 1)]["weight_gb_per_device"]
+    by = {(r["tp"], r["all_reduce"], r["kernels"], r["batch"]): r for r in results}
+    assert by[(2, "xla", "xla", 1)]["weight_gb_per_device"] < by[(1, "xla", "xla", 1)]["weight_gb_per_device"]
     printed = capsys.readouterr().out
-    assert "tp=2 batch=1: greedy tokens identical across all-reduce modes" in printed
-    assert "tp=2 batch=3: greedy tokens identical across all-reduce modes" in printed
-    assert " tp all_reduce batch  ms/step" in printed
+    for tp, batch in [(1, 1), (1, 3), (2, 1), (2, 3)]:
+        assert f"tp={tp} batch={batch}: greedy tokens identical across modes (all_reduce/kernels)" in printed
+    assert " tp all_reduce kernels batch  ms/step" in printed

@@ -1,0 +1,114 @@
+"""When the decode step uses the hand-written Pallas kernels, and how they run on sharded arrays.
+
+kernels/gemv.py (the projections) and kernels/decode_attention.py replace XLA's code for one new
+token per row. A Pallas call is opaque to XLA's SPMD partitioner (it would gather its operands
+to every device), so with tp > 1 each runs under `shard_map` on the device's own blocks, with
+the specs of the partition table: column-split weights give column-split outputs, attention
+runs per KV head. Row-split weights already run under shard_map (allreduce.row_parallel).
+
+Modes (`jaxtp.load(..., kernels=...)`, stored on the Model, static in the jitted steps):
+
+  "xla"     XLA's own kernels everywhere.
+  "pallas"  the Pallas kernels for decode (one token per row, at most gemv.MAX_ROWS rows) where
+            shapes allow, XLA's elsewhere. Off GPUs they run in Pallas interpret mode: slow,
+            but the same code, which is how the CPU tests check them against transformers.
+  "auto"    "pallas" on GPUs with pipeline_parallel_size = data_parallel_size = 1, else "xla".
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from jaxtp.kernels import decode_attention, gemv
+
+MODES = ("auto", "xla", "pallas")
+
+_mesh: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("decode_kernels", default=None)
+
+
+def resolve(mode: str, mesh: Mesh) -> str:
+    if mode not in MODES:
+        raise ValueError(f"kernels must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+    staged = mesh.shape["pp"] > 1 or mesh.shape["dp"] > 1
+    if mode == "pallas" and staged:
+        raise ValueError(f"kernels='pallas' needs pipeline_parallel_size = data_parallel_size = 1 "
+                         f"(got pp={mesh.shape['pp']}, dp={mesh.shape['dp']})")
+    if mode == "auto":
+        gpu = {d.platform for d in mesh.devices.flat} == {"gpu"}
+        return "pallas" if gpu and not staged else "xla"
+    return mode
+
+
+@contextlib.contextmanager
+def use(mesh: Mesh, mode: str):
+    """While tracing a step: decode layers use the Pallas kernels if `mode` is "pallas"."""
+    token = _mesh.set(mesh if mode == "pallas" else None)
+    try:
+        yield
+    finally:
+        _mesh.reset(token)
+
+
+def _sharded(fn, mesh: Mesh, in_specs, out_specs):
+    if mesh.shape["tp"] == 1:
+        return fn  # one device holds everything: no partitioning needed
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+def _local_gemv(x, w):
+    """x [..., K] @ w [K, *out] on this device's blocks -> [..., *out] in x's dtype."""
+    k = w.shape[0]
+    y = gemv.gemv(x.reshape(-1, k), w.reshape(k, -1))
+    return y.astype(x.dtype).reshape(*x.shape[:-1], *w.shape[1:])
+
+
+def _gemv_fits(x, local_w_shape) -> bool:
+    k, n = local_w_shape[0], math.prod(local_w_shape[1:])
+    return gemv.supported(math.prod(x.shape[:-1]), k, n)
+
+
+def column_matmul(x, w, spec: P, fallback):
+    """x [..., K] @ w [K, *out] for a weight split (over tp) on its output axes as `spec` says;
+    `fallback(x, w)` (XLA) where the kernel does not apply."""
+    mesh = _mesh.get()
+    if mesh is None or spec[0] is not None:
+        return fallback(x, w)
+    tp = mesh.shape["tp"]
+    local = tuple(n // tp if axis == "tp" else n for n, axis in zip(w.shape, (*spec, *[None] * w.ndim)))
+    if not _gemv_fits(x, local):
+        return fallback(x, w)
+    out_spec = P(*[None] * (x.ndim - 1), *spec[1:])
+    return _sharded(_local_gemv, mesh, (P(), spec), out_spec)(x, w)
+
+
+def local_matmul(x, w, fallback):
+    """x @ w on one device's blocks (inside allreduce.row_parallel's shard_map, or at tp = 1)."""
+    if _mesh.get() is None or not _gemv_fits(x, w.shape):
+        return fallback(x, w)
+    return _local_gemv(x, w)
+
+
+def attention(q, k_cache, v_cache, positions, window: int | None, cache_spec: P):
+    """Decode attention, or None where the kernel does not apply (then XLA's runs).
+
+    q [B, 1, KVH, G, D]; caches [B, KVH, S, D] (already holding this token's key and value);
+    positions [B, 1]. Returns [B, 1, KVH, G, D] in q's dtype.
+    """
+    mesh = _mesh.get()
+    b, t, _, _, d = q.shape
+    if mesh is None or t != 1 or not decode_attention.supported(k_cache.shape[2], d):
+        return None
+    hi = positions[:, 0] + 1
+    lo = jnp.zeros_like(hi) if window is None else jnp.maximum(hi - window, 0)
+
+    def local(q, k_cache, v_cache, lo, hi):
+        return decode_attention.attend(q[:, 0], k_cache, v_cache, lo, hi).astype(q.dtype)[:, None]
+
+    q_spec = P(None, None, *cache_spec[1:2], None, None)
+    out = _sharded(local, mesh, (q_spec, cache_spec, cache_spec, P(), P()), q_spec)
+    return out(q, k_cache, v_cache, lo, hi)
