@@ -136,10 +136,7 @@ def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, d
 
 def resolve_modes(all_reduce: str, kernels: str, mesh) -> tuple[str, str]:
     """The (all_reduce, kernels) modes a model on `mesh` runs with (allreduce.py, decode_ops.py)."""
-    reduce_mode, kernel_mode = allreduce.resolve(all_reduce, mesh), decode_ops.resolve(kernels, mesh)
-    if kernel_mode == "pallas" and reduce_mode == "xla" and mesh.shape["tp"] > 1:
-        reduce_mode = "shard_map"  # the row-parallel GEMV needs its shard_map; psum = XLA's all-reduce
-    return reduce_mode, kernel_mode
+    return allreduce.resolve(all_reduce, mesh), decode_ops.resolve(kernels, mesh)
 
 
 def _tokenizer(path: Path):

@@ -1,16 +1,17 @@
-"""When the decode step uses the hand-written Pallas kernels, and how they run on sharded arrays.
+"""When the decode step uses the Pallas attention kernel, and how it runs on sharded arrays.
 
-kernels/gemv.py (the projections) and kernels/decode_attention.py replace XLA's code for one new
-token per row. A Pallas call is opaque to XLA's SPMD partitioner (it would gather its operands
-to every device), so with tp > 1 each runs under `shard_map` on the device's own blocks, with
-the specs of the partition table: column-split weights give column-split outputs, attention
-runs per KV head. Row-split weights already run under shard_map (allreduce.row_parallel).
+kernels/decode_attention.py replaces XLA's attention for one new token per row. A Pallas call is
+opaque to XLA's SPMD partitioner (it would gather its operands to every device), so with tp > 1
+it runs under `shard_map` on the device's own KV heads, as the cache's partition spec says.
+
+(A Pallas GEMV for the projections was measured too, and lost to XLA's GEMMs in the decode step
+at every tiling tried: scripts/gpu/NOTES.md, session 4.)
 
 Modes (`jaxtp.load(..., kernels=...)`, stored on the Model, static in the jitted steps):
 
   "xla"     XLA's own kernels everywhere.
-  "pallas"  the Pallas kernels for decode (one token per row, at most gemv.MAX_ROWS rows) where
-            shapes allow, XLA's elsewhere. Off GPUs they run in Pallas interpret mode: slow,
+  "pallas"  the Pallas kernel for decode attention (one token per row) where the shapes allow,
+            XLA's elsewhere (prefill). Off GPUs they run in Pallas interpret mode: slow,
             but the same code, which is how the CPU tests check them against transformers.
   "auto"    "pallas" on GPUs with pipeline_parallel_size = data_parallel_size = 1, else "xla".
 """
@@ -18,13 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jaxtp.kernels import decode_attention, gemv
+from jaxtp.kernels import decode_attention
 
 MODES = ("auto", "xla", "pallas")
 
@@ -58,39 +57,6 @@ def _sharded(fn, mesh: Mesh, in_specs, out_specs):
     if mesh.shape["tp"] == 1:
         return fn  # one device holds everything: no partitioning needed
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-
-
-def _local_gemv(x, w):
-    """x [..., K] @ w [K, *out] on this device's blocks -> [..., *out] in x's dtype."""
-    k = w.shape[0]
-    y = gemv.gemv(x.reshape(-1, k), w.reshape(k, -1))
-    return y.astype(x.dtype).reshape(*x.shape[:-1], *w.shape[1:])
-
-
-def _gemv_fits(x, local_w_shape) -> bool:
-    k, n = local_w_shape[0], math.prod(local_w_shape[1:])
-    return gemv.supported(math.prod(x.shape[:-1]), k, n)
-
-
-def column_matmul(x, w, spec: P, fallback):
-    """x [..., K] @ w [K, *out] for a weight split (over tp) on its output axes as `spec` says;
-    `fallback(x, w)` (XLA) where the kernel does not apply."""
-    mesh = _mesh.get()
-    if mesh is None or spec[0] is not None:
-        return fallback(x, w)
-    tp = mesh.shape["tp"]
-    local = tuple(n // tp if axis == "tp" else n for n, axis in zip(w.shape, (*spec, *[None] * w.ndim)))
-    if not _gemv_fits(x, local):
-        return fallback(x, w)
-    out_spec = P(*[None] * (x.ndim - 1), *spec[1:])
-    return _sharded(_local_gemv, mesh, (P(), spec), out_spec)(x, w)
-
-
-def local_matmul(x, w, fallback):
-    """x @ w on one device's blocks (inside allreduce.row_parallel's shard_map, or at tp = 1)."""
-    if _mesh.get() is None or not _gemv_fits(x, w.shape):
-        return fallback(x, w)
-    return _local_gemv(x, w)
 
 
 def attention(q, k_cache, v_cache, positions, window: int | None, cache_spec: P):

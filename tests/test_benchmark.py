@@ -14,10 +14,9 @@ def test_benchmark_runs_and_checks_tokens_across_modes(tmp_path, capsys):
                     "--reps", "1", "--all-reduce", "xla", "shard_map", "--kernels", "xla", "pallas",
                     "--bandwidth-mib", "8", "--json", str(out)])
     results = json.loads(out.read_text())
-    # kernels="pallas" with all_reduce="xla" runs the row-parallel GEMV under shard_map (psum)
     assert [(r["tp"], r["all_reduce"], r["kernels"], r["batch"]) for r in results] == [
         (1, "xla", "xla", 1), (1, "xla", "xla", 3), (1, "xla", "pallas", 1), (1, "xla", "pallas", 3),
-        (2, "xla", "xla", 1), (2, "xla", "xla", 3), (2, "shard_map", "pallas", 1), (2, "shard_map", "pallas", 3),
+        (2, "xla", "xla", 1), (2, "xla", "xla", 3), (2, "xla", "pallas", 1), (2, "xla", "pallas", 3),
         (2, "shard_map", "xla", 1), (2, "shard_map", "xla", 3), (2, "shard_map", "pallas", 1),
         (2, "shard_map", "pallas", 3)]
     for r in results:

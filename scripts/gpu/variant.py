@@ -5,11 +5,10 @@ call can time several candidate changes in the real decode step before any is co
 
 Variants:
   base            no change
-  gemv_only       Pallas GEMV, XLA attention (with --kernels pallas)
-  attn_only       Pallas attention, XLA projections (with --kernels pallas)
-  gemv=bn,bk,splits,warps,stages,dot   the GEMV's default tiles
+  attn=block,chunk,warps,stages   the Pallas decode attention's tiles (with --kernels pallas)
   norm_barrier    materialize each RMSNorm output (keeps the norm out of the next GEMM's prologue)
-  pad_rows        row-parallel matmuls of one row get a zero second row (keeps XLA's dot a GEMV)
+  no_pad          row-parallel matmuls of one row are not padded to two (model.row_matmul)
+  pad_all         every projection of one row is padded to two rows, column-split ones too
 """
 import functools
 import sys
@@ -24,32 +23,28 @@ def apply(name: str) -> None:
     import jax
     import jax.numpy as jnp
 
-    from jaxtp import decode_ops, model
-    from jaxtp.kernels import gemv
+    from jaxtp import model
+    from jaxtp.kernels import decode_attention
 
     if name == "base":
         return
-    if name == "gemv_only":
-        decode_ops.attention = lambda *a, **k: None
-    elif name == "attn_only":
-        decode_ops.column_matmul = lambda x, w, spec, fallback: fallback(x, w)
-        decode_ops.local_matmul = lambda x, w, fallback: fallback(x, w)
-    elif name.startswith("gemv="):
-        bn, bk, splits, warps, stages, dot = name.split("=")[1].split(",")
-        cfg = gemv.Config(int(bn), int(bk), int(splits), int(warps), int(stages),
-                          None if dot == "auto" else dot == "1")
-        gemv.gemv = functools.partial(gemv.gemv, config=cfg)
+    if name.startswith("attn="):
+        block, chunk, warps, stages = map(int, name.split("=")[1].split(","))
+        cfg = decode_attention.Config(block, chunk, warps, stages)
+        decode_attention.attend = functools.partial(decode_attention.attend, config=cfg)
     elif name == "norm_barrier":
         call = model.RMSNorm.__call__
         model.RMSNorm.__call__ = lambda self, x: jax.lax.optimization_barrier(call(self, x))
-    elif name == "pad_rows":
-        row = model.row_matmul
+    elif name == "no_pad":
+        model.row_matmul = lambda x, w, s: model.matmul("...i,io->...o", x, w, s)
+    elif name == "pad_all":
+        plain = model.matmul
 
-        def padded(x, w, s):
-            if x.shape[0] * x.shape[1] != 1:
-                return row(x, w, s)
-            return row(jnp.concatenate([x, jnp.zeros_like(x)], axis=0), w, s)[:1]
-        model.row_matmul = padded
+        def padded(spec, x, w, s):
+            if x.ndim < 2 or x.shape[0] * x.shape[1] != 1:
+                return plain(spec, x, w, s)
+            return plain(spec, jnp.concatenate([x, jnp.zeros_like(x)]), w, s)[:1]
+        model.matmul = padded
     else:
         raise SystemExit(f"unknown variant {name!r}")
 
