@@ -36,24 +36,21 @@ def _value(param):
 
 
 def matmul(spec: str, x, weight, scale):
-    """einsum of activations with a weight that is either plain or int8 with a per-output-channel
-    `scale` (weight-only quantization, see quantize.py): the int8 -> activation-dtype convert is
-    left for XLA to fuse into the matmul, so HBM traffic is the int8 bytes."""
+    """einsum of activations x [B, T, ...] with a weight that is either plain or int8 with a
+    per-output-channel `scale` (weight-only quantization, see quantize.py): the int8 ->
+    activation-dtype convert is left for XLA to fuse into the matmul, so HBM traffic is the int8
+    bytes.
+
+    A single row (batch-1 decode) is multiplied as two, the second zero. XLA rewrites a one-row
+    product with a weight under ~10M elements (o_proj's block at tp=2) as a multiply and a
+    reduction that stream the weight at a fifth of HBM speed, and its one-row GEMMs are slower
+    than its two-row ones: Llama-2-7B, batch 1, 2x H200, 4.20 -> 3.61 ms/token at tp=2 and
+    4.48 -> 4.34 at tp=1."""
+    if x.ndim > 1 and x.shape[0] * x.shape[1] == 1:
+        return matmul(spec, jnp.concatenate([x, jnp.zeros_like(x)]), weight, scale)[:1]
     if scale is None:
         return jnp.einsum(spec, x, weight)
     return jnp.einsum(spec, x, weight.astype(x.dtype)) * scale.astype(x.dtype)
-
-
-def row_matmul(x, weight, scale):
-    """`matmul` for one device's block of a row-split weight (inside allreduce.row_parallel).
-
-    A single row (batch-1 decode) is multiplied as two, the second zero: XLA rewrites a one-row
-    product with a weight under ~10M elements (o_proj's block at tp=2) as a multiply and a
-    reduction that stream the weight at a fifth of HBM speed, while two rows stay a GEMM
-    (Llama-2-7B on 2x H200: 4.20 -> 3.71 ms/token at batch 1)."""
-    if x.shape[0] * x.shape[1] != 1:
-        return matmul("...i,io->...o", x, weight, scale)
-    return matmul("...i,io->...o", jnp.concatenate([x, jnp.zeros_like(x)]), weight, scale)[:1]
 
 
 class Linear(nnx.Module):
@@ -72,7 +69,8 @@ class RowLinear(Linear):
     each device's product is a partial sum; allreduce.row_parallel says how they are added."""
 
     def __call__(self, x):
-        return allreduce.row_parallel(row_matmul, x, self.weight[...], _value(self.scale))
+        return allreduce.row_parallel(lambda x, w, s: matmul("...i,io->...o", x, w, s), x,
+                                      self.weight[...], _value(self.scale))
 
 
 class RMSNorm(nnx.Module):

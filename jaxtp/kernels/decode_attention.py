@@ -26,9 +26,9 @@ TARGET_PROGRAMS = 512  # ~4 per SM on an H100/H200
 @dataclasses.dataclass(frozen=True)
 class Config:
     block: int = 64        # keys per loop step (a power of two; at most)
-    chunk: int = 512       # keys per program (a split of the sequence), at most
+    chunk: int = 256       # keys per program (a split of the sequence), at most
     warps: int = 4
-    stages: int = 2
+    stages: int = 3
 
 
 def supported(max_len: int, head_dim: int, config: Config = Config()) -> bool:

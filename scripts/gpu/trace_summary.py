@@ -52,6 +52,14 @@ def summarize(trace_dir, steps: int = 1, top: int = 25, hlo: str = ""):
               f"{span / 1e6 / steps:.3f} ms/step, busy {busy / 1e6 / steps:.3f}, idle "
               f"{(span - busy) / 1e6 / steps:.3f} in {len(gaps) / steps:.0f} gaps/step; streams "
               f"{sorted({x[3] for x in events})}")
+        for stream in sorted({x[3] for x in events}):  # which kernels leave the main stream
+            on = collections.Counter()
+            for s, e, name, line in events:
+                if line == stream:
+                    on[name[:40]] += e - s
+            n = sum(1 for x in events if x[3] == stream)
+            print(f"   stream {stream}: {n / steps:.0f} kernels/step, {sum(on.values()) / 1e3 / steps:.1f} us/step; "
+                  f"top: {', '.join(f'{k} {v / 1e3 / steps:.0f}' for k, v in on.most_common(4))}")
         for name, (n, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:top]:
             print(f"   {t / 1e3 / steps:9.1f} us/step {n / steps:6.1f}x {t / n / 1e3:8.2f} us  {name[:90]}"
                   f"  {describe(hlo, name)}")
