@@ -1,4 +1,8 @@
 """jaxtp: tensor-parallel inference for Hugging Face decoder LLMs on JAX/XLA SPMD."""
+from jaxtp import xla_flags
+
+xla_flags.apply()  # before anything starts jax's backend
+
 from jaxtp.api import LLM, Model, chat_prompt, generate, load, stream
 from jaxtp.config import ModelConfig
 from jaxtp.outputs import Completion, CompletionOutput, Delta, Logprob, RequestOutput

@@ -120,8 +120,9 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
 
     def __call__(self, x, cos, sin, k_cache, v_cache, start, positions):
-        b, t, _ = x.shape
-        q, k, v = self.qkv_proj(x)
+        """x may carry padding rows past the cache's (CausalLM.hidden); they skip attention."""
+        b, t, pad = start.shape[0], x.shape[1], x.shape[0] - start.shape[0]
+        q, k, v = (y[:b] for y in self.qkv_proj(x))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
@@ -134,6 +135,8 @@ class Attention(nnx.Module):
         if out is None:
             out = self.attend(q, k_cache, v_cache, positions)
         out = out.astype(x.dtype).reshape(b, t, self.num_heads * self.head_dim)
+        if pad:
+            out = jnp.concatenate([out, jnp.zeros((pad, *out.shape[1:]), out.dtype)])
         return self.o_proj(out), k_cache, v_cache
 
     def attend(self, q, k_cache, v_cache, positions):
@@ -222,16 +225,22 @@ class CausalLM(nnx.Module):
         self.rope_freq, self.rope_scale = tuple(freq.tolist()), scale
 
     def hidden(self, tokens, cache: KVCache, start):
-        """Run tokens [B, T] placed at positions start[b] + t; returns (hidden [B, T, d], cache)."""
+        """Run tokens [B, T] placed at positions start[b] + t; returns (hidden [B, T, d], cache).
+
+        A single token (batch-1 decode) travels the layers with a zero second row, so every
+        projection multiplies two rows (see `matmul`) without a padding kernel before each."""
         positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]
         cos, sin = rope.cos_sin(positions, jnp.asarray(self.rope_freq, jnp.float32), self.rope_scale)
         x = self.model.embed_tokens(tokens)
+        rows = x.shape[0]
+        if x.shape[0] * x.shape[1] == 1:
+            x = jnp.concatenate([x, jnp.zeros_like(x)])
         ks, vs = [], []
         for layer, k_cache, v_cache in zip(self.model.layers, cache.k, cache.v):
             x, k_cache, v_cache = layer(x, cos, sin, k_cache, v_cache, start, positions)
             ks.append(k_cache)
             vs.append(v_cache)
-        return self.model.norm(x), KVCache(ks, vs)
+        return self.model.norm(x[:rows]), KVCache(ks, vs)
 
     def logits(self, h):
         """float32 logits over the padded vocab; padding entries are -inf so they are never sampled."""
