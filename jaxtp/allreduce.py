@@ -35,6 +35,7 @@ from jaxtp import kernels
 MODES = ("auto", "xla", "custom", "shard_map")
 MAX_BYTES = 1 << 20  # per-device input size up to which the custom kernel is used (batch <= 128 at d=4096)
 TARGET = "jaxtp_all_reduce"
+TARGET_ADD_NORM = "jaxtp_all_reduce_add_norm"  # the sum fused with the residual add and RMSNorm
 
 _active: contextvars.ContextVar[tuple[Mesh, str] | None] = contextvars.ContextVar("all_reduce", default=None)
 _library: ctypes.CDLL | None = None
@@ -87,6 +88,8 @@ def setup(mesh: Mesh) -> None:
         major, minor = str(mesh.devices.flat[0].compute_capability).split(".")
         lib = kernels.build("all_reduce", f"{major}{minor}")
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxtpAllReduce), platform="CUDA")
+        jax.ffi.register_ffi_target(TARGET_ADD_NORM, jax.ffi.pycapsule(lib.JaxtpAllReduceAddNorm),
+                                    platform="CUDA")
         lib.jaxtp_ar_error.restype = ctypes.c_char_p
         lib.jaxtp_ar_init.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int64]
         _library = lib
@@ -124,8 +127,50 @@ def row_parallel(matmul: Callable, x, weight, scale=None):
     return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)(*args)
 
 
+def row_parallel_add_norm(matmul: Callable, x, weight, scale, residual, norm_weight, eps: float,
+                          norm: Callable):
+    """(residual + row_parallel(matmul, x, weight, scale), norm(that, norm_weight, eps)).
+
+    A decoder layer follows each row-parallel sum with a residual add and an RMSNorm; in "custom"
+    mode all three are one kernel (kernels/all_reduce.cu, one_shot_add_norm) instead of four
+    (the all-reduce, the add, the norm's reduction and its scaling). `norm` is the same RMSNorm
+    in jnp, used by every other mode.
+    """
+    active = _active.get()
+    if active is None:
+        new = residual + matmul(x, weight, scale)
+        return new, norm(new, norm_weight, eps)
+    mesh, mode = active
+
+    def local(x, weight, residual, norm_weight, *scale):
+        partial = matmul(x, weight, scale[0] if scale else None)
+        return _add_norm(partial, residual, norm_weight, eps, norm, mode)
+
+    args = (x, weight, residual, norm_weight)
+    specs = (P(*[None] * (x.ndim - 1), "tp"), P("tp", None), P(), P())
+    if scale is not None:
+        args, specs = args + (scale,), specs + (P(),)
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(P(), P()), check_vma=False)(*args)
+
+
+def _add_norm(partial, residual, norm_weight, eps: float, norm: Callable, mode: str):
+    """Inside shard_map: (residual + the sum over tp of `partial`, norm of that)."""
+    if (_fits(partial, mode) and residual.dtype == partial.dtype == norm_weight.dtype
+            and norm_weight.nbytes % 16 == 0):
+        out = jax.ShapeDtypeStruct(residual.shape, residual.dtype)
+        return jax.ffi.ffi_call(TARGET_ADD_NORM, (out, out))(partial, residual, norm_weight,
+                                                              eps=np.float32(eps))
+    new = residual + _sum(partial, mode)
+    return new, norm(new, norm_weight, eps)
+
+
+def _fits(partial, mode: str) -> bool:
+    """Whether the custom kernel takes this partial sum (prefill-sized ones go to NCCL)."""
+    return mode == "custom" and partial.nbytes <= MAX_BYTES and partial.nbytes % 16 == 0
+
+
 def _sum(partial, mode: str):
     """Inside shard_map: the sum over tp of each device's `partial`."""
-    if mode == "custom" and partial.nbytes <= MAX_BYTES and partial.nbytes % 16 == 0:
+    if _fits(partial, mode):
         return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(partial.shape, partial.dtype))(partial)
     return jax.lax.psum(partial, "tp")

@@ -64,13 +64,31 @@ class Linear(nnx.Module):
         return y if self.bias is None else y + self.bias[...]
 
 
+def _row_matmul(x, w, scale):
+    return matmul("...i,io->...o", x, w, scale)
+
+
 class RowLinear(Linear):
     """A row-parallel projection (o_proj, down_proj): its input features are split over tp, so
     each device's product is a partial sum; allreduce.row_parallel says how they are added."""
 
     def __call__(self, x):
-        return allreduce.row_parallel(lambda x, w, s: matmul("...i,io->...o", x, w, s), x,
-                                      self.weight[...], _value(self.scale))
+        return allreduce.row_parallel(_row_matmul, x, self.weight[...], _value(self.scale))
+
+    def add_norm(self, x, residual, norm: "RMSNorm | None"):
+        """(residual + self(x), norm(that)): the decoder's residual add and the RMSNorm after it,
+        done with the sum over tp (one kernel in allreduce's custom mode). norm=None: no norm."""
+        if norm is None:
+            return residual + self(x), None
+        return allreduce.row_parallel_add_norm(_row_matmul, x, self.weight[...], _value(self.scale),
+                                               residual, norm.weight[...], norm.eps, rms_norm)
+
+
+def rms_norm(x, weight, eps: float):
+    """RMSNorm as Llama computes it: normalized in float32, rounded to x's dtype, then scaled."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * x32.astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -79,9 +97,7 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...] * x32.astype(x.dtype)
+        return rms_norm(x, self.weight[...], self.eps)
 
 
 class QKVLinear(nnx.Module):
@@ -120,7 +136,9 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
 
     def __call__(self, x, cos, sin, k_cache, v_cache, start, positions):
-        """x may carry padding rows past the cache's (CausalLM.hidden); they skip attention."""
+        """Attention of x's tokens, before o_proj (DecoderLayer applies it, fused with the
+        residual add). x may carry padding rows past the cache's (CausalLM.hidden); they skip
+        attention and come out zero."""
         b, t, pad = start.shape[0], x.shape[1], x.shape[0] - start.shape[0]
         q, k, v = (y[:b] for y in self.qkv_proj(x))
         if self.q_norm is not None:
@@ -137,7 +155,7 @@ class Attention(nnx.Module):
         out = out.astype(x.dtype).reshape(b, t, self.num_heads * self.head_dim)
         if pad:
             out = jnp.concatenate([out, jnp.zeros((pad, *out.shape[1:]), out.dtype)])
-        return self.o_proj(out), k_cache, v_cache
+        return out, k_cache, v_cache
 
     def attend(self, q, k_cache, v_cache, positions):
         """XLA's attention of q [B, T, KVH, G, D] over the cache -> [B, T, KVH, G, D] (float32)."""
@@ -170,8 +188,9 @@ class MLP(nnx.Module):
         self.down_proj = RowLinear(cfg.intermediate_size, cfg.hidden_size, dtype)
 
     def __call__(self, x):
+        """The MLP before down_proj (DecoderLayer applies it, fused with the residual add)."""
         gate, up = self.gate_up_proj(x)
-        return self.down_proj(jax.nn.silu(gate) * up)
+        return jax.nn.silu(gate) * up
 
 
 class DecoderLayer(nnx.Module):
@@ -181,11 +200,15 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, dtype)
 
-    def __call__(self, x, cos, sin, k_cache, v_cache, start, positions):
-        h, k_cache, v_cache = self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache,
-                                             start, positions)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), k_cache, v_cache
+    def __call__(self, x, normed, next_norm, cos, sin, k_cache, v_cache, start, positions):
+        """One layer on the residual stream x, given normed = input_layernorm(x). Returns
+        (x after the layer, next_norm(that), caches): next_norm is the next layer's
+        input_layernorm or the final norm (None: not computed). Each residual add and the norm
+        after it go with the all-reduce before them (RowLinear.add_norm), as in vLLM's layers."""
+        out, k_cache, v_cache = self.self_attn(normed, cos, sin, k_cache, v_cache, start, positions)
+        x, h = self.self_attn.o_proj.add_norm(out, x, self.post_attention_layernorm)
+        x, normed = self.mlp.down_proj.add_norm(self.mlp(h), x, next_norm)
+        return x, normed, k_cache, v_cache
 
 
 class Embedding(nnx.Module):
@@ -235,12 +258,15 @@ class CausalLM(nnx.Module):
         rows = x.shape[0]
         if x.shape[0] * x.shape[1] == 1:
             x = jnp.concatenate([x, jnp.zeros_like(x)])
-        ks, vs = [], []
-        for layer, k_cache, v_cache in zip(self.model.layers, cache.k, cache.v):
-            x, k_cache, v_cache = layer(x, cos, sin, k_cache, v_cache, start, positions)
+        layers, ks, vs = self.model.layers, [], []
+        normed = layers[0].input_layernorm(x)
+        for i, (layer, k_cache, v_cache) in enumerate(zip(layers, cache.k, cache.v)):
+            next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            x, normed, k_cache, v_cache = layer(x, normed, next_norm, cos, sin, k_cache, v_cache,
+                                                start, positions)
             ks.append(k_cache)
             vs.append(v_cache)
-        return self.model.norm(x[:rows]), KVCache(ks, vs)
+        return normed[:rows], KVCache(ks, vs)
 
     def logits(self, h):
         """float32 logits over the padded vocab; padding entries are -inf so they are never sampled."""

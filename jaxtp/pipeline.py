@@ -70,7 +70,7 @@ class PipelinedLM(CausalLM):
 
         def run(layer, x, k, v, live):  # one stage's copy of one layer
             old_k, old_v = _read(k, start, t), _read(v, start, t)
-            x, k, v = layer(x, cos, sin, k, v, start, positions)
+            x, _, k, v = layer(x, layer.input_layernorm(x), None, cos, sin, k, v, start, positions)
             keep = lambda c, old: write(c, jnp.where(live, _read(c, start, t), old), start)  # noqa: E731
             return x, keep(k, old_k), keep(v, old_v)
 

@@ -74,6 +74,10 @@ struct Vec {
 #pragma unroll
     for (int i = 0; i < n; ++i) acc[i] += to_float(e[i]);
   }
+  static __device__ __forceinline__ void round(float* acc) {  // to T and back
+#pragma unroll
+    for (int i = 0; i < n; ++i) acc[i] = to_float(from_float<T>(acc[i]));
+  }
   static __device__ __forceinline__ uint4 pack(const float* acc) {
     uint4 v;
     T* e = reinterpret_cast<T*>(&v);
@@ -83,21 +87,15 @@ struct Vec {
   }
 };
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) one_shot(Params p, const uint4* in, uint4* out, int64_t vecs) {
-  __shared__ uint32_t epoch_shared;
+// Steps 1-3 of a call, shared by both kernels: push this block's share of `in` into slot `rank`
+// of every rank's receive buffer, raise this block's flag on every rank, and wait for every
+// rank's flag for this block. Returns the offset of this call's half of the receive buffers.
+// A peer may already be one call ahead (epoch + 1), never two: it waits for our next flag, and
+// our next call starts only after this one's blocks have all finished (stream order).
+__device__ __forceinline__ int64_t exchange(const Params& p, const uint4* in, int64_t lo, int64_t hi,
+                                            uint32_t epoch) {
   const int block = blockIdx.x;
-  if (threadIdx.x == 0) epoch_shared = p.counter[block] + 1;
-  __syncthreads();
-  const uint32_t epoch = epoch_shared;
   const int64_t parity_offset = (epoch & 1) * p.ranks * p.max_bytes;
-
-  // This block's contiguous share of the vectors (the same split on every rank).
-  const int64_t per = (vecs + gridDim.x - 1) / gridDim.x;
-  const int64_t lo = block * per;
-  const int64_t hi = lo + per < vecs ? lo + per : vecs;
-
-  // 1. Push my share into slot `rank` of every rank's receive buffer (mine included).
   for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
     const uint4 v = in[i];
     for (int r = 0; r < p.ranks; ++r) {
@@ -106,9 +104,6 @@ __global__ void __launch_bounds__(kThreads) one_shot(Params p, const uint4* in, 
     }
   }
   __syncthreads();
-
-  // 2. Tell every rank this block's share has landed; 3. wait until every rank has said so.
-  // A peer may already be one call ahead (epoch + 1), never two: it waits for our next flag.
   if (threadIdx.x < p.ranks) {
     __threadfence_system();
     store_release(p.flags[threadIdx.x] + block * kMaxRanks + p.rank, epoch);
@@ -117,16 +112,105 @@ __global__ void __launch_bounds__(kThreads) one_shot(Params p, const uint4* in, 
     }
   }
   __syncthreads();
+  return parity_offset;
+}
 
-  // 4. Sum the slots in rank order (identical on every rank).
-  const char* base = p.recv[p.rank] + parity_offset;
-  for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+__device__ __forceinline__ uint32_t next_epoch(const Params& p) {
+  __shared__ uint32_t epoch_shared;
+  if (threadIdx.x == 0) epoch_shared = p.counter[blockIdx.x] + 1;
+  __syncthreads();
+  return epoch_shared;
+}
+
+// The sum over ranks, in rank order, of vector i of the slots (identical on every rank).
+template <typename T>
+__device__ __forceinline__ void sum_slots(const Params& p, const char* base, int64_t i, float* acc) {
+  for (int r = 0; r < p.ranks; ++r)
+    Vec<T>::add(acc, __ldcg(reinterpret_cast<const uint4*>(base + r * p.max_bytes) + i));
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) one_shot(Params p, const uint4* in, uint4* out, int64_t vecs) {
+  const uint32_t epoch = next_epoch(p);
+  // This block's contiguous share of the vectors (the same split on every rank).
+  const int64_t per = (vecs + gridDim.x - 1) / gridDim.x;
+  const int64_t lo = blockIdx.x * per;
+  const int64_t hi = lo + per < vecs ? lo + per : vecs;
+  const char* base = p.recv[p.rank] + exchange(p, in, lo, hi, epoch);
+  for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {  // 4. sum my share
     float acc[Vec<T>::n] = {};
-    for (int r = 0; r < p.ranks; ++r)
-      Vec<T>::add(acc, __ldcg(reinterpret_cast<const uint4*>(base + r * p.max_bytes) + i));
+    sum_slots<T>(p, base, i, acc);
     out[i] = Vec<T>::pack(acc);
   }
-  if (threadIdx.x == 0) p.counter[block] = epoch;
+  if (threadIdx.x == 0) p.counter[blockIdx.x] = epoch;
+}
+
+// The all-reduce fused with what follows it in a decoder layer (TensorRT-LLM and vLLM fuse the
+// same): new_residual = residual + sum, normed = weight * rmsnorm(new_residual), rows of `row_vecs`
+// vectors. After the exchange each block waits for every block's flags (the whole input has
+// landed), then normalizes rows blockIdx.x, blockIdx.x + kBlocks, ... The roundings are the
+// unfused model's: the sum to T, the residual add to T, the normalized row to T before the weight.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) one_shot_add_norm(Params p, const uint4* in,
+    const uint4* residual, const uint4* weight, uint4* new_residual, uint4* normed, int64_t rows,
+    int64_t row_vecs, float eps) {
+  constexpr int n = Vec<T>::n;
+  const uint32_t epoch = next_epoch(p);
+  const int64_t vecs = rows * row_vecs;
+  const int64_t per = (vecs + gridDim.x - 1) / gridDim.x;
+  const int64_t lo = blockIdx.x * per;
+  const int64_t hi = lo + per < vecs ? lo + per : vecs;
+  const char* base = p.recv[p.rank] + exchange(p, in, lo, hi, epoch);
+  for (int f = threadIdx.x; f < kBlocks * p.ranks; f += blockDim.x) {  // every block's share
+    const uint32_t* flag = p.flags[p.rank] + (f / p.ranks) * kMaxRanks + f % p.ranks;
+    while (static_cast<int32_t>(load_acquire(flag) - epoch) < 0) {
+    }
+  }
+  __syncthreads();
+
+  __shared__ float partial[kThreads / 32];
+  __shared__ float scale;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    float sumsq = 0.f;
+    for (int64_t j = threadIdx.x; j < row_vecs; j += blockDim.x) {
+      const int64_t i = row * row_vecs + j;
+      float acc[n] = {}, res[n] = {};
+      sum_slots<T>(p, base, i, acc);
+      Vec<T>::round(acc);
+      Vec<T>::add(res, residual[i]);
+#pragma unroll
+      for (int e = 0; e < n; ++e) acc[e] += res[e];
+      const uint4 x = Vec<T>::pack(acc);
+      new_residual[i] = x;
+      float xs[n] = {};
+      Vec<T>::add(xs, x);
+#pragma unroll
+      for (int e = 0; e < n; ++e) sumsq += xs[e] * xs[e];
+    }
+    for (int o = 16; o > 0; o >>= 1) sumsq += __shfl_xor_sync(0xffffffff, sumsq, o);
+    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sumsq;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float total = 0.f;
+      for (int w = 0; w < kThreads / 32; ++w) total += partial[w];
+      scale = rsqrtf(total / static_cast<float>(row_vecs * n) + eps);
+    }
+    __syncthreads();
+    for (int64_t j = threadIdx.x; j < row_vecs; j += blockDim.x) {
+      const int64_t i = row * row_vecs + j;
+      float xs[n] = {}, w[n] = {};
+      Vec<T>::add(xs, new_residual[i]);  // this thread's own write: visible to it
+      Vec<T>::add(w, weight[j]);
+#pragma unroll
+      for (int e = 0; e < n; ++e) xs[e] *= scale;
+      Vec<T>::round(xs);
+#pragma unroll
+      for (int e = 0; e < n; ++e) xs[e] *= w[e];
+      normed[i] = Vec<T>::pack(xs);
+    }
+    __syncthreads();  // `partial` and `scale` are reused by the next row
+  }
+  if (threadIdx.x == 0) p.counter[blockIdx.x] = epoch;
 }
 
 #define CHECK_CUDA(call)                                                                  \
@@ -266,5 +350,60 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtpAllReduce, AllReduce,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>(),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+static ffi::Error AllReduceAddNorm(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer residual,
+                                   ffi::AnyBuffer weight, float eps, ffi::Result<ffi::AnyBuffer> new_residual,
+                                   ffi::Result<ffi::AnyBuffer> normed) {
+  cudaPointerAttributes attr;
+  if (cudaPointerGetAttributes(&attr, x.untyped_data()) != cudaSuccess || attr.device < 0 ||
+      attr.device >= kMaxDevices || !g_ready[attr.device]) {
+    cudaGetLastError();
+    return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
+                      "jaxtp all-reduce: this GPU was not registered (jaxtp.allreduce.setup)");
+  }
+  const Params& p = g_params[attr.device];
+  const int64_t bytes = static_cast<int64_t>(x.size_bytes());
+  const int64_t row_bytes = static_cast<int64_t>(weight.size_bytes());
+  if (bytes > p.max_bytes || row_bytes % 16 || bytes % row_bytes || residual.size_bytes() != x.size_bytes() ||
+      residual.element_type() != x.element_type() || weight.element_type() != x.element_type()) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "jaxtp all-reduce + norm: input, residual [rows, d] and weight [d] must share "
+                      "a dtype, d must fill whole 16-byte vectors, the input at most max_bytes");
+  }
+  const int64_t row_vecs = row_bytes / 16, rows = bytes / row_bytes;
+  auto in = static_cast<const uint4*>(x.untyped_data());
+  auto res = static_cast<const uint4*>(residual.untyped_data());
+  auto w = static_cast<const uint4*>(weight.untyped_data());
+  auto out_res = static_cast<uint4*>(new_residual->untyped_data());
+  auto out = static_cast<uint4*>(normed->untyped_data());
+  switch (x.element_type()) {
+    case ffi::DataType::BF16:
+      one_shot_add_norm<__nv_bfloat16><<<kBlocks, kThreads, 0, stream>>>(p, in, res, w, out_res, out, rows, row_vecs, eps);
+      break;
+    case ffi::DataType::F16:
+      one_shot_add_norm<__half><<<kBlocks, kThreads, 0, stream>>>(p, in, res, w, out_res, out, rows, row_vecs, eps);
+      break;
+    case ffi::DataType::F32:
+      one_shot_add_norm<float><<<kBlocks, kThreads, 0, stream>>>(p, in, res, w, out_res, out, rows, row_vecs, eps);
+      break;
+    default:
+      return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                        "jaxtp all-reduce + norm: dtype must be bfloat16, float16 or float32");
+  }
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return ffi::Error(ffi::ErrorCode::kInternal, cudaGetErrorString(e));
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtpAllReduceAddNorm, AllReduceAddNorm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Attr<float>("eps")
+                                  .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>(),
                               {ffi::Traits::kCmdBufferCompatible});
