@@ -146,31 +146,44 @@ __global__ void __launch_bounds__(kThreads) one_shot(Params p, const uint4* in, 
 }
 
 // The all-reduce fused with what follows it in a decoder layer (TensorRT-LLM and vLLM fuse the
-// same): new_residual = residual + sum, normed = weight * rmsnorm(new_residual), rows of `row_vecs`
-// vectors. After the exchange each block waits for every block's flags (the whole input has
-// landed), then normalizes rows blockIdx.x, blockIdx.x + kBlocks, ... The roundings are the
-// unfused model's: the sum to T, the residual add to T, the normalized row to T before the weight.
+// same): new_residual = residual + sum, normed = weight * rmsnorm(new_residual), for rows of
+// `row_vecs` vectors. The input is exchanged by rows: block b pushes and then normalizes rows b,
+// b + kBlocks, ..., so it needs only its own flags (a row is whole once its block's flags are
+// up). Blocks without rows still count the call, keeping every block's epoch (and so the
+// receive buffer half) the same as in one_shot. The roundings are the unfused model's: the sum
+// to T, the residual add to T, the normalized row to T before the weight.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) one_shot_add_norm(Params p, const uint4* in,
     const uint4* residual, const uint4* weight, uint4* new_residual, uint4* normed, int64_t rows,
     int64_t row_vecs, float eps) {
   constexpr int n = Vec<T>::n;
   const uint32_t epoch = next_epoch(p);
-  const int64_t vecs = rows * row_vecs;
-  const int64_t per = (vecs + gridDim.x - 1) / gridDim.x;
-  const int64_t lo = blockIdx.x * per;
-  const int64_t hi = lo + per < vecs ? lo + per : vecs;
-  const char* base = p.recv[p.rank] + exchange(p, in, lo, hi, epoch);
-  for (int f = threadIdx.x; f < kBlocks * p.ranks; f += blockDim.x) {  // every block's share
-    const uint32_t* flag = p.flags[p.rank] + (f / p.ranks) * kMaxRanks + f % p.ranks;
-    while (static_cast<int32_t>(load_acquire(flag) - epoch) < 0) {
+  if (blockIdx.x >= rows) {
+    if (threadIdx.x == 0) p.counter[blockIdx.x] = epoch;
+    return;
+  }
+  const int64_t parity_offset = (epoch & 1) * p.ranks * p.max_bytes;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {  // 1. push my rows
+    for (int64_t i = row * row_vecs + threadIdx.x; i < (row + 1) * row_vecs; i += blockDim.x) {
+      const uint4 v = in[i];
+      for (int r = 0; r < p.ranks; ++r)
+        reinterpret_cast<uint4*>(p.recv[r] + parity_offset + p.rank * p.max_bytes)[i] = v;
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < p.ranks) {  // 2. raise my flag on every rank; 3. wait for theirs
+    __threadfence_system();
+    store_release(p.flags[threadIdx.x] + blockIdx.x * kMaxRanks + p.rank, epoch);
+    const uint32_t* mine = p.flags[p.rank] + blockIdx.x * kMaxRanks + threadIdx.x;
+    while (static_cast<int32_t>(load_acquire(mine) - epoch) < 0) {
     }
   }
   __syncthreads();
 
+  const char* base = p.recv[p.rank] + parity_offset;
   __shared__ float partial[kThreads / 32];
   __shared__ float scale;
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {  // 4. sum, add, normalize
     float sumsq = 0.f;
     for (int64_t j = threadIdx.x; j < row_vecs; j += blockDim.x) {
       const int64_t i = row * row_vecs + j;
