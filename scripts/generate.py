@@ -34,6 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--all-reduce", choices=["auto", "xla", "custom", "shard_map"], default="auto",
                    help="how tensor-parallel partial sums are added: auto = the one-shot NVLink kernel on "
                    "CUDA GPUs, else XLA's all-reduce (jaxtp/allreduce.py)")
+    p.add_argument("--kernels", choices=["auto", "xla", "pallas"], default="auto",
+                   help="decode attention: auto = the Pallas kernel on GPUs, else XLA's (jaxtp/decode_ops.py)")
     p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
     p.add_argument("--prompts-file", help="a file with one prompt per line ('-': stdin)")
     p.add_argument("--chat", action="store_true", help="apply the chat template (prompt = user turn)")
@@ -105,7 +107,7 @@ def main(argv=None):
         prompts = read_prompts(args)
         model = jaxtp.load(args.model, tp=args.tp, dp=args.dp, pp=args.pp, dtype=args.dtype,
                            quantization=args.quantization,
-                           all_reduce=args.all_reduce)
+                           all_reduce=args.all_reduce, kernels=args.kernels)
         if args.chat:
             system = [{"role": "system", "content": args.system}] if args.system else []
             inputs = [jaxtp.chat_prompt(model, system + [{"role": "user", "content": p}]) for p in prompts]
@@ -127,7 +129,7 @@ def main(argv=None):
     print(f"{len(prompts)} prompts, {n} tokens in {elapsed:.2f}s ({n / elapsed:.1f} tok/s incl. "
           f"compilation), tp={model.tp}, devices={len(devices)}x {devices[0].platform} "
           f"({jax.devices()[0].device_kind}), dp={model.dp}, pp={model.pp}, processes={jax.process_count()}, "
-          f"all-reduce={model.all_reduce}")
+          f"all-reduce={model.all_reduce}, kernels={model.kernels}")
 
 
 def stream(jaxtp, model, prompts, inputs, params):

@@ -21,6 +21,8 @@ def parse_args(argv=None):
     p.add_argument("--all-reduce", choices=["auto", "xla", "custom", "shard_map"], default="auto",
                    help="how tensor-parallel partial sums are added: auto = the one-shot NVLink kernel on "
                    "CUDA GPUs, else XLA's all-reduce (jaxtp/allreduce.py)")
+    p.add_argument("--kernels", choices=["auto", "xla", "pallas"], default="auto",
+                   help="decode attention: auto = the Pallas kernel on GPUs, else XLA's (jaxtp/decode_ops.py)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-num-seqs", type=int, default=64, help="KV-cache slots (concurrent sequences)")
@@ -43,7 +45,7 @@ def main(argv=None):
     try:
         model = jaxtp.load(args.model, tp=args.tp, dtype=args.dtype,
                            quantization=args.quantization,
-                           all_reduce=args.all_reduce)
+                           all_reduce=args.all_reduce, kernels=args.kernels)
         llm = AsyncLLM(model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                        max_queue=args.max_queue, chunk=args.decode_chunk)
     except (ValueError, TypeError, KeyError, OSError) as e:

@@ -322,34 +322,29 @@ int jaxtp_ar_init(const int* dev, int ranks, int64_t max_bytes) {
 
 }  // extern "C"
 
-static ffi::Error AllReduce(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
+// The registered state of the GPU that holds `x`, or null.
+static const Params* params_of(const void* x) {
   cudaPointerAttributes attr;
-  if (cudaPointerGetAttributes(&attr, x.untyped_data()) != cudaSuccess || attr.device < 0 ||
-      attr.device >= kMaxDevices || !g_ready[attr.device]) {
-    cudaGetLastError();
-    return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
-                      "jaxtp all-reduce: this GPU was not registered (jaxtp.allreduce.setup)");
+  if (cudaPointerGetAttributes(&attr, x) != cudaSuccess || attr.device < 0 || attr.device >= kMaxDevices ||
+      !g_ready[attr.device]) {
+    cudaGetLastError();  // clear it
+    return nullptr;
   }
-  const Params& p = g_params[attr.device];
-  const int64_t bytes = static_cast<int64_t>(x.size_bytes());
-  if (bytes > p.max_bytes || bytes % 16) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "jaxtp all-reduce: input must be a multiple of 16 bytes and at most the "
-                      "registered max_bytes");
-  }
-  const int64_t vecs = bytes / 16;
-  const uint4* in = static_cast<const uint4*>(x.untyped_data());
-  uint4* out = static_cast<uint4*>(y->untyped_data());
-  switch (x.element_type()) {
-    case ffi::DataType::BF16:
-      one_shot<__nv_bfloat16><<<kBlocks, kThreads, 0, stream>>>(p, in, out, vecs);
-      break;
-    case ffi::DataType::F16:
-      one_shot<__half><<<kBlocks, kThreads, 0, stream>>>(p, in, out, vecs);
-      break;
-    case ffi::DataType::F32:
-      one_shot<float><<<kBlocks, kThreads, 0, stream>>>(p, in, out, vecs);
-      break;
+  return &g_params[attr.device];
+}
+
+static ffi::Error unregistered() {
+  return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
+                    "jaxtp all-reduce: this GPU was not registered (jaxtp.allreduce.setup)");
+}
+
+// Calls launch(T{}) for the element type T of `type`, then reports any launch error.
+template <typename Launch>
+static ffi::Error dispatch(ffi::DataType type, Launch launch) {
+  switch (type) {
+    case ffi::DataType::BF16: launch(__nv_bfloat16{}); break;
+    case ffi::DataType::F16: launch(__half{}); break;
+    case ffi::DataType::F32: launch(float{}); break;
     default:
       return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                         "jaxtp all-reduce: dtype must be bfloat16, float16 or float32");
@@ -357,6 +352,22 @@ static ffi::Error AllReduce(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<f
   const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return ffi::Error(ffi::ErrorCode::kInternal, cudaGetErrorString(e));
   return ffi::Error::Success();
+}
+
+static ffi::Error AllReduce(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
+  const Params* p = params_of(x.untyped_data());
+  if (!p) return unregistered();
+  const int64_t bytes = static_cast<int64_t>(x.size_bytes());
+  if (bytes > p->max_bytes || bytes % 16) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "jaxtp all-reduce: input must be a multiple of 16 bytes and at most the "
+                      "registered max_bytes");
+  }
+  auto in = static_cast<const uint4*>(x.untyped_data());
+  auto out = static_cast<uint4*>(y->untyped_data());
+  return dispatch(x.element_type(), [&](auto t) {
+    one_shot<decltype(t)><<<kBlocks, kThreads, 0, stream>>>(*p, in, out, bytes / 16);
+  });
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtpAllReduce, AllReduce,
@@ -369,45 +380,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtpAllReduce, AllReduce,
 static ffi::Error AllReduceAddNorm(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer residual,
                                    ffi::AnyBuffer weight, float eps, ffi::Result<ffi::AnyBuffer> new_residual,
                                    ffi::Result<ffi::AnyBuffer> normed) {
-  cudaPointerAttributes attr;
-  if (cudaPointerGetAttributes(&attr, x.untyped_data()) != cudaSuccess || attr.device < 0 ||
-      attr.device >= kMaxDevices || !g_ready[attr.device]) {
-    cudaGetLastError();
-    return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
-                      "jaxtp all-reduce: this GPU was not registered (jaxtp.allreduce.setup)");
-  }
-  const Params& p = g_params[attr.device];
+  const Params* p = params_of(x.untyped_data());
+  if (!p) return unregistered();
   const int64_t bytes = static_cast<int64_t>(x.size_bytes());
   const int64_t row_bytes = static_cast<int64_t>(weight.size_bytes());
-  if (bytes > p.max_bytes || row_bytes % 16 || bytes % row_bytes || residual.size_bytes() != x.size_bytes() ||
+  if (bytes > p->max_bytes || row_bytes % 16 || bytes % row_bytes || residual.size_bytes() != x.size_bytes() ||
       residual.element_type() != x.element_type() || weight.element_type() != x.element_type()) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "jaxtp all-reduce + norm: input, residual [rows, d] and weight [d] must share "
                       "a dtype, d must fill whole 16-byte vectors, the input at most max_bytes");
   }
-  const int64_t row_vecs = row_bytes / 16, rows = bytes / row_bytes;
   auto in = static_cast<const uint4*>(x.untyped_data());
   auto res = static_cast<const uint4*>(residual.untyped_data());
   auto w = static_cast<const uint4*>(weight.untyped_data());
   auto out_res = static_cast<uint4*>(new_residual->untyped_data());
   auto out = static_cast<uint4*>(normed->untyped_data());
-  switch (x.element_type()) {
-    case ffi::DataType::BF16:
-      one_shot_add_norm<__nv_bfloat16><<<kBlocks, kThreads, 0, stream>>>(p, in, res, w, out_res, out, rows, row_vecs, eps);
-      break;
-    case ffi::DataType::F16:
-      one_shot_add_norm<__half><<<kBlocks, kThreads, 0, stream>>>(p, in, res, w, out_res, out, rows, row_vecs, eps);
-      break;
-    case ffi::DataType::F32:
-      one_shot_add_norm<float><<<kBlocks, kThreads, 0, stream>>>(p, in, res, w, out_res, out, rows, row_vecs, eps);
-      break;
-    default:
-      return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                        "jaxtp all-reduce + norm: dtype must be bfloat16, float16 or float32");
-  }
-  const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) return ffi::Error(ffi::ErrorCode::kInternal, cudaGetErrorString(e));
-  return ffi::Error::Success();
+  return dispatch(x.element_type(), [&](auto t) {
+    one_shot_add_norm<decltype(t)><<<kBlocks, kThreads, 0, stream>>>(
+        *p, in, res, w, out_res, out, bytes / row_bytes, row_bytes / 16, eps);
+  });
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtpAllReduceAddNorm, AllReduceAddNorm,
