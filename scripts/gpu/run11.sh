@@ -1,6 +1,7 @@
 # Issue 3, session 4, call 1: the Pallas decode kernels (GEMV, flash-decoding attention) against
 # XLA's, stand-alone (GPU 0) and in the decode step at tp1 (GPU 1, at the same time), then tp2.
-#   bash scripts/gpu/run11.sh
+#   bash scripts/gpu/run11.sh   (as of commit 28f4760: the Pallas GEMV and pallas_check's
+#   --configs sweep were removed after this call)
 set -o pipefail
 export PYTHONUNBUFFERED=1 JAXTP_CACHE=/tmp/jaxtp-cache PYTHONPATH=$PWD
 nvidia-smi -L; python3 -c "import jax, jaxlib; print('jax', jax.__version__)"; pip list 2>/dev/null | grep -i triton
