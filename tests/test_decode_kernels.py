@@ -64,3 +64,18 @@ def test_mode_choice_and_errors(checkpoint):
     with pytest.raises(ValueError, match=r"kernels='pallas' needs pipeline_parallel_size = "
                                          r"data_parallel_size = 1 \(got pp=2, dp=1\)"):
         jaxtp.load(path, pp=2, kernels="pallas")
+
+
+@pytest.mark.parametrize("groups,head_dim,max_len,rows,dtype", [
+    (1, 128, 1152, 1, jnp.bfloat16),   # Llama-2-7B (the shape measured on H200s)
+    (4, 128, 1024, 8, jnp.bfloat16),   # Llama-3-8B at tp 2: GQA
+    (8, 64, 512, 2, jnp.float16),
+    (2, 256, 256, 1, jnp.float32)])
+def test_kernel_lowers_to_triton_for_cuda(groups, head_dim, max_len, rows, dtype):
+    """The GPU path (Pallas -> Triton) lowers for shapes only interpret mode runs here."""
+    q = jax.ShapeDtypeStruct((rows, 4, groups, head_dim), dtype)
+    cache = jax.ShapeDtypeStruct((rows, 4, max_len, head_dim), dtype)
+    ends = jax.ShapeDtypeStruct((rows,), jnp.int32)
+    attend = jax.jit(lambda *a: decode_attention.attend(*a, interpret=False))
+    lowered = attend.trace(q, cache, cache, ends, ends).lower(lowering_platforms=("cuda",))
+    assert "__gpu$xla.gpu.triton" in lowered.as_text()
