@@ -11,14 +11,16 @@ Modes (`jaxtp.load(..., kernels=...)`, stored on the Model, static in the jitted
 
   "xla"     XLA's own kernels everywhere.
   "pallas"  the Pallas kernel for decode attention (one token per row, at most MAX_ROWS rows)
-            where the shapes allow, XLA's elsewhere (prefill, larger batches). Off GPUs they run in Pallas interpret mode: slow,
-            but the same code, which is how the CPU tests check them against transformers.
+            where the shapes allow, XLA's elsewhere (prefill, larger batches). Off GPUs it runs
+            in Pallas interpret mode: slow, but the same code, which is how the CPU tests check
+            it against transformers.
   "auto"    "pallas" on GPUs with pipeline_parallel_size = data_parallel_size = 1, else "xla".
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
@@ -27,7 +29,7 @@ from jaxtp.kernels import decode_attention
 
 MODES = ("auto", "xla", "pallas")
 # Rows up to which the kernel replaces XLA's attention. Llama-2-7B, ctx 1024, 2x H200: batch 1
-# gains 2-4% per token (tp 1 and 2); at batch 32 XLA's batched attention is 5% faster.
+# gains 2-3% per token at tp 1, ~1% at tp 2; at batch 32 XLA's batched attention is 3-5% faster.
 MAX_ROWS = 8
 
 _mesh: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("decode_kernels", default=None)

@@ -87,7 +87,6 @@ def memory_bandwidth(device, mib: int = 2048) -> dict:
                 y = f(x)
             y.block_until_ready()
         out[kind] = 10 * traffic / (median_ms(ten, 5) / 1e3)
-    del x
     return out
 
 

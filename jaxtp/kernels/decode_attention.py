@@ -25,7 +25,7 @@ TARGET_PROGRAMS = 512  # ~4 per SM on an H100/H200
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    block: int = 64        # keys per loop step (a power of two; at most)
+    block: int = 64        # keys per loop step, at most (a power of two dividing the cache length)
     chunk: int = 256       # keys per program (a split of the sequence), at most
     warps: int = 4
     stages: int = 3
