@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import model_options
+
 SHAPES = {  # config.json fields of well-known models
     "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=8, num_key_value_heads=2),
@@ -40,10 +42,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--no-prefill", action="store_true", help="skip timing prefill")
     p.add_argument("--quantization", choices=["int8"], default=None, help="int8 weight-only projections")
-    p.add_argument("--all-reduce", nargs="+", default=["auto"], choices=["auto", "xla", "custom", "shard_map"],
+    p.add_argument("--all-reduce", nargs="+", default=["auto"], choices=model_options.ALL_REDUCE_MODES,
                    help="all-reduce modes to time at tp > 1 (jaxtp/allreduce.py); each is checked to "
                    "give the same greedy tokens")
-    p.add_argument("--kernels", nargs="+", default=["auto"], choices=["auto", "xla", "pallas"],
+    p.add_argument("--kernels", nargs="+", default=["auto"], choices=model_options.KERNEL_MODES,
                    help="decode kernel modes to time (jaxtp/decode_ops.py); each is checked to give "
                    "the same greedy tokens")
     p.add_argument("--json", help="write results here")

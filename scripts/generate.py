@@ -13,15 +13,15 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-arith"
+import model_options
+
 DEFAULT_PROMPTS = ["17+25=", "408+199=", "3+999=", "250+250="]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="HF model directory or hub id")
+    model_options.add(p)
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (devices)")
     p.add_argument("--dp", type=int, default=1, help="data-parallel replicas (split the batch)")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages (split the layers)")
@@ -29,13 +29,6 @@ def parse_args(argv=None):
     d.add_argument("--coordinator", help="HOST:PORT of process 0 (default: $JAXTP_COORDINATOR)")
     d.add_argument("--num-processes", type=int, help="default: $JAXTP_NUM_PROCESSES")
     d.add_argument("--process-id", type=int, help="default: $JAXTP_PROCESS_ID")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--quantization", choices=["int8"], default=None, help="int8 weight-only projections")
-    p.add_argument("--all-reduce", choices=["auto", "xla", "custom", "shard_map"], default="auto",
-                   help="how tensor-parallel partial sums are added: auto = the one-shot NVLink kernel on "
-                   "CUDA GPUs, else XLA's all-reduce (jaxtp/allreduce.py)")
-    p.add_argument("--kernels", choices=["auto", "xla", "pallas"], default="auto",
-                   help="decode attention: auto = the Pallas kernel on GPUs, else XLA's (jaxtp/decode_ops.py)")
     p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
     p.add_argument("--prompts-file", help="a file with one prompt per line ('-': stdin)")
     p.add_argument("--chat", action="store_true", help="apply the chat template (prompt = user turn)")
@@ -105,9 +98,8 @@ def main(argv=None):
     try:
         params = jaxtp.SamplingParams(**{k: getattr(args, k) for k in SAMPLING_FLAGS})
         prompts = read_prompts(args)
-        model = jaxtp.load(args.model, tp=args.tp, dp=args.dp, pp=args.pp, dtype=args.dtype,
-                           quantization=args.quantization,
-                           all_reduce=args.all_reduce, kernels=args.kernels)
+        model = jaxtp.load(args.model, tp=args.tp, dp=args.dp, pp=args.pp,
+                           **model_options.load_kwargs(args))
         if args.chat:
             system = [{"role": "system", "content": args.system}] if args.system else []
             inputs = [jaxtp.chat_prompt(model, system + [{"role": "user", "content": p}]) for p in prompts]

@@ -6,23 +6,15 @@ Endpoints: /v1/models, /v1/completions, /v1/chat/completions (stream or not), /h
 import argparse
 import os
 import sys
-from pathlib import Path
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-arith"
+import model_options
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="HF model directory or hub id")
+    model_options.add(p)
     p.add_argument("--served-model-name", help="name clients use (default: --model as given)")
     p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--quantization", choices=["int8"], default=None, help="int8 weight-only projections")
-    p.add_argument("--all-reduce", choices=["auto", "xla", "custom", "shard_map"], default="auto",
-                   help="how tensor-parallel partial sums are added: auto = the one-shot NVLink kernel on "
-                   "CUDA GPUs, else XLA's all-reduce (jaxtp/allreduce.py)")
-    p.add_argument("--kernels", choices=["auto", "xla", "pallas"], default="auto",
-                   help="decode attention: auto = the Pallas kernel on GPUs, else XLA's (jaxtp/decode_ops.py)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-num-seqs", type=int, default=64, help="KV-cache slots (concurrent sequences)")
@@ -43,9 +35,7 @@ def main(argv=None):
     from jaxtp.serving import AsyncLLM
 
     try:
-        model = jaxtp.load(args.model, tp=args.tp, dtype=args.dtype,
-                           quantization=args.quantization,
-                           all_reduce=args.all_reduce, kernels=args.kernels)
+        model = jaxtp.load(args.model, tp=args.tp, **model_options.load_kwargs(args))
         llm = AsyncLLM(model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                        max_queue=args.max_queue, chunk=args.decode_chunk)
     except (ValueError, TypeError, KeyError, OSError) as e:

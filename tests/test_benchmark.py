@@ -28,3 +28,11 @@ def test_benchmark_runs_and_checks_tokens_across_modes(tmp_path, capsys):
     for tp, batch in [(1, 1), (1, 3), (2, 1), (2, 3)]:
         assert f"tp={tp} batch={batch}: greedy tokens identical across modes (all_reduce/kernels)" in printed
     assert " tp all_reduce kernels batch  ms/step" in printed
+
+
+def test_script_flags_offer_every_mode():
+    import model_options
+
+    from jaxtp import allreduce, decode_ops
+    assert model_options.ALL_REDUCE_MODES == allreduce.MODES
+    assert model_options.KERNEL_MODES == decode_ops.MODES

@@ -1,0 +1,27 @@
+"""The model flags generate.py and serve.py share, one-to-one with `jaxtp.load`'s arguments.
+
+Plain argparse, no jax import: the scripts set XLA_FLAGS from their arguments first.
+"""
+import argparse
+from pathlib import Path
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-arith"
+ALL_REDUCE_MODES = ("auto", "xla", "custom", "shard_map")  # jaxtp/allreduce.py
+KERNEL_MODES = ("auto", "xla", "pallas")                    # jaxtp/decode_ops.py
+
+
+def add(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="HF model directory or hub id")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--quantization", choices=["int8"], default=None, help="int8 weight-only projections")
+    p.add_argument("--all-reduce", choices=ALL_REDUCE_MODES, default="auto",
+                   help="how tensor-parallel partial sums are added: auto = the one-shot NVLink kernel on "
+                   "CUDA GPUs, else XLA's all-reduce (jaxtp/allreduce.py)")
+    p.add_argument("--kernels", choices=KERNEL_MODES, default="auto",
+                   help="decode attention: auto = the Pallas kernel on GPUs, else XLA's (jaxtp/decode_ops.py)")
+
+
+def load_kwargs(args: argparse.Namespace) -> dict:
+    """`jaxtp.load` keyword arguments from the flags `add` defined."""
+    return dict(dtype=args.dtype, quantization=args.quantization, all_reduce=args.all_reduce,
+                kernels=args.kernels)
