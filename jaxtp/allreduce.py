@@ -117,14 +117,7 @@ def row_parallel(matmul: Callable, x, weight, scale=None):
     if active is None:
         return matmul(x, weight, scale)
     mesh, mode = active
-
-    def local(x, weight, *scale):  # this device's blocks: x [..., in/tp], weight [in/tp, out]
-        return _sum(matmul(x, weight, scale[0] if scale else None), mode)
-
-    args, specs = (x, weight), (P(*[None] * (x.ndim - 1), "tp"), P("tp", None))
-    if scale is not None:  # int8 weights: a per-output-channel scale, replicated
-        args, specs = args + (scale,), specs + (P(),)
-    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)(*args)
+    return _over_tp(mesh, lambda x, w, s: _sum(matmul(x, w, s), mode), P(), x, weight, scale)
 
 
 def row_parallel_add_norm(matmul: Callable, x, weight, scale, residual, norm_weight, eps: float,
@@ -142,15 +135,21 @@ def row_parallel_add_norm(matmul: Callable, x, weight, scale, residual, norm_wei
         return new, norm(new, norm_weight, eps)
     mesh, mode = active
 
-    def local(x, weight, residual, norm_weight, *scale):
-        partial = matmul(x, weight, scale[0] if scale else None)
-        return _add_norm(partial, residual, norm_weight, eps, norm, mode)
+    def local(x, w, s, residual, norm_weight):
+        return _add_norm(matmul(x, w, s), residual, norm_weight, eps, norm, mode)
+    return _over_tp(mesh, local, (P(), P()), x, weight, scale, residual, norm_weight)
 
-    args = (x, weight, residual, norm_weight)
-    specs = (P(*[None] * (x.ndim - 1), "tp"), P("tp", None), P(), P())
-    if scale is not None:
-        args, specs = args + (scale,), specs + (P(),)
-    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(P(), P()), check_vma=False)(*args)
+
+def _over_tp(mesh: Mesh, fn: Callable, out_specs, x, weight, scale, *replicated):
+    """shard_map of fn(x block, weight block, scale, *replicated) over tp: x and weight split on
+    the contracted axis ([..., in/tp] and [in/tp, out]); scale (int8 weights' per-output-channel
+    scale, or None) and `replicated` whole on every device."""
+    def local(x, weight, *rest):
+        return fn(x, weight, *rest) if scale is not None else fn(x, weight, None, *rest)
+
+    args = (x, weight) + ((scale,) if scale is not None else ()) + replicated
+    specs = (P(*[None] * (x.ndim - 1), "tp"), P("tp", None)) + (P(),) * (len(args) - 2)
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out_specs, check_vma=False)(*args)
 
 
 def _add_norm(partial, residual, norm_weight, eps: float, norm: Callable, mode: str):
