@@ -87,32 +87,34 @@ struct Vec {
   }
 };
 
-// Steps 1-3 of a call, shared by both kernels: push this block's share of `in` into slot `rank`
-// of every rank's receive buffer, raise this block's flag on every rank, and wait for every
-// rank's flag for this block. Returns the offset of this call's half of the receive buffers.
-// A peer may already be one call ahead (epoch + 1), never two: it waits for our next flag, and
-// our next call starts only after this one's blocks have all finished (stream order).
-__device__ __forceinline__ int64_t exchange(const Params& p, const uint4* in, int64_t lo, int64_t hi,
-                                            uint32_t epoch) {
-  const int block = blockIdx.x;
-  const int64_t parity_offset = (epoch & 1) * p.ranks * p.max_bytes;
+// A call's steps 1-3, shared by both kernels. The offset of this call's half of the receive
+// buffers: calls alternate halves (see `signal_and_wait`).
+__device__ __forceinline__ int64_t half_offset(const Params& p, uint32_t epoch) {
+  return (epoch & 1) * p.ranks * p.max_bytes;
+}
+
+// 1. Vectors [lo, hi) of `in` into slot `rank` of every rank's receive buffer (mine included).
+__device__ __forceinline__ void push(const Params& p, const uint4* in, int64_t lo, int64_t hi, int64_t half) {
   for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
     const uint4 v = in[i];
-    for (int r = 0; r < p.ranks; ++r) {
-      uint4* slot = reinterpret_cast<uint4*>(p.recv[r] + parity_offset + p.rank * p.max_bytes);
-      slot[i] = v;
-    }
+    for (int r = 0; r < p.ranks; ++r)
+      reinterpret_cast<uint4*>(p.recv[r] + half + p.rank * p.max_bytes)[i] = v;
   }
+}
+
+// 2. After this block's pushes, raise its flag on every rank; 3. wait for every rank's flag for
+// this block. A peer may already be one call ahead (epoch + 1), never two: it waits for our next
+// flag, and our next call starts only after this one's blocks have all finished (stream order).
+__device__ __forceinline__ void signal_and_wait(const Params& p, uint32_t epoch) {
   __syncthreads();
   if (threadIdx.x < p.ranks) {
     __threadfence_system();
-    store_release(p.flags[threadIdx.x] + block * kMaxRanks + p.rank, epoch);
-    const uint32_t* mine = p.flags[p.rank] + block * kMaxRanks + threadIdx.x;
+    store_release(p.flags[threadIdx.x] + blockIdx.x * kMaxRanks + p.rank, epoch);
+    const uint32_t* mine = p.flags[p.rank] + blockIdx.x * kMaxRanks + threadIdx.x;
     while (static_cast<int32_t>(load_acquire(mine) - epoch) < 0) {
     }
   }
   __syncthreads();
-  return parity_offset;
 }
 
 __device__ __forceinline__ uint32_t next_epoch(const Params& p) {
@@ -136,7 +138,10 @@ __global__ void __launch_bounds__(kThreads) one_shot(Params p, const uint4* in, 
   const int64_t per = (vecs + gridDim.x - 1) / gridDim.x;
   const int64_t lo = blockIdx.x * per;
   const int64_t hi = lo + per < vecs ? lo + per : vecs;
-  const char* base = p.recv[p.rank] + exchange(p, in, lo, hi, epoch);
+  const int64_t half = half_offset(p, epoch);
+  push(p, in, lo, hi, half);
+  signal_and_wait(p, epoch);
+  const char* base = p.recv[p.rank] + half;
   for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {  // 4. sum my share
     float acc[Vec<T>::n] = {};
     sum_slots<T>(p, base, i, acc);
@@ -162,25 +167,11 @@ __global__ void __launch_bounds__(kThreads) one_shot_add_norm(Params p, const ui
     if (threadIdx.x == 0) p.counter[blockIdx.x] = epoch;
     return;
   }
-  const int64_t parity_offset = (epoch & 1) * p.ranks * p.max_bytes;
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {  // 1. push my rows
-    for (int64_t i = row * row_vecs + threadIdx.x; i < (row + 1) * row_vecs; i += blockDim.x) {
-      const uint4 v = in[i];
-      for (int r = 0; r < p.ranks; ++r)
-        reinterpret_cast<uint4*>(p.recv[r] + parity_offset + p.rank * p.max_bytes)[i] = v;
-    }
-  }
-  __syncthreads();
-  if (threadIdx.x < p.ranks) {  // 2. raise my flag on every rank; 3. wait for theirs
-    __threadfence_system();
-    store_release(p.flags[threadIdx.x] + blockIdx.x * kMaxRanks + p.rank, epoch);
-    const uint32_t* mine = p.flags[p.rank] + blockIdx.x * kMaxRanks + threadIdx.x;
-    while (static_cast<int32_t>(load_acquire(mine) - epoch) < 0) {
-    }
-  }
-  __syncthreads();
-
-  const char* base = p.recv[p.rank] + parity_offset;
+  const int64_t half = half_offset(p, epoch);
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x)  // my rows, whole
+    push(p, in, row * row_vecs, (row + 1) * row_vecs, half);
+  signal_and_wait(p, epoch);
+  const char* base = p.recv[p.rank] + half;
   __shared__ float partial[kThreads / 32];
   __shared__ float scale;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {  // 4. sum, add, normalize
