@@ -1,19 +1,22 @@
-"""When the decode step uses the Pallas attention kernel, and how it runs on sharded arrays.
+"""When the decode step uses the Pallas decode kernel, and how it runs on sharded arrays.
 
-kernels/decode_attention.py replaces XLA's attention for one new token per row. A Pallas call is
-opaque to XLA's SPMD partitioner (it would gather its operands to every device), so with tp > 1
-it runs under `shard_map` on the device's own KV heads, as the cache's partition spec says.
+kernels/decode_attention.py replaces XLA's kernels for one step of attention (rotary embedding,
+cache write, attention over the live positions) when each row brings one new token. A Pallas
+call is opaque to XLA's SPMD partitioner (it would gather its operands to every device), so with
+tp > 1 it runs under `shard_map` on the device's own heads, as sharding.py's specs say.
 
-(A Pallas GEMV for the projections was measured too, and lost to XLA's GEMMs in the decode step
-at every tiling tried: scripts/gpu/NOTES.md, session 4.)
+Measured on Llama-2-7B, ctx 1024, 2x H200 (scripts/gpu/NOTES.md, session 5), ms/token against
+XLA's kernels: tp 1 batch 1 3.99 vs 4.28, batch 32 8.39 vs 9.08; tp 2 batch 1 3.11 vs 3.37,
+batch 32 5.64 vs 5.93. (A Pallas GEMV for the projections lost to XLA's GEMMs at every tiling
+tried: session 4.)
 
 Modes (`jaxtp.load(..., kernels=...)`, stored on the Model, static in the jitted steps):
 
   "xla"     XLA's own kernels everywhere.
-  "pallas"  the Pallas kernel for decode attention (one token per row, at most MAX_ROWS rows)
-            where the shapes allow, XLA's elsewhere (prefill, larger batches). Off GPUs it runs
-            in Pallas interpret mode: slow, but the same code, which is how the CPU tests check
-            it against transformers.
+  "pallas"  the Pallas kernel for decode steps where the shapes allow (head_dim 32-256, see
+            decode_attention.supported), XLA's elsewhere (prefill). Off GPUs it runs in Pallas
+            interpret mode: slow, but the same code, which is how the CPU tests check it
+            against transformers.
   "auto"    "pallas" on GPUs with pipeline_parallel_size = data_parallel_size = 1, else "xla".
 """
 from __future__ import annotations
@@ -26,11 +29,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxtp.kernels import decode_attention
+from jaxtp.sharding import KV_CACHE_SPEC, QKV_SPEC
 
 MODES = ("auto", "xla", "pallas")
-# Rows up to which the kernel replaces XLA's attention. Llama-2-7B, ctx 1024, 2x H200: batch 1
-# gains 2-3% per token at tp 1, ~1% at tp 2; at batch 32 XLA's batched attention is 3-5% faster.
-MAX_ROWS = 8
 
 _mesh: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("decode_kernels", default=None)
 
@@ -64,22 +65,29 @@ def _sharded(fn, mesh: Mesh, in_specs, out_specs):
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
-def attention(q, k_cache, v_cache, positions, window: int | None, cache_spec: P):
-    """Decode attention, or None where the kernel does not apply (then XLA's runs).
+def attention(qkv, cos, sin, k_cache, v_cache, positions, window: int | None, num_heads: int):
+    """One decode step of attention (rope, cache write, attention) in the Pallas kernel, or None
+    where it does not apply (then XLA's kernels run).
 
-    q [B, 1, KVH, G, D]; caches [B, KVH, S, D] (already holding this token's key and value);
-    positions [B, 1]. Returns [B, 1, KVH, G, D] in q's dtype.
+    qkv [R, 1, tp, q|k|v heads per device, D] (QKVLinear's output; R may count padding rows past
+    the B = positions.shape[0] real ones); cos, sin [B, 1, D]; caches [B, KVH, S, D];
+    positions [B, 1]. Returns (out [B, 1, KVH, G, D] in qkv's dtype, k_cache, v_cache).
     """
     mesh = _mesh.get()
-    b, t, _, _, d = q.shape
-    if mesh is None or t != 1 or b > MAX_ROWS or not decode_attention.supported(k_cache.shape[2], d):
+    b, t = positions.shape
+    d = k_cache.shape[3]
+    if mesh is None or t != 1 or not decode_attention.supported(k_cache.shape[2], d):
         return None
-    hi = positions[:, 0] + 1
-    lo = jnp.zeros_like(hi) if window is None else jnp.maximum(hi - window, 0)
+    pos = positions[:, 0]
+    lo = jnp.zeros_like(pos) if window is None else jnp.maximum(pos + 1 - window, 0)
+    heads = num_heads // mesh.shape["tp"]
 
-    def local(q, k_cache, v_cache, lo, hi):
-        return decode_attention.attend(q[:, 0], k_cache, v_cache, lo, hi).astype(q.dtype)[:, None]
+    def local(qkv, cos, sin, k_cache, v_cache, pos, lo):
+        out, k_cache, v_cache = decode_attention.attend(
+            qkv.reshape(qkv.shape[0], -1, d), cos, sin, k_cache, v_cache, pos, lo, heads)
+        return out.astype(qkv.dtype)[:, None], k_cache, v_cache
 
-    q_spec = P(None, None, *cache_spec[1:2], None, None)
-    out = _sharded(local, mesh, (q_spec, cache_spec, cache_spec, P(), P()), q_spec)
-    return out(q, k_cache, v_cache, lo, hi)
+    out_spec = P(None, None, KV_CACHE_SPEC[1], None, None)
+    run = _sharded(local, mesh, (QKV_SPEC, P(), P(), KV_CACHE_SPEC, KV_CACHE_SPEC, P(), P()),
+                   (out_spec, KV_CACHE_SPEC, KV_CACHE_SPEC))
+    return run(qkv, cos[:, 0], sin[:, 0], k_cache, v_cache, pos, lo)

@@ -16,7 +16,6 @@ from flax import nnx
 from jaxtp import allreduce, decode_ops, rope
 from jaxtp.config import ModelConfig
 from jaxtp.kv_cache import KVCache, write
-from jaxtp.sharding import KV_CACHE_SPEC
 
 
 def einsum_f32(spec: str, a, b):
@@ -113,13 +112,16 @@ class QKVLinear(nnx.Module):
         self.scale = nnx.data(None)  # an int8 weight's per-output-channel scale (quantize.py)
 
     def __call__(self, x):
+        """x [B, T, d] -> [B, T, tp, q|k|v heads per device, head_dim]."""
         y = matmul("btd,dpw->btpw", x, self.weight[...], _value(self.scale))
         if self.bias is not None:
             y = y + self.bias[...]
-        b, t = x.shape[:2]
+        return y.reshape(*y.shape[:3], -1, self.head_dim)
+
+    def split(self, qkv):
+        """[B, T, tp, q|k|v heads per device, head_dim] -> q, k, v [B, T, tp, heads per device, head_dim]."""
         nq, nk, _ = self.local
-        split = jnp.split(y, [nq * self.head_dim, (nq + nk) * self.head_dim], axis=-1)
-        return [z.reshape(b, t, -1, self.head_dim) for z in split]  # [B, T, heads, head_dim]
+        return jnp.split(qkv, [nq, nq + nk], axis=3)
 
 
 class Attention(nnx.Module):
@@ -140,18 +142,22 @@ class Attention(nnx.Module):
         residual add). x may carry padding rows past the cache's (CausalLM.hidden); they skip
         attention and come out zero."""
         b, t, pad = start.shape[0], x.shape[1], x.shape[0] - start.shape[0]
-        q, k, v = (y[:b] for y in self.qkv_proj(x))
+        qkv = self.qkv_proj(x)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
-        k_cache = write(k_cache, k.transpose(0, 2, 1, 3), start)
-        v_cache = write(v_cache, v.transpose(0, 2, 1, 3), start)
-
-        groups = self.num_heads // self.num_kv_heads
-        q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
-        out = decode_ops.attention(q, k_cache, v_cache, positions, self.window, KV_CACHE_SPEC)
-        if out is None:
-            out = self.attend(q, k_cache, v_cache, positions)
+            q, k, v = self.qkv_proj.split(qkv)
+            qkv = jnp.concatenate([self.q_norm(q), self.k_norm(k), v], axis=3)
+        step = decode_ops.attention(qkv, cos, sin, k_cache, v_cache, positions, self.window,
+                                    self.num_heads)
+        if step is None:  # XLA's kernels
+            q, k, v = (y[:b].reshape(b, t, -1, self.head_dim) for y in self.qkv_proj.split(qkv))
+            q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+            k_cache = write(k_cache, k.transpose(0, 2, 1, 3), start)
+            v_cache = write(v_cache, v.transpose(0, 2, 1, 3), start)
+            groups = self.num_heads // self.num_kv_heads
+            out = self.attend(q.reshape(b, t, self.num_kv_heads, groups, self.head_dim),
+                              k_cache, v_cache, positions)
+        else:
+            out, k_cache, v_cache = step
         out = out.astype(x.dtype).reshape(b, t, self.num_heads * self.head_dim)
         if pad:
             out = jnp.concatenate([out, jnp.zeros((pad, *out.shape[1:]), out.dtype)])

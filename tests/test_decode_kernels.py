@@ -6,43 +6,70 @@ import numpy as np
 import pytest
 
 import jaxtp
-from jaxtp import decode_ops
+from jaxtp import decode_ops, rope
 from jaxtp.kernels import decode_attention
 from jaxtp.sharding import make_mesh
 from test_parity import GREEDY, hf_greedy
 
 
-def softmax_attention(q, k, v, lo, hi):
-    scores = jnp.einsum("bkgd,bksd->bkgs", q, k) * q.shape[-1] ** -0.5
-    pos = jnp.arange(k.shape[2])
-    visible = (pos[None] >= lo[:, None]) & (pos[None] < hi[:, None])
+def reference_step(qkv, cos, sin, k_cache, v_cache, pos, lo, num_heads):
+    """The decode step written plainly: rope, cache write, softmax over [lo, pos]."""
+    b, kvh, s, d = k_cache.shape
+    rows = jnp.arange(b)
+    q, k, v = jnp.split(qkv[:b, None], [num_heads, num_heads + kvh], axis=2)
+    q, k = rope.apply(q, cos[:, None], sin[:, None]), rope.apply(k, cos[:, None], sin[:, None])
+    k_cache, v_cache = k_cache.at[rows, :, pos].set(k[:, 0]), v_cache.at[rows, :, pos].set(v[:, 0])
+    scores = jnp.einsum("bkgd,bksd->bkgs", q[:, 0].reshape(b, kvh, -1, d), k_cache) * d ** -0.5
+    at = jnp.arange(s)
+    visible = (at[None] >= lo[:, None]) & (at[None] <= pos[:, None])
     probs = jax.nn.softmax(jnp.where(visible[:, None, None], scores, -jnp.inf), axis=-1)
-    return jnp.einsum("bkgs,bksd->bkgd", probs, v)
+    return jnp.einsum("bkgs,bksd->bkgd", probs, v_cache), k_cache, v_cache
 
 
-@pytest.mark.parametrize("groups,max_len,chunk", [(1, 256, 256), (4, 384, 128), (16, 64, 256)])
-def test_kernel_matches_softmax(groups, max_len, chunk):
+@pytest.mark.parametrize("groups,max_len,head_dim,config", [
+    (1, 256, 32, decode_attention.Config()),                    # MHA, several splits
+    (4, 384, 64, decode_attention.Config(programs=6)),          # GQA, one split per row and head
+    (3, 128, 32, decode_attention.Config(block=32, min_blocks=1)),  # 3 query heads: 13 padding rows
+])
+def test_kernel_matches_reference(groups, max_len, head_dim, config):
+    kvh, b = 2, 3
+    num_heads = groups * kvh
     kq, kk, kv = jax.random.split(jax.random.key(groups), 3)
-    b, kvh, d = 3, 2, 32
-    q = jax.random.normal(kq, (b, kvh, groups, d))
-    k, v = jax.random.normal(kk, (b, kvh, max_len, d)), jax.random.normal(kv, (b, kvh, max_len, d))
+    qkv = jax.random.normal(kq, (b + 1, num_heads + 2 * kvh, head_dim))   # + a padding row
+    k_cache = jax.random.normal(kk, (b, kvh, max_len, head_dim))
+    v_cache = jax.random.normal(kv, (b, kvh, max_len, head_dim))
+    pos = jnp.array([0, 99, max_len - 1])  # the first position, a middle one, the last slot
     lo = jnp.array([0, 40, 0])             # row 1: a sliding window starting at 40
-    hi = jnp.array([1, 100, max_len])      # one key, a middle length, the whole cache
-    got = decode_attention.attend(q, k, v, lo, hi, decode_attention.Config(chunk=chunk))
-    np.testing.assert_allclose(got, softmax_attention(q, k, v, lo, hi), rtol=1e-5, atol=1e-5)
+    freq = np.geomspace(1.0, 1e-3, head_dim // 2).astype(np.float32)
+    cos, sin = (x[:, 0] for x in rope.cos_sin(pos[:, None], freq, 1.0))
+    got = decode_attention.attend(qkv, cos, sin, k_cache, v_cache, pos, lo, num_heads, config)
+    want = reference_step(qkv, cos, sin, k_cache, v_cache, pos, lo, num_heads)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_splits_cover_the_cache():
+    config = decode_attention.Config()
+    assert decode_attention.splits_for(1, 32, 1152, 64, config) == (9, 128)   # batch 1: 288 programs
+    assert decode_attention.splits_for(32, 16, 1152, 64, config) == (1, 1152)  # batch 32: 512 already
+    assert decode_attention.splits_for(1, 8, 1000, 8, config) == (63, 16)     # never under min_blocks
 
 
 def test_kernel_rejects_unsupported_shapes():
-    q, cache = jnp.zeros((1, 1, 1, 24)), jnp.zeros((1, 1, 64, 24))
-    assert not decode_attention.supported(64, 24)
-    with pytest.raises(ValueError, match="unsupported cache length 64 / head_dim 24"):
-        decode_attention.attend(q, cache, cache, jnp.zeros(1, jnp.int32), jnp.ones(1, jnp.int32))
+    qkv, cache, ends = jnp.zeros((1, 3, 16)), jnp.zeros((1, 1, 64, 16)), jnp.zeros(1, jnp.int32)
+    cos = jnp.zeros((1, 16))
+    assert not decode_attention.supported(64, 16)
+    with pytest.raises(ValueError, match="unsupported cache length 64 / head_dim 16"):
+        decode_attention.attend(qkv, cos, cos, cache, cache, ends, ends, 1)
+    cache = jnp.zeros((1, 1, 64, 32))
+    with pytest.raises(ValueError, match=r"qkv \(1, 3, 32\) does not match 2 query heads"):
+        decode_attention.attend(jnp.zeros((1, 3, 32)), cos, cos, cache, cache, ends, ends, 2)
 
 
 @pytest.mark.parametrize("family,tp", [("llama", 1), ("mistral", 2), ("qwen3", 2), ("qwen2", 4)])
 def test_models_with_the_kernel_match_transformers(tmp_path, monkeypatch, family, tp):
     from conftest import make_checkpoint
-    ref = make_checkpoint(family, tmp_path, head_dim=16)  # the kernel needs head_dim >= 16
+    ref = make_checkpoint(family, tmp_path, head_dim=32)  # the kernel needs head_dim >= 32
     calls = []
     attend = decode_attention.attend
     monkeypatch.setattr(decode_attention, "attend", lambda *a, **k: calls.append(1) or attend(*a, **k))
@@ -73,9 +100,11 @@ def test_mode_choice_and_errors(checkpoint):
     (2, 256, 256, 1, jnp.float32)])
 def test_kernel_lowers_to_triton_for_cuda(groups, head_dim, max_len, rows, dtype):
     """The GPU path (Pallas -> Triton) lowers for shapes only interpret mode runs here."""
-    q = jax.ShapeDtypeStruct((rows, 4, groups, head_dim), dtype)
-    cache = jax.ShapeDtypeStruct((rows, 4, max_len, head_dim), dtype)
+    kvh = 4
+    qkv = jax.ShapeDtypeStruct((rows + 1, (groups + 2) * kvh, head_dim), dtype)
+    cos = jax.ShapeDtypeStruct((rows, head_dim), jnp.float32)
+    cache = jax.ShapeDtypeStruct((rows, kvh, max_len, head_dim), dtype)
     ends = jax.ShapeDtypeStruct((rows,), jnp.int32)
-    attend = jax.jit(lambda *a: decode_attention.attend(*a, interpret=False))
-    lowered = attend.trace(q, cache, cache, ends, ends).lower(lowering_platforms=("cuda",))
+    attend = jax.jit(lambda *a: decode_attention.attend(*a, num_heads=groups * kvh, interpret=False))
+    lowered = attend.trace(qkv, cos, cos, cache, cache, ends, ends).lower(lowering_platforms=("cuda",))
     assert "__gpu$xla.gpu.triton" in lowered.as_text()

@@ -1,12 +1,17 @@
-"""A Pallas (Triton) decode attention kernel: one new query per row against its cached keys.
+"""A Pallas (Triton) decode step of attention: rotary embedding, cache write and attention of
+one new token per row, in one kernel.
 
-XLA computes decode attention as separate kernels (scores over the whole cache, mask, softmax,
-probabilities times values) that write and re-read [B, heads, max_len] intermediates and always
-cover the full cache length. This kernel is flash-decoding: the grid is (row, KV head, split of
-the sequence); each program streams its part of that head's keys and values once, up to the
-row's length only, keeping an online softmax in registers, and writes an unnormalized partial
-output with its running max and sum; XLA merges the `splits` partials. The query heads that share
-a KV head (GQA) are handled together, padded to 16 rows for the tensor cores.
+XLA runs this step as a chain of small kernels (rope, a slice per cache write, scores over the
+whole cache, mask, softmax, probabilities times values, padding) that write and re-read
+intermediates and always cover the full cache length; at batch 1 each costs more in launch than
+in bytes. Here the grid is (row, KV head, split of the sequence), flash-decoding style. Each
+program rotates its query heads and its KV head's new key, streams its split of the cached keys
+and values once, only over the row's live positions, and keeps an online softmax in registers.
+The program whose split holds the new position writes the new key and value into the cache (in
+place: the caches are aliased to the outputs) and adds that token from registers, so no program
+reads a slot another one writes. Partials (unnormalized output, running max and sum) are merged
+by XLA over the splits. The query heads sharing a KV head (GQA) are handled together, padded to
+16 rows for the tensor cores; only the real rows are stored.
 
 Runs on GPUs through Triton and anywhere in Pallas interpret mode (the CPU tests).
 """
@@ -20,83 +25,135 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-TARGET_PROGRAMS = 512  # ~4 per SM on an H100/H200
-
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     block: int = 64        # keys per loop step, at most (a power of two dividing the cache length)
-    chunk: int = 256       # keys per program (a split of the sequence), at most
+    programs: int = 512    # split the sequence until the grid has about this many programs
+    min_blocks: int = 2    # ...but give each split at least this many blocks
     warps: int = 4
     stages: int = 3
 
 
 def supported(max_len: int, head_dim: int, config: Config = Config()) -> bool:
-    return math.gcd(max_len, config.block) >= 16 and head_dim in (16, 32, 64, 128, 256)
+    """Tensor-core dots need 16 rows of each half of the head (the rotary embedding's halves)."""
+    return math.gcd(max_len, config.block) >= 16 and head_dim in (32, 64, 128, 256)
 
 
-def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lo: jax.Array, hi: jax.Array,
-           config: Config = Config(), interpret: bool | None = None) -> jax.Array:
-    """softmax(q k^T / sqrt(D)) v over cache positions [lo[b], hi[b]) of each row.
+def splits_for(rows: int, kv_heads: int, max_len: int, block: int, config: Config) -> tuple[int, int]:
+    """(splits, keys per split): enough programs to keep every SM streaming, each split a
+    multiple of `block` keys (the last one may be shorter: loops stop at the row's length)."""
+    most = max(1, pl.cdiv(max_len, block * config.min_blocks))
+    splits = min(max(1, config.programs // (rows * kv_heads)), most)
+    chunk = pl.cdiv(pl.cdiv(max_len, splits), block) * block
+    return pl.cdiv(max_len, chunk), chunk
 
-    q [B, KVH, G, D] (G query heads per KV head); caches [B, KVH, S, D]; lo, hi [B] int32.
-    Returns float32 [B, KVH, G, D].
+
+def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+           pos: jax.Array, lo: jax.Array, num_heads: int, config: Config = Config(),
+           interpret: bool | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One decode step of attention for rows b < B = pos.shape[0].
+
+    qkv [R >= B, num_heads + 2 * KVH, D]: the projected q | k | v heads of the new token, before
+    the rotary embedding; cos, sin [B, D] (float32, rope.cos_sin at pos); caches [B, KVH, S, D];
+    pos [B]: the new token's position; lo [B]: the first visible position (sliding windows).
+    Returns (softmax(q k^T / sqrt(D)) v over positions [lo, pos] as float32 [B, KVH, G, D],
+    k_cache, v_cache with the new key and value written at pos).
     """
-    b, kvh, g, d = q.shape
-    s = k_cache.shape[2]
+    b, kvh, s, d = k_cache.shape
+    g, half = num_heads // kvh, d // 2
     if not supported(s, d, config):
         raise ValueError(f"decode attention: unsupported cache length {s} / head_dim {d} for {config}")
-    c = dataclasses.replace(config, block=math.gcd(s, config.block))
+    if qkv.shape[1:] != (num_heads + 2 * kvh, d) or qkv.shape[0] < b:
+        raise ValueError(f"decode attention: qkv {qkv.shape} does not match {num_heads} query heads, "
+                         f"cache {k_cache.shape}")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    chunk = math.gcd(s, c.chunk)
-    while b * kvh * (s // chunk) < TARGET_PROGRAMS and chunk > c.block:
-        chunk //= 2  # short caches or few rows: more, shorter splits keep every SM streaming
-    splits, per_chunk = s // chunk, chunk // c.block
+    block = math.gcd(s, config.block)
+    splits, chunk = splits_for(b, kvh, s, block, config)
+    per_chunk = chunk // block
     rows = max(16, pl.next_power_of_2(g))
-    if rows != g:
-        q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - g), (0, 0)))
+    dt = qkv.dtype
     scale = d ** -0.5
 
-    def kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref):
+    def mul(x, y):  # one product rounded to the activations' dtype, as XLA's rope computes it
+        return (x.astype(jnp.float32) * y.astype(jnp.float32)).astype(dt)
+
+    def rotate(x1, x2, c, sn):  # rope.apply on the two halves: x * cos + rotate_half(x) * sin
+        return ((mul(x1, c).astype(jnp.float32) - mul(x2, sn).astype(jnp.float32)).astype(dt),
+                (mul(x2, c).astype(jnp.float32) + mul(x1, sn).astype(jnp.float32)).astype(dt))
+
+    def kernel(pos_ref, lo_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref,
+               o_ref, m_ref, l_ref, k_out, v_out):
         row, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-        start, end = lo_ref[row], hi_ref[row]
+        now, start = pos_ref[row], lo_ref[row]
         base = split * chunk
-        first = jnp.clip((start - base) // c.block, 0, per_chunk)
-        last = jnp.clip(pl.cdiv(end - base, c.block), first, per_chunk)
-        qt = q_ref[row, head]                                           # [rows, D]
+        c, sn = cos_ref[row, pl.ds(0, half)].astype(dt), sin_ref[row, pl.ds(0, half)].astype(dt)
+        real = jnp.arange(rows) < g
+        qs = [plt.load(qkv_ref.at[row, pl.ds(head * g, rows), pl.ds(h * half, half)],
+                       mask=real[:, None], other=0) for h in (0, 1)]
+        q1, q2 = rotate(*qs, c[None], sn[None])                                   # [rows, half]
+        k1, k2 = rotate(qkv_ref[row, num_heads + head, pl.ds(0, half)],
+                        qkv_ref[row, num_heads + head, pl.ds(half, half)], c, sn)  # [half]
+        v_new = qkv_ref[row, num_heads + kvh + head, :]                           # [D]
+
+        mine = now // chunk == split  # this program holds the new position: it writes the slot
+        @pl.when(mine)
+        def _():
+            k_out[row, head, now, pl.ds(0, half)] = k1.astype(k_out.dtype)
+            k_out[row, head, now, pl.ds(half, half)] = k2.astype(k_out.dtype)
+            v_out[row, head, now, :] = v_new.astype(v_out.dtype)
 
         def body(i, carry):
             m, l, acc = carry
-            at = base + i * c.block
-            keys = pl.ds(pl.multiple_of(at, c.block), c.block)
-            kt, vt = k_ref[row, head, keys, :], v_ref[row, head, keys, :]
-            scores = plt.dot(qt, kt.astype(qt.dtype), trans_b=True) * scale  # [rows, block] f32
-            pos = at + jnp.arange(c.block)
-            scores = jnp.where((pos >= start) & (pos < end), scores, -jnp.inf)
+            at = base + i * block
+            keys = pl.ds(pl.multiple_of(at, block), block)
+            scores = (plt.dot(q1, k_ref[row, head, keys, pl.ds(0, half)].astype(dt), trans_b=True)
+                      + plt.dot(q2, k_ref[row, head, keys, pl.ds(half, half)].astype(dt), trans_b=True))
+            at_pos = at + jnp.arange(block)
+            scores = jnp.where((at_pos >= start) & (at_pos < now), scores * scale, -jnp.inf)
             m_new = jnp.maximum(m, scores.max(axis=1))
             safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)          # a fully masked block
             alpha, p = jnp.exp(m - safe), jnp.exp(scores - safe[:, None])
+            vt = v_ref[row, head, keys, :]
             pv = plt.dot(p.astype(vt.dtype), vt)
             return m_new, l * alpha + p.sum(axis=1), acc * alpha[:, None] + pv
 
+        first = jnp.clip((start - base) // block, 0, per_chunk)
+        last = jnp.clip(pl.cdiv(now - base, block), first, per_chunk)   # cached keys: before `now`
         init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
                 jnp.zeros((rows, d), jnp.float32))
         m, l, acc = jax.lax.fori_loop(first, last, body, init)
-        o_ref[row, head, split] = acc
-        m_ref[row, head, split] = m
-        l_ref[row, head, split] = l
+
+        # The new token itself, from registers (only in the program holding its position).
+        new = (jnp.sum(q1.astype(jnp.float32) * k1.astype(jnp.float32)[None], axis=1)
+               + jnp.sum(q2.astype(jnp.float32) * k2.astype(jnp.float32)[None], axis=1)) * scale
+        new = jnp.where(mine, new, -jnp.inf)
+        m_new = jnp.maximum(m, new)
+        safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha, p = jnp.exp(m - safe), jnp.exp(new - safe)
+        pv = p.astype(v_new.dtype).astype(jnp.float32)[:, None] * v_new.astype(jnp.float32)[None]
+        acc = acc * alpha[:, None] + pv
+        plt.store(o_ref.at[row, head, split], acc, mask=real[:, None])
+        plt.store(m_ref.at[row, head, split], m_new, mask=real)
+        plt.store(l_ref.at[row, head, split], l * alpha + p, mask=real)
 
     f32 = jnp.float32
-    o, m, l = pl.pallas_call(
+    o, m, l, k_cache, v_cache = pl.pallas_call(
         kernel, grid=(b, kvh, splits), interpret=interpret,
         out_shape=(jax.ShapeDtypeStruct((b, kvh, splits, rows, d), f32),
                    jax.ShapeDtypeStruct((b, kvh, splits, rows), f32),
-                   jax.ShapeDtypeStruct((b, kvh, splits, rows), f32)),
-        compiler_params=plt.CompilerParams(num_warps=c.warps, num_stages=c.stages),
-    )(lo.astype(jnp.int32), hi.astype(jnp.int32), q, k_cache, v_cache)
+                   jax.ShapeDtypeStruct((b, kvh, splits, rows), f32),
+                   jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                   jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
+        input_output_aliases={5: 3, 6: 4},
+        compiler_params=plt.CompilerParams(num_warps=config.warps, num_stages=config.stages),
+    )(pos.astype(jnp.int32), lo.astype(jnp.int32), qkv, cos.astype(f32), sin.astype(f32),
+      k_cache, v_cache)
+    o, m, l = o[:, :, :, :g], m[:, :, :, :g], l[:, :, :, :g]  # only the real query rows were stored
+    if splits == 1:
+        return o[:, :, 0] / l[:, :, 0, :, None], k_cache, v_cache
     # Merge the splits: rescale each partial to the overall max (an empty split has m = -inf).
     top = m.max(axis=2, keepdims=True)
     w = jnp.where(m == -jnp.inf, 0.0, jnp.exp(m - top))
-    out = (o * w[..., None]).sum(axis=2) / (l * w).sum(axis=2)[..., None]
-    return out[:, :, :g]
+    return (o * w[..., None]).sum(axis=2) / (l * w).sum(axis=2)[..., None], k_cache, v_cache
