@@ -10,8 +10,10 @@ from jax._src.lib import _profile_data
 
 
 def describe(hlo: str, name: str) -> str:
-    """'bf16[1,4096] <- dot,convert (bf16[1,2048], bf16[2048,4096])' for an HLO fusion name."""
-    m = re.search(rf"^\s*(?:ROOT )?%?{re.escape(name)} = (\S+) fusion\((.*?)\), kind=\w+, calls=%?([\w.-]+)",
+    """'bf16[1,4096] <- dot,convert (bf16[1,2048], bf16[2048,4096])' for a kernel named after its
+    HLO fusion (the profiler writes fusion.12 as fusion_12)."""
+    hlo_name = re.sub(r"_(\d+)$", r".\1", name)
+    m = re.search(rf"^\s*(?:ROOT )?%?{re.escape(hlo_name)} = (\S+) fusion\((.*?)\), kind=\w+, calls=%?([\w.-]+)",
                   hlo, re.M)
     if not m:
         return ""
@@ -23,12 +25,29 @@ def describe(hlo: str, name: str) -> str:
     return f"{shape} <- {','.join(kinds[:6])} ({', '.join(args[:4])})"
 
 
+def host_summary(data, steps: int, top: int = 12):
+    """What the host threads did per step (thunks, CUDA graph launches, kernel launches): tells
+    whether the step ran as CUDA graphs (command buffers) or kernel by kernel."""
+    by = collections.defaultdict(lambda: [0, 0.0])
+    for plane in data.planes:
+        if plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            for e in line.events:
+                by[e.name[:70]][0] += 1
+                by[e.name[:70]][1] += e.end_ns - e.start_ns
+    print(f"== host: top events by count per step")
+    for name, (n, t) in sorted(by.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"   {n / steps:8.1f}x/step {t / 1e3 / steps:9.1f} us/step  {name}")
+
+
 def summarize(trace_dir, steps: int = 1, top: int = 25, hlo: str = ""):
     files = sorted(Path(trace_dir).rglob("*.xplane.pb"))
     if not files:
         print(f"no xplane.pb under {trace_dir}")
         return
     data = _profile_data.ProfileData.from_file(str(files[-1]))
+    host_summary(data, steps)
     for plane in data.planes:
         if not plane.name.startswith("/device:GPU"):
             continue
