@@ -114,6 +114,7 @@ def run_one(cfg, tp: int, batch: int, args, bandwidth: float, all_reduce: str = 
         from jaxtp import quantize
         graphdef, params = quantize.int8(graphdef, params, mesh)
     model = Model(cfg, mesh, None, graphdef, params, dtype, Path("random"), all_reduce=mode, kernels=kmode)
+    step_args = model.step_args  # what the engine passes its jitted steps
     weight_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(params))
 
     ctx, steps = args.ctx, args.steps
@@ -130,7 +131,7 @@ def run_one(cfg, tp: int, batch: int, args, bandwidth: float, all_reduce: str = 
     idle = lambda: put(engine.DecodeState.idle(batch))  # noqa: E731
 
     def do_prefill(cache, state):  # prompts into every cache slot, as the engine does
-        _, _, state, cache = engine.prefill(graphdef, params, cache, state, rows, tokens, lens, slots,
+        _, _, state, cache = engine.prefill(*step_args, cache, state, rows, tokens, lens, slots,
                                             mesh=mesh, greedy=True, all_reduce=mode, kernels=kmode)
         return state, cache
 
@@ -148,12 +149,13 @@ def run_one(cfg, tp: int, batch: int, args, bandwidth: float, all_reduce: str = 
             jax.block_until_ready(holder[0])
         prefill_ms = median_ms(timed_prefill, args.reps)
 
-    first = jax.tree.map(jnp.copy, state)  # decode donates its state: time every chunk from here
+    copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))  # one dispatch, not one per array
+    first = copy(state)  # decode donates its state: time every chunk from here
 
     static = dict(mesh=mesh, greedy=True, steps=steps, all_reduce=mode, kernels=kmode)  # the decode program timed
 
     def do_decode(cache):
-        out, _, cache = engine.decode(graphdef, params, cache, jax.tree.map(jnp.copy, first), rows, **static)
+        out, _, cache = engine.decode(*step_args, cache, copy(first), rows, **static)
         return out.tokens, cache
 
     t0 = time.perf_counter()
@@ -174,7 +176,7 @@ def run_one(cfg, tp: int, batch: int, args, bandwidth: float, all_reduce: str = 
         where = Path(args.trace) / f"tp{tp}_b{batch}_{mode}_{kmode}"
         with jax.profiler.trace(str(where)):
             timed()
-        hlo = engine.decode.lower(graphdef, params, holder[0], first, rows, **static).compile().as_text()
+        hlo = engine.decode.lower(*step_args, holder[0], first, rows, **static).compile().as_text()
         (where / "decode.hlo.txt").write_text(hlo)
         trace_summary.summarize(where, steps, hlo=hlo)
     kv_live = (2 * cfg.num_layers * batch * (model.kv_heads // tp) * (ctx + steps / 2) * cfg.head_dim
