@@ -1,4 +1,7 @@
 """Batching, compilation, sampling and seeds."""
+import dataclasses
+
+import jax
 import numpy as np
 import pytest
 import torch
@@ -35,6 +38,24 @@ def test_no_recompilation_per_token(llama_tp2):
     out = jaxtp.generate(llama_tp2, [[9, 8, 7, 6]], params)  # same buckets, 40 more tokens
     assert len(out[0].token_ids) == 40
     assert dict(engine.TRACES) == before
+
+
+def test_step_args_are_made_once_and_match_by_value(llama_tp2):
+    """The jitted steps' static model half is hashed once (engine.ModelDef); an equal one made
+    again hits the same compiled program, and new params are picked up."""
+    model_def, weights = llama_tp2.step_args
+    assert llama_tp2.step_args[0] is model_def
+    ids = [[4, 5, 6, 7]]
+    want = llama_tp2.logits(ids)
+    before = dict(engine.TRACES)
+    same = dataclasses.replace(llama_tp2)  # same graphdef and params, its own step_args
+    assert same.step_args[0] is not model_def and same.step_args[0] == model_def
+    assert hash(same.step_args[0]) == hash(model_def)
+    np.testing.assert_array_equal(same.logits(ids), want)
+    assert dict(engine.TRACES) == before  # the compiled program was reused
+    doubled = dataclasses.replace(llama_tp2, params=jax.tree.map(lambda x: x * 2, llama_tp2.params))
+    assert doubled.step_args[0] == model_def and doubled.step_args[1][0] is not weights[0]
+    assert not np.allclose(doubled.logits(ids), want)
 
 
 def test_seeded_sampling_is_reproducible_and_independent_of_tp(checkpoint):
