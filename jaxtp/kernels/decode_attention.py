@@ -75,6 +75,10 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v
     rows = max(16, pl.next_power_of_2(g))
     dt = qkv.dtype
     scale = d ** -0.5
+    # Triton multiplies float32 in TF32 unless told otherwise; follow jax's matmul precision
+    # setting as XLA's dots do ("highest" / "float32": full float32).
+    full = str(jax.config.jax_default_matmul_precision).lower() in ("highest", "float32")
+    precision = (jax.lax.Precision.HIGHEST,) * 2 if full else None
 
     def mul(x, y):  # one product rounded to the activations' dtype, as XLA's rope computes it
         return (x.astype(jnp.float32) * y.astype(jnp.float32)).astype(dt)
@@ -108,15 +112,17 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v
             m, l, acc = carry
             at = base + i * block
             keys = pl.ds(pl.multiple_of(at, block), block)
-            scores = (plt.dot(q1, k_ref[row, head, keys, pl.ds(0, half)].astype(dt), trans_b=True)
-                      + plt.dot(q2, k_ref[row, head, keys, pl.ds(half, half)].astype(dt), trans_b=True))
+            scores = (plt.dot(q1, k_ref[row, head, keys, pl.ds(0, half)].astype(dt), trans_b=True,
+                              precision=precision)
+                      + plt.dot(q2, k_ref[row, head, keys, pl.ds(half, half)].astype(dt), trans_b=True,
+                                precision=precision))
             at_pos = at + jnp.arange(block)
             scores = jnp.where((at_pos >= start) & (at_pos < now), scores * scale, -jnp.inf)
             m_new = jnp.maximum(m, scores.max(axis=1))
             safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)          # a fully masked block
             alpha, p = jnp.exp(m - safe), jnp.exp(scores - safe[:, None])
             vt = v_ref[row, head, keys, :]
-            pv = plt.dot(p.astype(vt.dtype), vt)
+            pv = plt.dot(p.astype(vt.dtype), vt, precision=precision)
             return m_new, l * alpha + p.sum(axis=1), acc * alpha[:, None] + pv
 
         first = jnp.clip((start - base) // block, 0, per_chunk)
