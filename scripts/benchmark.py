@@ -6,7 +6,8 @@ Random bf16 weights are generated on device in their shardings (no checkpoint ne
 tp and batch it prefills `ctx` tokens per row, then times `--steps`-token decode chunks from that
 point (median of --reps). The roofline is the bytes one decode step must read per GPU (its
 weight shard + its live KV cache) divided by the HBM bandwidth measured in the same run (the
-better of a copy and a full read); `roofline` = that floor / measured ms per step.
+best of a copy and a full read, before and after the configurations); `roofline` = that floor /
+measured ms per step.
 """
 import argparse
 import hashlib
@@ -92,7 +93,15 @@ def memory_bandwidth(device, mib: int = 2048) -> dict:
     return out
 
 
-def run_one(cfg, tp: int, batch: int, args, bandwidth: float, all_reduce: str = "auto",
+def with_roofline(r: dict, bandwidth: float) -> dict:
+    """r with its roofline at `bandwidth` bytes/s: the step's bytes per GPU / bandwidth."""
+    r["bandwidth_tb_per_s"] = bandwidth / 1e12
+    r["roofline_ms"] = (r["weight_gb_per_device"] + r["kv_gb_per_device"]) * 1e9 / bandwidth * 1e3
+    r["roofline"] = r["roofline_ms"] / r["ms_per_step"]
+    return r
+
+
+def run_one(cfg, tp: int, batch: int, args, all_reduce: str = "auto",
             kernels: str = "auto") -> dict:
     import jax
     import jax.numpy as jnp
@@ -181,13 +190,12 @@ def run_one(cfg, tp: int, batch: int, args, bandwidth: float, all_reduce: str = 
         trace_summary.summarize(where, steps, hlo=hlo)
     kv_live = (2 * cfg.num_layers * batch * (model.kv_heads // tp) * (ctx + steps / 2) * cfg.head_dim
                * jnp.dtype(dtype).itemsize)
-    floor_ms = (weight_bytes + kv_live) / bandwidth * 1e3
     return dict(shape=args.shape, tp=tp, batch=batch, ctx=ctx, all_reduce=mode, kernels=kmode, tokens=digest,
                 ms_per_step=step_ms,
                 tokens_per_s=batch / step_ms * 1e3,
                 prefill_tokens_per_s=None if prefill_ms is None else batch * ctx / prefill_ms * 1e3,
                 compile_s=prefill_compile_s + decode_compile_s, weight_gb_per_device=weight_bytes / 1e9,
-                kv_gb_per_device=kv_live / 1e9, roofline_ms=floor_ms, roofline=floor_ms / step_ms,
+                kv_gb_per_device=kv_live / 1e9,
                 device=str(jax.devices()[0].device_kind), xla_flags=os.environ.get("XLA_FLAGS", ""))
 
 
@@ -210,7 +218,7 @@ def main(argv=None):
         for mode in (args.all_reduce if tp > 1 else ["xla"]):
             for kernels in args.kernels:
                 for batch in args.batch:
-                    r = run_one(cfg, tp, batch, args, bandwidth, mode, kernels)
+                    r = with_roofline(run_one(cfg, tp, batch, args, mode, kernels), bandwidth)
                     results.append(r)
                     print(json.dumps(r), flush=True)
     # Measured again after the runs (a GPU still settling its clocks reads low at the start): the
@@ -219,9 +227,7 @@ def main(argv=None):
     print(f"bandwidth at the end: copy {bw_end['copy'] / 1e12:.2f} TB/s, read {bw_end['read'] / 1e12:.2f} TB/s")
     bandwidth = max(bandwidth, *bw_end.values())
     for r in results:
-        r["bandwidth_tb_per_s"] = bandwidth / 1e12
-        r["roofline_ms"] = (r["weight_gb_per_device"] + r["kv_gb_per_device"]) * 1e9 / bandwidth * 1e3
-        r["roofline"] = r["roofline_ms"] / r["ms_per_step"]
+        with_roofline(r, bandwidth)
     base = {(r["batch"], r["kernels"]): r["tokens_per_s"] for r in results if r["tp"] == 1}
     print(f"\n{args.shape} {args.dtype} ctx={args.ctx} on {results[0]['device']} "
           f"(roofline at {bandwidth / 1e12:.2f} TB/s)")
