@@ -74,8 +74,7 @@ def attention(qkv, cos, sin, k_cache, v_cache, positions, window: int | None, nu
     positions [B, 1]. Returns (out [B, 1, KVH, G, D] in qkv's dtype, k_cache, v_cache).
     """
     mesh = _mesh.get()
-    b, t = positions.shape
-    d = k_cache.shape[3]
+    t, d = positions.shape[1], k_cache.shape[3]
     if mesh is None or t != 1 or not decode_attention.supported(k_cache.shape[2], d):
         return None
     pos = positions[:, 0]
