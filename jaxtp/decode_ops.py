@@ -71,7 +71,8 @@ def attention(qkv, cos, sin, k_cache, v_cache, positions, window: int | None, nu
 
     qkv [R, 1, tp, q|k|v heads per device, D] (QKVLinear's output; R may count padding rows past
     the B = positions.shape[0] real ones); cos, sin [B, 1, D]; caches [B, KVH, S, D];
-    positions [B, 1]. Returns (out [B, 1, KVH, G, D] in qkv's dtype, k_cache, v_cache).
+    positions [B, 1]. Returns (out [R, 1, KVH, G, D] in qkv's dtype, padding rows zero, k_cache,
+    v_cache).
     """
     mesh = _mesh.get()
     t, d = positions.shape[1], k_cache.shape[3]
@@ -84,7 +85,7 @@ def attention(qkv, cos, sin, k_cache, v_cache, positions, window: int | None, nu
     def local(qkv, cos, sin, k_cache, v_cache, pos, lo):
         out, k_cache, v_cache = decode_attention.attend(
             qkv.reshape(qkv.shape[0], -1, d), cos, sin, k_cache, v_cache, pos, lo, heads)
-        return out.astype(qkv.dtype)[:, None], k_cache, v_cache
+        return out[:, None], k_cache, v_cache
 
     out_spec = P(None, None, KV_CACHE_SPEC[1], None, None)
     run = _sharded(local, mesh, (QKV_SPEC, P(), P(), KV_CACHE_SPEC, KV_CACHE_SPEC, P(), P()),

@@ -140,8 +140,8 @@ class Attention(nnx.Module):
     def __call__(self, x, cos, sin, k_cache, v_cache, start, positions):
         """Attention of x's tokens, before o_proj (DecoderLayer applies it, fused with the
         residual add). x may carry padding rows past the cache's (CausalLM.hidden); they skip
-        attention and come out zero."""
-        b, t, pad = start.shape[0], x.shape[1], x.shape[0] - start.shape[0]
+        attention and come out zero (the Pallas decode step writes them so)."""
+        b, t = start.shape[0], x.shape[1]
         qkv = self.qkv_proj(x)
         if self.q_norm is not None:
             q, k, v = self.qkv_proj.split(qkv)
@@ -158,9 +158,9 @@ class Attention(nnx.Module):
                               k_cache, v_cache, positions)
         else:
             out, k_cache, v_cache = step
-        out = out.astype(x.dtype).reshape(b, t, self.num_heads * self.head_dim)
-        if pad:
-            out = jnp.concatenate([out, jnp.zeros((pad, *out.shape[1:]), out.dtype)])
+        out = out.astype(x.dtype).reshape(-1, t, self.num_heads * self.head_dim)
+        if out.shape[0] < x.shape[0]:  # XLA's path: the padding rows come back as zeros
+            out = jnp.concatenate([out, jnp.zeros((x.shape[0] - out.shape[0], *out.shape[1:]), out.dtype)])
         return out, k_cache, v_cache
 
     def attend(self, q, k_cache, v_cache, positions):

@@ -9,9 +9,14 @@ program rotates its query heads and its KV head's new key, streams its split of 
 and values once, only over the row's live positions, and keeps an online softmax in registers.
 The program whose split holds the new position writes the new key and value into the cache (in
 place: the caches are aliased to the outputs) and adds that token from registers, so no program
-reads a slot another one writes. Partials (unnormalized output, running max and sum) are merged
-by XLA over the splits. The query heads sharing a KV head (GQA) are handled together, padded to
-16 rows for the tensor cores; only the real rows are stored.
+reads a slot another one writes. The query heads sharing a KV head (GQA) are handled together,
+padded to 16 rows for the tensor cores; only the real rows are stored.
+
+With several splits, each program stores its partials (unnormalized output, running max and
+sum) and counts itself in with an atomic add on its (row, KV head) counter; the last to arrive
+merges the splits and writes the output, already in the layout o_proj reads ([R, heads, D],
+padding rows zeroed). XLA's merge was three more kernels per layer (max, weighted sums, divide
+and pad), ~1.2-1.4 us each at batch 1.
 
 Runs on GPUs through Triton and anywhere in Pallas interpret mode (the CPU tests).
 """
@@ -33,6 +38,7 @@ class Config:
     min_blocks: int = 2    # ...but give each split at least this many blocks
     warps: int = 4
     stages: int = 3
+    merge_in_kernel: bool = True  # False: XLA merges the splits (kept for A/B timing)
 
 
 def supported(max_len: int, head_dim: int, config: Config = Config()) -> bool:
@@ -54,17 +60,19 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v
            interpret: bool | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decode step of attention for rows b < B = pos.shape[0].
 
-    qkv [R >= B, num_heads + 2 * KVH, D]: the projected q | k | v heads of the new token, before
-    the rotary embedding; cos, sin [B, D] (float32, rope.cos_sin at pos); caches [B, KVH, S, D];
-    pos [B]: the new token's position; lo [B]: the first visible position (sliding windows).
-    Returns (softmax(q k^T / sqrt(D)) v over positions [lo, pos] as float32 [B, KVH, G, D],
-    k_cache, v_cache with the new key and value written at pos).
+    qkv [R, num_heads + 2 * KVH, D] with B <= R <= 2B: the projected q | k | v heads of the new
+    token, before the rotary embedding (rows past B are padding); cos, sin [B, D] (float32,
+    rope.cos_sin at pos); caches [B, KVH, S, D]; pos [B]: the new token's position; lo [B]: the
+    first visible position (sliding windows).
+    Returns (out [R, KVH, G, D] in qkv's dtype: softmax(q k^T / sqrt(D)) v over positions
+    [lo, pos] for rows < B, zeros for the padding rows; k_cache, v_cache with the new key and
+    value written at pos).
     """
     b, kvh, s, d = k_cache.shape
-    g, half = num_heads // kvh, d // 2
+    r, g, half = qkv.shape[0], num_heads // kvh, d // 2
     if not supported(s, d, config):
         raise ValueError(f"decode attention: unsupported cache length {s} / head_dim {d} for {config}")
-    if qkv.shape[1:] != (num_heads + 2 * kvh, d) or qkv.shape[0] < b:
+    if qkv.shape[1:] != (num_heads + 2 * kvh, d) or not b <= r <= 2 * b:
         raise ValueError(f"decode attention: qkv {qkv.shape} does not match {num_heads} query heads, "
                          f"cache {k_cache.shape}")
     if interpret is None:
@@ -79,6 +87,8 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v
     # setting as XLA's dots do ("highest" / "float32": full float32).
     full = str(jax.config.jax_default_matmul_precision).lower() in ("highest", "float32")
     precision = (jax.lax.Precision.HIGHEST,) * 2 if full else None
+    merge = splits > 1 and config.merge_in_kernel
+    partials = splits > 1  # outputs: (out, caches) + the partials and counters when split
 
     def mul(x, y):  # one product rounded to the activations' dtype, as XLA's rope computes it
         return (x.astype(jnp.float32) * y.astype(jnp.float32)).astype(dt)
@@ -87,8 +97,8 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v
         return ((mul(x1, c).astype(jnp.float32) - mul(x2, sn).astype(jnp.float32)).astype(dt),
                 (mul(x2, c).astype(jnp.float32) + mul(x1, sn).astype(jnp.float32)).astype(dt))
 
-    def kernel(pos_ref, lo_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref,
-               o_ref, m_ref, l_ref, k_out, v_out):
+    def kernel(pos_ref, lo_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, *refs):
+        out_ref, k_out, v_out, *split_refs = refs[-7:] if partials else refs  # (counters in,) outputs
         row, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         now, start = pos_ref[row], lo_ref[row]
         base = split * chunk
@@ -118,9 +128,7 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v
                                 precision=precision))
             at_pos = at + jnp.arange(block)
             scores = jnp.where((at_pos >= start) & (at_pos < now), scores * scale, -jnp.inf)
-            m_new = jnp.maximum(m, scores.max(axis=1))
-            safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)          # a fully masked block
-            alpha, p = jnp.exp(m - safe), jnp.exp(scores - safe[:, None])
+            m_new, alpha, p = online(m, scores, axis=1)
             vt = v_ref[row, head, keys, :]
             pv = plt.dot(p.astype(vt.dtype), vt, precision=precision)
             return m_new, l * alpha + p.sum(axis=1), acc * alpha[:, None] + pv
@@ -134,32 +142,75 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v
         # The new token itself, from registers (only in the program holding its position).
         new = (jnp.sum(q1.astype(jnp.float32) * k1.astype(jnp.float32)[None], axis=1)
                + jnp.sum(q2.astype(jnp.float32) * k2.astype(jnp.float32)[None], axis=1)) * scale
-        new = jnp.where(mine, new, -jnp.inf)
-        m_new = jnp.maximum(m, new)
-        safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha, p = jnp.exp(m - safe), jnp.exp(new - safe)
+        m, alpha, p = online(m, jnp.where(mine, new, -jnp.inf))
         pv = p.astype(v_new.dtype).astype(jnp.float32)[:, None] * v_new.astype(jnp.float32)[None]
-        acc = acc * alpha[:, None] + pv
+        acc, l = acc * alpha[:, None] + pv, l * alpha + p
+
+        def finish(acc, l):  # the output, and zeros for this program's padding row, if any
+            heads = pl.ds(head * g, rows)
+            plt.store(out_ref.at[row, heads], (acc / l[:, None]).astype(out_ref.dtype), mask=real[:, None])
+            @pl.when(b + row < r)
+            def _():
+                plt.store(out_ref.at[b + row, heads], jnp.zeros((rows, d), out_ref.dtype), mask=real[:, None])
+
+        if not partials:
+            return finish(acc, l)
+        o_ref, m_ref, l_ref, count = split_refs
         plt.store(o_ref.at[row, head, split], acc, mask=real[:, None])
-        plt.store(m_ref.at[row, head, split], m_new, mask=real)
-        plt.store(l_ref.at[row, head, split], l * alpha + p, mask=real)
+        plt.store(m_ref.at[row, head, split], m, mask=real)
+        plt.store(l_ref.at[row, head, split], l, mask=real)
+        if not merge:
+            return
+        # Release this program's partials, then count it in; the last of the row and head to
+        # arrive acquires them all (the atomic is acq_rel at GPU scope; the barrier first makes
+        # every thread's stores part of the release, as CUTLASS's semaphores do).
+        if not interpret:
+            plt.debug_barrier()
+        arrived = plt.atomic_add(count, (row, head), jnp.int32(1))
+
+        @pl.when(arrived == splits - 1)
+        def _():
+            def add(i, carry):  # merge split i into the running (max, sum, output)
+                m, l, acc = carry
+                m_i = plt.load(m_ref.at[row, head, i], mask=real, other=0, volatile=True)
+                m_new, alpha, w = online(m, m_i)
+                l_i = plt.load(l_ref.at[row, head, i], mask=real, other=0, volatile=True)
+                o_i = plt.load(o_ref.at[row, head, i], mask=real[:, None], other=0, volatile=True)
+                return m_new, l * alpha + l_i * w, acc * alpha[:, None] + o_i * w[:, None]
+            _, l, acc = jax.lax.fori_loop(0, splits, add, init)
+            finish(acc, l)
 
     f32 = jnp.float32
-    o, m, l, k_cache, v_cache = pl.pallas_call(
-        kernel, grid=(b, kvh, splits), interpret=interpret,
-        out_shape=(jax.ShapeDtypeStruct((b, kvh, splits, rows, d), f32),
-                   jax.ShapeDtypeStruct((b, kvh, splits, rows), f32),
-                   jax.ShapeDtypeStruct((b, kvh, splits, rows), f32),
-                   jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-                   jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
-        input_output_aliases={5: 3, 6: 4},
+    out_shape = [jax.ShapeDtypeStruct((r, num_heads, d), dt),
+                 jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                 jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
+    args = [pos.astype(jnp.int32), lo.astype(jnp.int32), qkv, cos.astype(f32), sin.astype(f32),
+            k_cache, v_cache]
+    aliases = {5: 1, 6: 2}
+    if partials:
+        out_shape += [jax.ShapeDtypeStruct((b, kvh, splits, rows, d), f32),
+                      jax.ShapeDtypeStruct((b, kvh, splits, rows), f32),
+                      jax.ShapeDtypeStruct((b, kvh, splits, rows), f32),
+                      jax.ShapeDtypeStruct((b, kvh), jnp.int32)]
+        args.append(jnp.zeros((b, kvh), jnp.int32))  # the arrival counters, zeroed for each call
+        aliases[7] = 6
+    out, k_cache, v_cache, *split_out = pl.pallas_call(
+        kernel, grid=(b, kvh, splits), interpret=interpret, out_shape=tuple(out_shape),
+        input_output_aliases=aliases,
         compiler_params=plt.CompilerParams(num_warps=config.warps, num_stages=config.stages),
-    )(pos.astype(jnp.int32), lo.astype(jnp.int32), qkv, cos.astype(f32), sin.astype(f32),
-      k_cache, v_cache)
-    o, m, l = o[:, :, :, :g], m[:, :, :, :g], l[:, :, :, :g]  # only the real query rows were stored
-    if splits == 1:
-        return o[:, :, 0] / l[:, :, 0, :, None], k_cache, v_cache
-    # Merge the splits: rescale each partial to the overall max (an empty split has m = -inf).
-    top = m.max(axis=2, keepdims=True)
-    w = jnp.where(m == -jnp.inf, 0.0, jnp.exp(m - top))
-    return (o * w[..., None]).sum(axis=2) / (l * w).sum(axis=2)[..., None], k_cache, v_cache
+    )(*args)
+    if partials and not merge:  # XLA merges: rescale each partial to the overall max
+        o, m, l = (x[:, :, :, :g] for x in split_out[:3])
+        top = m.max(axis=2, keepdims=True)
+        w = jnp.where(m == -jnp.inf, 0.0, jnp.exp(m - top))
+        merged = ((o * w[..., None]).sum(axis=2) / (l * w).sum(axis=2)[..., None]).astype(dt)
+        out = jnp.concatenate([merged, jnp.zeros((r - b, kvh, g, d), dt)])
+    return out.reshape(r, kvh, g, d), k_cache, v_cache
+
+
+def online(m, x, axis=None):
+    """One online-softmax step: (new running max, factor for what was summed so far, exp(x -
+    new max)), with x [rows] or [rows, n] (axis=1). A fully masked max stays -inf, factors 0."""
+    m_new = jnp.maximum(m, x if axis is None else x.max(axis=axis))
+    safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    return m_new, jnp.exp(m - safe), jnp.exp(x - (safe if axis is None else safe[:, None]))
