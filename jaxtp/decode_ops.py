@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,15 @@ from jaxtp.sharding import KV_CACHE_SPEC, QKV_SPEC
 
 MODES = ("auto", "xla", "pallas")
 
-_mesh: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("decode_kernels", default=None)
+@dataclasses.dataclass
+class _Step:
+    """One traced step's use of the kernel: the mesh, and the arrival counters the kernel hands
+    back zeroed, passed from layer to layer (one zeroed array per step, not one per layer)."""
+    mesh: Mesh
+    counters: jax.Array | None = None
+
+
+_step: contextvars.ContextVar[_Step | None] = contextvars.ContextVar("decode_kernels", default=None)
 
 
 def resolve(mode: str, mesh: Mesh) -> str:
@@ -52,11 +61,11 @@ def resolve(mode: str, mesh: Mesh) -> str:
 @contextlib.contextmanager
 def use(mesh: Mesh, mode: str):
     """While tracing a step: decode layers use the Pallas kernels if `mode` is "pallas"."""
-    token = _mesh.set(mesh if mode == "pallas" else None)
+    token = _step.set(_Step(mesh) if mode == "pallas" else None)
     try:
         yield
     finally:
-        _mesh.reset(token)
+        _step.reset(token)
 
 
 def _sharded(fn, mesh: Mesh, in_specs, out_specs):
@@ -74,20 +83,24 @@ def attention(qkv, cos, sin, k_cache, v_cache, positions, window: int | None, nu
     positions [B, 1]. Returns (out [R, 1, KVH, G, D] in qkv's dtype, padding rows zero, k_cache,
     v_cache).
     """
-    mesh = _mesh.get()
+    step = _step.get()
     t, d = positions.shape[1], k_cache.shape[3]
-    if mesh is None or t != 1 or not decode_attention.supported(k_cache.shape[2], d):
+    if step is None or t != 1 or not decode_attention.supported(k_cache.shape[2], d):
         return None
-    pos = positions[:, 0]
+    mesh, pos = step.mesh, positions[:, 0]
     lo = jnp.zeros_like(pos) if window is None else jnp.maximum(pos + 1 - window, 0)
     heads = num_heads // mesh.shape["tp"]
+    if step.counters is None:
+        step.counters = jnp.zeros(k_cache.shape[:2], jnp.int32)
 
-    def local(qkv, cos, sin, k_cache, v_cache, pos, lo):
-        out, k_cache, v_cache = decode_attention.attend(
-            qkv.reshape(qkv.shape[0], -1, d), cos, sin, k_cache, v_cache, pos, lo, heads)
-        return out[:, None], k_cache, v_cache
+    def local(qkv, cos, sin, k_cache, v_cache, pos, lo, counters):
+        out, k_cache, v_cache, counters = decode_attention.attend(
+            qkv.reshape(qkv.shape[0], -1, d), cos, sin, k_cache, v_cache, pos, lo, heads, counters)
+        return out[:, None], k_cache, v_cache, counters
 
-    out_spec = P(None, None, KV_CACHE_SPEC[1], None, None)
-    run = _sharded(local, mesh, (QKV_SPEC, P(), P(), KV_CACHE_SPEC, KV_CACHE_SPEC, P(), P()),
-                   (out_spec, KV_CACHE_SPEC, KV_CACHE_SPEC))
-    return run(qkv, cos[:, 0], sin[:, 0], k_cache, v_cache, pos, lo)
+    out_spec, counter_spec = P(None, None, KV_CACHE_SPEC[1], None, None), P(*KV_CACHE_SPEC[:2])
+    run = _sharded(local, mesh, (QKV_SPEC, P(), P(), KV_CACHE_SPEC, KV_CACHE_SPEC, P(), P(), counter_spec),
+                   (out_spec, KV_CACHE_SPEC, KV_CACHE_SPEC, counter_spec))
+    out, k_cache, v_cache, step.counters = run(qkv, cos[:, 0], sin[:, 0], k_cache, v_cache, pos, lo,
+                                               step.counters)
+    return out, k_cache, v_cache

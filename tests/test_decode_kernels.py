@@ -1,5 +1,7 @@
 """The Pallas decode attention (jaxtp/kernels/decode_attention.py), run here in Pallas interpret
 mode: the kernel against a plain softmax, and models using it against transformers."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +33,7 @@ def reference_step(qkv, cos, sin, k_cache, v_cache, pos, lo, num_heads):
     (4, 384, 64, decode_attention.Config(programs=6)),          # GQA, one split per row and head
     (3, 128, 32, decode_attention.Config(block=32, min_blocks=1)),  # 3 query heads: 13 padding rows
     (2, 256, 32, decode_attention.Config(merge_in_kernel=False)),    # XLA merges the splits
+    (5, 256, 32, decode_attention.Config(block=16, min_blocks=1)),   # 15 splits, 5 query heads
 ])
 def test_kernel_matches_reference(groups, max_len, head_dim, config):
     kvh, b = 2, 3
@@ -43,12 +46,21 @@ def test_kernel_matches_reference(groups, max_len, head_dim, config):
     lo = jnp.array([0, 40, 0])             # row 1: a sliding window starting at 40
     freq = np.geomspace(1.0, 1e-3, head_dim // 2).astype(np.float32)
     cos, sin = (x[:, 0] for x in rope.cos_sin(pos[:, None], freq, 1.0))
-    got = decode_attention.attend(qkv, cos, sin, k_cache, v_cache, pos, lo, num_heads, config)
+    *got, counters = decode_attention.attend(qkv, cos, sin, k_cache, v_cache, pos, lo, num_heads,
+                                             config=config)
     want = reference_step(qkv, cos, sin, k_cache, v_cache, pos, lo, num_heads)
     assert got[0].shape == (b + 1, kvh, groups, head_dim)
     np.testing.assert_array_equal(got[0][b:], 0)  # the padding row comes out zero
     for g, w in zip((got[0][:b], *got[1:]), want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    splits, _ = decode_attention.splits_for(b, kvh, max_len, math.gcd(max_len, config.block), config)
+    if splits > 1 and config.merge_in_kernel:
+        np.testing.assert_array_equal(counters, 0)  # handed back zeroed, ready for the next layer
+        again = decode_attention.attend(qkv, cos, sin, k_cache, v_cache, pos, lo, num_heads, counters,
+                                        config=config)
+        np.testing.assert_array_equal(again[0], got[0])
+    else:
+        assert counters is None
 
 
 def test_splits_cover_the_cache():

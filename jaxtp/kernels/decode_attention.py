@@ -56,17 +56,20 @@ def splits_for(rows: int, kv_heads: int, max_len: int, block: int, config: Confi
 
 
 def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-           pos: jax.Array, lo: jax.Array, num_heads: int, config: Config = Config(),
-           interpret: bool | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+           pos: jax.Array, lo: jax.Array, num_heads: int, counters: jax.Array | None = None,
+           config: Config = Config(), interpret: bool | None = None):
     """One decode step of attention for rows b < B = pos.shape[0].
 
     qkv [R, num_heads + 2 * KVH, D] with B <= R <= 2B: the projected q | k | v heads of the new
     token, before the rotary embedding (rows past B are padding); cos, sin [B, D] (float32,
     rope.cos_sin at pos); caches [B, KVH, S, D]; pos [B]: the new token's position; lo [B]: the
-    first visible position (sliding windows).
+    first visible position (sliding windows); counters: int32 [B, KVH] zeros, the splits'
+    arrival counters, or None for fresh ones. Every call hands them back zeroed (the last
+    program of a row and head resets its own), so a step's layers can share one array instead
+    of a memset each.
     Returns (out [R, KVH, G, D] in qkv's dtype: softmax(q k^T / sqrt(D)) v over positions
     [lo, pos] for rows < B, zeros for the padding rows; k_cache, v_cache with the new key and
-    value written at pos).
+    value written at pos; counters, or the ones given where this call needed none).
     """
     b, kvh, s, d = k_cache.shape
     r, g, half = qkv.shape[0], num_heads // kvh, d // 2
@@ -169,16 +172,21 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v
         arrived = plt.atomic_add(count, (row, head), jnp.int32(1))
 
         @pl.when(arrived == splits - 1)
-        def _():
-            def add(i, carry):  # merge split i into the running (max, sum, output)
-                m, l, acc = carry
-                m_i = plt.load(m_ref.at[row, head, i], mask=real, other=0, volatile=True)
-                m_new, alpha, w = online(m, m_i)
-                l_i = plt.load(l_ref.at[row, head, i], mask=real, other=0, volatile=True)
-                o_i = plt.load(o_ref.at[row, head, i], mask=real[:, None], other=0, volatile=True)
-                return m_new, l * alpha + l_i * w, acc * alpha[:, None] + o_i * w[:, None]
-            _, l, acc = jax.lax.fori_loop(0, splits, add, init)
-            finish(acc, l)
+        def _():  # all splits at once: [splits, rows] maxima and sums, then [splits, D] per query head
+            n = pl.next_power_of_2(splits)
+            ok = jnp.arange(n) < splits
+            both = ok[:, None] & real[None]
+            m_all = plt.load(m_ref.at[row, head, pl.ds(0, n)], mask=both, other=-jnp.inf, volatile=True)
+            l_all = plt.load(l_ref.at[row, head, pl.ds(0, n)], mask=both, other=0, volatile=True)
+            top = m_all.max(axis=0)
+            w = jnp.exp(m_all - jnp.where(top == -jnp.inf, 0.0, top)[None])    # [splits, rows]
+            acc = jnp.zeros((rows, d), jnp.float32)
+            for h in range(g):  # the query heads of this KV head (rows past g are padding)
+                o_h = plt.load(o_ref.at[row, head, pl.ds(0, n), jnp.int32(h)], mask=ok[:, None], other=0, volatile=True)
+                w_h = jnp.sum(jnp.where(jnp.arange(rows)[None] == h, w, 0.0), axis=1)
+                acc += jnp.where(jnp.arange(rows)[:, None] == h, jnp.sum(w_h[:, None] * o_h, axis=0)[None], 0.0)
+            finish(acc, jnp.sum(w * l_all, axis=0))
+            count[row, head] = 0  # every program of this row and head has arrived: reset for the next call
 
     f32 = jnp.float32
     out_shape = [jax.ShapeDtypeStruct((r, num_heads, d), dt),
@@ -192,7 +200,7 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v
                       jax.ShapeDtypeStruct((b, kvh, splits, rows), f32),
                       jax.ShapeDtypeStruct((b, kvh, splits, rows), f32),
                       jax.ShapeDtypeStruct((b, kvh), jnp.int32)]
-        args.append(jnp.zeros((b, kvh), jnp.int32))  # the arrival counters, zeroed for each call
+        args.append(jnp.zeros((b, kvh), jnp.int32) if counters is None else counters)
         aliases[7] = 6
     out, k_cache, v_cache, *split_out = pl.pallas_call(
         kernel, grid=(b, kvh, splits), interpret=interpret, out_shape=tuple(out_shape),
@@ -205,7 +213,9 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v
         w = jnp.where(m == -jnp.inf, 0.0, jnp.exp(m - top))
         merged = ((o * w[..., None]).sum(axis=2) / (l * w).sum(axis=2)[..., None]).astype(dt)
         out = jnp.concatenate([merged, jnp.zeros((r - b, kvh, g, d), dt)])
-    return out.reshape(r, kvh, g, d), k_cache, v_cache
+    if merge:
+        counters = split_out[3]
+    return out.reshape(r, kvh, g, d), k_cache, v_cache, counters
 
 
 def online(m, x, axis=None):

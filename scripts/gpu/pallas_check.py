@@ -2,8 +2,9 @@
 attention) against XLA's on a GPU in bf16, at Llama-2-7B (MHA) and Llama-3-8B (GQA) shapes per
 device at tp 1 and 2: the written caches must be bitwise equal (the kernel rounds the rotary
 embedding as XLA does), the attention output within bf16 rounding, the padding row zero, and
-`--repeats` more calls bitwise equal to the first (the splits are merged by whichever program
-arrives last: a missing release / acquire would show here as a changed output). Timing is left
+`--repeats` more calls bitwise equal to the first, each taking the arrival counters the call
+before handed back (the splits are merged by whichever program arrives last: a missing release /
+acquire, or a counter not reset, would show here as a changed output). Timing is left
 to the decode step (benchmark.py, variant.py): stand-alone timings disagreed with it (NOTES.md,
 session 4).
 
@@ -50,13 +51,16 @@ def check(name: str, batch: int, heads: int, kv_heads: int, repeats: int, max_le
     freq, scale = rope.inv_freq(d, 10000.0, {}, 4096)
     cos, sin = (x[:, 0] for x in rope.cos_sin(pos[:, None], freq, scale))
     want = jax.jit(xla_step, static_argnums=6)(qkv, cos, sin, k_cache, v_cache, pos, heads)
-    step = jax.jit(lambda *a: decode_attention.attend(*a, num_heads=heads))
-    got = step(qkv, cos, sin, k_cache, v_cache, pos, jnp.zeros_like(pos))
+    step = jax.jit(lambda *a: decode_attention.attend(*a[:7], num_heads=heads, counters=a[7]))
+    counters = jnp.zeros((batch, kv_heads), jnp.int32)
+    *got, counters = step(qkv, cos, sin, k_cache, v_cache, pos, jnp.zeros_like(pos), counters)
     err = float(jnp.max(jnp.abs(got[0][:batch] - want[0])))
     same = [bool(jnp.array_equal(g, w)) for g, w in zip(got[1:], want[1:])]
     zero = bool(jnp.all(got[0][batch:] == 0))
-    again = all(bool(jnp.array_equal(step(qkv, cos, sin, k_cache, v_cache, pos, jnp.zeros_like(pos))[0],
-                                      got[0])) for _ in range(repeats))
+    again = True
+    for _ in range(repeats):  # each call gets the counters the last one handed back, as layers do
+        out, *_, counters = step(qkv, cos, sin, k_cache, v_cache, pos, jnp.zeros_like(pos), counters)
+        again &= bool(jnp.array_equal(out, got[0]))
     ok = all(same) and err < 2e-2 and zero and again
     print(f"{name:10s} b{batch:<3d} heads {heads:2d}/{kv_heads:2d}: caches bitwise equal {same}, "
           f"out max abs err {err:.3g}, padding zero {zero}, {repeats} repeats equal {again} "
