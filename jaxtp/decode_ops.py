@@ -29,12 +29,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jaxtp.kernels import add_norm, decode_attention
+from jaxtp.kernels import decode_attention
 from jaxtp.sharding import KV_CACHE_SPEC, QKV_SPEC
 
 MODES = ("auto", "xla", "pallas")
-SPLIT_K = 8         # row_add_norm's split of the contraction (XLA's own choice for these shapes)
-ADD_NORM_ROWS = 8   # ... used for decode steps of up to this many rows
 
 @dataclasses.dataclass
 class _Step:
@@ -106,22 +104,3 @@ def attention(qkv, cos, sin, k_cache, v_cache, positions, window: int | None, nu
     out, k_cache, v_cache, step.counters = run(qkv, cos[:, 0], sin[:, 0], k_cache, v_cache, pos, lo,
                                                step.counters)
     return out, k_cache, v_cache
-
-
-def row_add_norm(dot, x, weight, scale, residual, norm_weight, eps: float):
-    """(residual + x @ weight, its RMSNorm) for a row-parallel projection at tp = 1 in a decode
-    step with the kernels on: the matmul split SPLIT_K ways along its contraction (`dot`, an
-    einsum returning float32 partials [K, B, T, out]) and one kernel for the partials' sum, the
-    residual add and the norm (kernels/add_norm.py), in place of XLA's three. None where this
-    does not apply (then allreduce.row_parallel_add_norm runs): tp > 1 (the sum goes over
-    devices there), int8 weights, more rows, a contraction that does not split evenly.
-    """
-    step = _step.get()
-    (b, t, c), n = x.shape, weight.shape[1]
-    if (step is None or step.mesh.shape["tp"] != 1 or scale is not None or b * t > ADD_NORM_ROWS
-            or c % (SPLIT_K * 16)):
-        return None
-    partials = dot("btkc,kcn->kbtn", x.reshape(b, t, SPLIT_K, c // SPLIT_K), weight.reshape(SPLIT_K, -1, n))
-    new, normed = add_norm.add_norm(partials.reshape(SPLIT_K, b * t, n), residual.reshape(b * t, n),
-                                    norm_weight, eps)
-    return new.reshape(residual.shape), normed.reshape(residual.shape)

@@ -76,14 +76,9 @@ class RowLinear(Linear):
 
     def add_norm(self, x, residual, norm: "RMSNorm | None"):
         """(residual + self(x), norm(that)): the decoder's residual add and the RMSNorm after it,
-        done with the sum over tp (one kernel in allreduce's custom mode; at tp = 1 in a decode
-        step, decode_ops.row_add_norm's kernel). norm=None: no norm."""
+        done with the sum over tp (one kernel in allreduce's custom mode). norm=None: no norm."""
         if norm is None:
             return residual + self(x), None
-        fused = decode_ops.row_add_norm(einsum_f32, x, self.weight[...], _value(self.scale), residual,
-                                        norm.weight[...], norm.eps)
-        if fused is not None:
-            return fused
         return allreduce.row_parallel_add_norm(_row_matmul, x, self.weight[...], _value(self.scale),
                                                residual, norm.weight[...], norm.eps, rms_norm)
 

@@ -7,7 +7,6 @@ Variants:
   base            no change
   attn=block,programs,warps,stages   the Pallas decode step's tiles and grid (--kernels pallas)
   merge_xla       XLA merges the decode step's sequence splits (three fusions per layer), not the kernel
-  no_add_norm     XLA's split-K sum, residual add and RMSNorm at tp 1 (not kernels/add_norm.py)
   norm_barrier    materialize each RMSNorm output (keeps the norm out of the next GEMM's prologue)
 """
 import functools
@@ -34,9 +33,6 @@ def apply(name: str) -> None:
     elif name == "merge_xla":
         cfg = decode_attention.Config(merge_in_kernel=False)
         decode_attention.attend = functools.partial(decode_attention.attend, config=cfg)
-    elif name == "no_add_norm":
-        from jaxtp import decode_ops
-        decode_ops.ADD_NORM_ROWS = 0
     elif name == "norm_barrier":
         call = model.RMSNorm.__call__
         model.RMSNorm.__call__ = lambda self, x: jax.lax.optimization_barrier(call(self, x))
