@@ -7,8 +7,10 @@ tp > 1 it runs under `shard_map` on the device's own heads, as sharding.py's spe
 
 Measured on Llama-2-7B, ctx 1024, 2x H200 (scripts/gpu/NOTES.md, session 5), ms/token against
 XLA's kernels: tp 1 batch 1 3.99 vs 4.28, batch 32 8.39 vs 9.08; tp 2 batch 1 3.11 vs 3.37,
-batch 32 5.64 vs 5.93. (A Pallas GEMV for the projections lost to XLA's GEMMs at every tiling
-tried: session 4.)
+batch 32 5.64 vs 5.93; the splits merged in the kernel instead of by XLA, tp 1 batch 1 3.83 vs
+3.92 (one H200, session 6). (A Pallas GEMV for the projections lost to XLA's GEMMs at every
+tiling tried, session 4; a Pallas kernel for the split-K sum, residual add and RMSNorm after
+o_proj / down_proj lost to XLA's two kernels, session 6.)
 
 Modes (`jaxtp.load(..., kernels=...)`, stored on the Model, static in the jitted steps):
 

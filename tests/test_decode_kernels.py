@@ -32,7 +32,6 @@ def reference_step(qkv, cos, sin, k_cache, v_cache, pos, lo, num_heads):
     (1, 256, 32, decode_attention.Config()),                    # MHA, several splits
     (4, 384, 64, decode_attention.Config(programs=6)),          # GQA, one split per row and head
     (3, 128, 32, decode_attention.Config(block=32, min_blocks=1)),  # 3 query heads: 13 padding rows
-    (2, 256, 32, decode_attention.Config(merge_in_kernel=False)),    # XLA merges the splits
     (5, 256, 32, decode_attention.Config(block=16, min_blocks=1)),   # 15 splits, 5 query heads
 ])
 def test_kernel_matches_reference(groups, max_len, head_dim, config):
@@ -54,7 +53,7 @@ def test_kernel_matches_reference(groups, max_len, head_dim, config):
     for g, w in zip((got[0][:b], *got[1:]), want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
     splits, _ = decode_attention.splits_for(b, kvh, max_len, math.gcd(max_len, config.block), config)
-    if splits > 1 and config.merge_in_kernel:
+    if splits > 1:
         np.testing.assert_array_equal(counters, 0)  # handed back zeroed, ready for the next layer
         again = decode_attention.attend(qkv, cos, sin, k_cache, v_cache, pos, lo, num_heads, counters,
                                         config=config)

@@ -16,7 +16,9 @@ With several splits, each program stores its partials (unnormalized output, runn
 sum) and counts itself in with an atomic add on its (row, KV head) counter; the last to arrive
 merges the splits and writes the output, already in the layout o_proj reads ([R, heads, D],
 padding rows zeroed). XLA's merge was three more kernels per layer (max, weighted sums, divide
-and pad), ~1.2-1.4 us each at batch 1.
+and pad): Llama-2-7B, tp 1, batch 1, one H200, 3.92 -> 3.83 ms/token (scripts/gpu/NOTES.md,
+session 6). The counters come in zeroed and go out zeroed (the merging program resets its own),
+so one array serves every layer of a step.
 
 Runs on GPUs through Triton and anywhere in Pallas interpret mode (the CPU tests).
 """
@@ -38,7 +40,6 @@ class Config:
     min_blocks: int = 2    # ...but give each split at least this many blocks
     warps: int = 4
     stages: int = 3
-    merge_in_kernel: bool = True  # False: XLA merges the splits (kept for A/B timing)
 
 
 def supported(max_len: int, head_dim: int, config: Config = Config()) -> bool:
@@ -90,7 +91,6 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v
     # setting as XLA's dots do ("highest" / "float32": full float32).
     full = str(jax.config.jax_default_matmul_precision).lower() in ("highest", "float32")
     precision = (jax.lax.Precision.HIGHEST,) * 2 if full else None
-    merge = splits > 1 and config.merge_in_kernel
     partials = splits > 1  # outputs: (out, caches) + the partials and counters when split
 
     def mul(x, y):  # one product rounded to the activations' dtype, as XLA's rope computes it
@@ -162,8 +162,6 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v
         plt.store(o_ref.at[row, head, split], acc, mask=real[:, None])
         plt.store(m_ref.at[row, head, split], m, mask=real)
         plt.store(l_ref.at[row, head, split], l, mask=real)
-        if not merge:
-            return
         # Release this program's partials, then count it in; the last of the row and head to
         # arrive acquires them all (the atomic is acq_rel at GPU scope; the barrier first makes
         # every thread's stores part of the release, as CUTLASS's semaphores do).
@@ -207,13 +205,7 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v
         input_output_aliases=aliases,
         compiler_params=plt.CompilerParams(num_warps=config.warps, num_stages=config.stages),
     )(*args)
-    if partials and not merge:  # XLA merges: rescale each partial to the overall max
-        o, m, l = (x[:, :, :, :g] for x in split_out[:3])
-        top = m.max(axis=2, keepdims=True)
-        w = jnp.where(m == -jnp.inf, 0.0, jnp.exp(m - top))
-        merged = ((o * w[..., None]).sum(axis=2) / (l * w).sum(axis=2)[..., None]).astype(dt)
-        out = jnp.concatenate([merged, jnp.zeros((r - b, kvh, g, d), dt)])
-    if merge:
+    if partials:
         counters = split_out[3]
     return out.reshape(r, kvh, g, d), k_cache, v_cache, counters
 

@@ -2,6 +2,7 @@
 # merged in the Pallas kernel (last program to arrive merges) -- checked (bitwise caches, 100
 # repeats equal), then A/B/A against XLA's merge at tp 1, a trace of tp1 b1, int8 weights, and
 # greedy parity with transformers at tp 1 on the GPU.
+# (variant merge_xla, XLA's merge, was removed after run30 measured it slower)
 #   bash scripts/gpu/run29.sh
 export PYTHONUNBUFFERED=1 JAXTP_CACHE=/tmp/jaxtp-cache PYTHONPATH=$PWD
 A="--shape llama2-7b --ctx 1024 --reps 7 --tp 1"

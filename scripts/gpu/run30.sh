@@ -2,6 +2,7 @@
 # loads for all splits instead of a loop of dependent loads; the arrival counters handed from
 # layer to layer, reset by the kernel, instead of a memset per layer): check, then A/B/A against
 # XLA's merge at tp1 b1, split counts, exhaustive GEMM tiling search, parity at tp 1.
+# (variant merge_xla, XLA's merge, was removed after run30 measured it slower)
 #   bash scripts/gpu/run30.sh
 export PYTHONUNBUFFERED=1 JAXTP_CACHE=/tmp/jaxtp-cache PYTHONPATH=$PWD
 A="--shape llama2-7b --ctx 1024 --reps 9 --tp 1 --batch 1 --no-prefill"

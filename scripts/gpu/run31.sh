@@ -1,6 +1,7 @@
 # Issue 3, session 6, call 3 (one H200): the split-K sum + residual add + RMSNorm kernel at tp 1
 # (kernels/add_norm.py): parity with transformers on the GPU first, A/B/A against XLA's three
 # kernels at tp1 b1, fewer attention splits, a trace, then the tables (default, and 4 splits).
+# (kernels/add_norm.py and variant no_add_norm were removed after this call measured them slower)
 #   bash scripts/gpu/run31.sh
 export PYTHONUNBUFFERED=1 JAXTP_CACHE=/tmp/jaxtp-cache PYTHONPATH=$PWD
 A="--shape llama2-7b --ctx 1024 --reps 9 --tp 1"

@@ -6,7 +6,6 @@ call can time several candidate changes in the real decode step before any is co
 Variants:
   base            no change
   attn=block,programs,warps,stages   the Pallas decode step's tiles and grid (--kernels pallas)
-  merge_xla       XLA merges the decode step's sequence splits (three fusions per layer), not the kernel
   norm_barrier    materialize each RMSNorm output (keeps the norm out of the next GEMM's prologue)
 """
 import functools
@@ -29,9 +28,6 @@ def apply(name: str) -> None:
     if name.startswith("attn="):
         block, programs, warps, stages = map(int, name.split("=")[1].split(","))
         cfg = decode_attention.Config(block, programs, warps=warps, stages=stages)
-        decode_attention.attend = functools.partial(decode_attention.attend, config=cfg)
-    elif name == "merge_xla":
-        cfg = decode_attention.Config(merge_in_kernel=False)
         decode_attention.attend = functools.partial(decode_attention.attend, config=cfg)
     elif name == "norm_barrier":
         call = model.RMSNorm.__call__
