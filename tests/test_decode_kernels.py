@@ -64,9 +64,10 @@ def test_kernel_matches_reference(groups, max_len, head_dim, config):
 
 def test_splits_cover_the_cache():
     config = decode_attention.Config()
-    assert decode_attention.splits_for(1, 32, 1152, 64, config) == (9, 128)   # batch 1: 288 programs
-    assert decode_attention.splits_for(32, 16, 1152, 64, config) == (1, 1152)  # batch 32: 512 already
-    assert decode_attention.splits_for(1, 8, 1000, 8, config) == (63, 16)     # never under min_blocks
+    assert decode_attention.splits_for(1, 32, 1152, 64, config) == (4, 320)   # batch 1: 128 programs
+    assert decode_attention.splits_for(8, 32, 1152, 64, config) == (1, 1152)  # batch 8: 256 already
+    wide = decode_attention.Config(programs=512)
+    assert decode_attention.splits_for(1, 8, 1000, 8, wide) == (63, 16)       # never under min_blocks
 
 
 def test_kernel_rejects_unsupported_shapes():

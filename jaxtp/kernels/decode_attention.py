@@ -36,7 +36,7 @@ from jax.experimental.pallas import triton as plt
 @dataclasses.dataclass(frozen=True)
 class Config:
     block: int = 64        # keys per loop step, at most (a power of two dividing the cache length)
-    programs: int = 512    # split the sequence until the grid has about this many programs
+    programs: int = 128    # split the sequence until the grid has about this many (~1 per SM)
     min_blocks: int = 2    # ...but give each split at least this many blocks
     warps: int = 4
     stages: int = 3
