@@ -151,10 +151,13 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v
 
         def finish(acc, l):  # the output, and zeros for this program's padding row, if any
             heads = pl.ds(head * g, rows)
-            plt.store(out_ref.at[row, heads], (acc / l[:, None]).astype(out_ref.dtype), mask=real[:, None])
+            plt.store(out_ref.at[row, heads], (acc / l[:, None]).astype(out_ref.dtype),
+                      mask=real[:, None])
+
             @pl.when(b + row < r)
             def _():
-                plt.store(out_ref.at[b + row, heads], jnp.zeros((rows, d), out_ref.dtype), mask=real[:, None])
+                plt.store(out_ref.at[b + row, heads], jnp.zeros((rows, d), out_ref.dtype),
+                          mask=real[:, None])
 
         if not partials:
             return finish(acc, l)
@@ -164,13 +167,14 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v
         plt.store(l_ref.at[row, head, split], l, mask=real)
         # Release this program's partials, then count it in; the last of the row and head to
         # arrive acquires them all (the atomic is acq_rel at GPU scope; the barrier first makes
-        # every thread's stores part of the release, as CUTLASS's semaphores do).
+        # every thread's stores part of the release, as CUTLASS's semaphores do; the loads below
+        # are volatile, so no stale L1 line can serve them).
         if not interpret:
             plt.debug_barrier()
         arrived = plt.atomic_add(count, (row, head), jnp.int32(1))
 
         @pl.when(arrived == splits - 1)
-        def _():  # all splits at once: [splits, rows] maxima and sums, then [splits, D] per query head
+        def _():  # all splits at once: [splits, rows] maxima and sums, [splits, D] per query head
             n = pl.next_power_of_2(splits)
             ok = jnp.arange(n) < splits
             both = ok[:, None] & real[None]
@@ -179,12 +183,14 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v
             top = m_all.max(axis=0)
             w = jnp.exp(m_all - jnp.where(top == -jnp.inf, 0.0, top)[None])    # [splits, rows]
             acc = jnp.zeros((rows, d), jnp.float32)
+            at_row = jnp.arange(rows)
             for h in range(g):  # the query heads of this KV head (rows past g are padding)
-                o_h = plt.load(o_ref.at[row, head, pl.ds(0, n), jnp.int32(h)], mask=ok[:, None], other=0, volatile=True)
-                w_h = jnp.sum(jnp.where(jnp.arange(rows)[None] == h, w, 0.0), axis=1)
-                acc += jnp.where(jnp.arange(rows)[:, None] == h, jnp.sum(w_h[:, None] * o_h, axis=0)[None], 0.0)
+                o_h = plt.load(o_ref.at[row, head, pl.ds(0, n), jnp.int32(h)], mask=ok[:, None],
+                               other=0, volatile=True)                              # [splits, D]
+                w_h = jnp.sum(jnp.where(at_row[None] == h, w, 0.0), axis=1)        # [splits]
+                acc += jnp.where(at_row[:, None] == h, jnp.sum(w_h[:, None] * o_h, axis=0)[None], 0.0)
             finish(acc, jnp.sum(w * l_all, axis=0))
-            count[row, head] = 0  # every program of this row and head has arrived: reset for the next call
+            count[row, head] = 0  # all of this row and head's programs have arrived: reset
 
     f32 = jnp.float32
     out_shape = [jax.ShapeDtypeStruct((r, num_heads, d), dt),
