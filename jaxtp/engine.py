@@ -3,10 +3,10 @@
 
 The cache has a fixed number of rows ("slots"). Prefill runs a group of new prompts and writes
 their keys/values into free slots; decode advances every slot `steps` tokens in an on-device loop
-(finished and empty slots idle in place). Between decode chunks the host reads the new tokens,
-frees the slots of finished sequences and prefills waiting ones into them. Shapes are bucketed
-(prompt group size and length to powers of two) so a run compiles a handful of programs once;
-the cache is donated so XLA updates it in place.
+(finished and empty slots idle in place). The host keeps one chunk queued ahead: while the device
+runs it, the host reads the chunk before, frees the slots of finished sequences and prefills
+waiting ones into them. Shapes are bucketed (prompt group size and length to powers of two) so
+a run compiles a handful of programs once; the cache is donated so XLA updates it in place.
 
 With data parallelism the slots (and every per-slot array) are split on `dp` along the batch;
 with pipeline stages the model and cache are stacked per stage (pipeline.py) and nothing here
@@ -65,10 +65,12 @@ class DecodeState(NamedTuple):
 
 
 class Step(NamedTuple):
-    """What a prefill or decode call produced: tokens [..., B] (-1 where a row was already done)
-    and, if asked for, their log-probabilities."""
+    """What a prefill or decode call produced: tokens [..., B] (-1 where a row was already done),
+    if asked for, their log-probabilities, and every slot's done flag after the call (apart from
+    the state, which the next call takes over: the host reads this one later)."""
     tokens: jax.Array
     logprobs: TokenLogprobs | None
+    done: jax.Array
 
 
 def _constrain_cache(cache: KVCache, mesh: Mesh) -> KVCache:
@@ -153,7 +155,7 @@ def prefill(model_def: ModelDef, weights, cache: KVCache, state: DecodeState, ro
 
     new_rows = DecodeState(tok, lens, zero + 1, _is_done(tok, zero + 1, r), penalties)
     state = jax.tree.map(lambda old, x: old.at[slots].set(x, mode="drop"), state, new_rows)
-    return Step(tok, _logprobs(logits, tok, logprobs)), prompt_lp, state, _constrain_cache(cache, mesh)
+    return Step(tok, _logprobs(logits, tok, logprobs), state.done), prompt_lp, state, _constrain_cache(cache, mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("model_def", "mesh", "greedy", "min_tokens", "steps", "logprobs",
@@ -192,7 +194,7 @@ def decode(model_def: ModelDef, weights, cache: KVCache, state: DecodeState, row
 
     # A fixed trip count: no per-step predicate copy to the host; the host checks `done` per chunk.
     cache, state, out, lp_out = jax.lax.fori_loop(0, steps, body, (cache, state, out, lp_out))
-    return Step(out, lp_out if logprobs is not None else None), state, cache
+    return Step(out, lp_out if logprobs is not None else None, state.done), state, cache
 
 
 @jax.jit
@@ -246,14 +248,27 @@ class Sequence:
         return self.finish_reason is not None
 
 
+class _Pending(NamedTuple):
+    """Device work whose tokens the host has not read: its Step (tokens [steps, columns]), and
+    the sequence and slot of each column when it was queued."""
+    step: Step
+    prompt_logprobs: "TokenLogprobs | None"
+    seqs: list
+    slots: list
+
+    def tokens_for(self, seq: Sequence) -> int:
+        return self.step.tokens.shape[0] if any(s is seq for s in self.seqs) else 0
+
+
 class Engine:
     """Continuous batching over `slots` cache rows of `max_len` tokens each.
 
     `add` queues a sequence; each `step` prefills waiting sequences into free slots (at most
-    `max_prefill_tokens` padded prompt tokens per prefill call) and runs one decode chunk of
-    `chunk` tokens, returning the sequences that got new tokens. `finish` ends a sequence from
-    the host (a stop string matched, a client went away) and frees its slot. With data
-    parallelism `slots` must be a multiple of dp (each replica holds slots/dp of them).
+    `max_prefill_tokens` padded prompt tokens per prefill call) and queues one decode chunk of
+    `chunk` tokens, returning the sequences that got new tokens (from the chunk queued by the
+    step before, and this step's prefill). `finish` ends a sequence from the host (a stop
+    string matched, a client went away) and frees its slot. With data parallelism `slots` must
+    be a multiple of dp (each replica holds slots/dp of them).
     """
 
     def __init__(self, model, slots: int, max_len: int, chunk: int = 16, max_prefill_tokens: int = 8192):
@@ -274,6 +289,7 @@ class Engine:
         self.running: list[Sequence | None] = [None] * slots
         self.waiting: collections.deque[Sequence] = collections.deque()
         self._stopped = np.zeros(slots, bool)
+        self._ahead: _Pending | None = None  # the decode chunk queued by the last step, unread
 
     def _put(self, tree):
         """Per-row host arrays -> device, split on dp."""
@@ -302,26 +318,58 @@ class Engine:
         return bool(self.waiting) or any(s is not None for s in self.running)
 
     def step(self) -> list[Sequence]:
-        """Admit waiting sequences, run one decode chunk; returns sequences that changed."""
+        """Admit waiting sequences, queue one decode chunk, and read the chunk queued by the call
+        before (and this call's prefill); returns the sequences that got tokens or finished.
+
+        The device always has the next chunk queued while the host reads the last one's tokens,
+        so it runs chunk after chunk without waiting for the host's dispatch and bookkeeping
+        (Llama-2-7B, tp 1, batch 1, 16-step chunks, one H200: 3.94 -> 3.81 ms/token in
+        scripts/benchmark.py, --chunks sync vs queued; scripts/gpu/NOTES.md, session 7). A queued
+        chunk runs rows the host has not yet seen finish; they idle in place (done rows re-run
+        their last token), and tokens of sequences finished meanwhile are dropped.
+        """
         if self._stopped.any():
             self.state = _stop_rows(self.state, self._put(self._stopped))
             self._stopped[:] = False
-        changed = self._admit()
-        if any(s is not None for s in self.running):
-            active = [s for s in self.running if s is not None]
-            step, self.state, self.cache = decode(
-                *self.model.step_args, self.cache, self.state, self.rows,
-                mesh=self.mesh, steps=self.chunk, all_reduce=self.model.all_reduce,
-                kernels=self.model.kernels, **_static(active))
-            step, done = distributed.fetch((step, self.state.done))
-            fresh = set(map(id, changed))
-            for slot, seq in enumerate(self.running):
-                if seq is not None:
-                    changed += [] if id(seq) in fresh else [seq]
-                    self._record(seq, step, np.nonzero(step.tokens[:, slot] >= 0)[0], slot, done[slot])
-        return changed
+        prefill = self._admit()
+        ready, self._ahead = self._ahead, self._launch(prefill)
+        return self._collect(([] if ready is None else [ready]) + ([] if prefill is None else [prefill]))
 
-    def _admit(self) -> list[Sequence]:
+    def _launch(self, prefill: "_Pending | None") -> "_Pending | None":
+        """Queue a decode chunk over every slot, unless each running sequence will have all its
+        tokens once the work already queued is read (and something is queued)."""
+        def queued(seq):  # tokens of seq in work the host has not read yet
+            return sum(p.tokens_for(seq) for p in (self._ahead, prefill) if p is not None)
+        active = [s for s in self.running if s is not None]
+        pending = self._ahead is not None or prefill is not None
+        if not active or (pending and all(len(s.tokens) + queued(s) >= s.params.max_tokens for s in active)):
+            return None
+        step, self.state, self.cache = decode(
+            *self.model.step_args, self.cache, self.state, self.rows,
+            mesh=self.mesh, steps=self.chunk, all_reduce=self.model.all_reduce,
+            kernels=self.model.kernels, **_static(active))
+        return _Pending(step, None, list(self.running), list(range(self.slots)))
+
+    def _collect(self, pending: "list[_Pending]") -> list[Sequence]:
+        """Read queued work (one fetch for all of it) and record each sequence's tokens in order."""
+        changed: dict[int, Sequence] = {}
+        read = distributed.fetch([(p.step, p.prompt_logprobs) for p in pending])
+        for p, (step, prompt_lp) in zip(pending, read):
+            for col, (seq, slot) in enumerate(zip(p.seqs, p.slots)):
+                if seq is None or seq.finished:
+                    continue
+                if prompt_lp is not None and seq.params.prompt_logprobs is not None:
+                    seq.prompt_logprobs = [_entry(prompt_lp, (col, j), seq.params.prompt_logprobs)
+                                           for j in range(len(seq.prompt) - 1)]
+                at = np.nonzero(step.tokens[:, col] >= 0)[0]
+                self._record(seq, step, at, col, step.done[slot])
+                if len(at) or seq.finished:
+                    changed[id(seq)] = seq
+        return list(changed.values())
+
+    def _admit(self) -> "_Pending | None":
+        """Prefill waiting sequences into free slots; their first tokens are read with the next
+        collect."""
         free = [i for i, s in enumerate(self.running) if s is None]
         group: list[Sequence] = []
         while self.waiting and len(group) < len(free):
@@ -330,7 +378,7 @@ class Engine:
                 break
             group.append(self.waiting.popleft())
         if not group:
-            return []
+            return None
         for seq, slot in zip(group, free):
             seq.slot, self.running[slot] = slot, seq
         slots = [s.slot for s in group]
@@ -357,14 +405,8 @@ class Engine:
             kernels=self.model.kernels,
             **_static(group),
             prompt_logprobs=_logprob_bucket(want_prompt_lp) if want_prompt_lp else None)
-        step, prompt_lp, done = distributed.fetch((step, prompt_lp, self.state.done))
-        step = jax.tree.map(lambda x: x[None], step)  # one step: [1, n]
-        for i, seq in enumerate(group):
-            if seq.params.prompt_logprobs is not None:
-                seq.prompt_logprobs = [_entry(prompt_lp, (i, j), seq.params.prompt_logprobs)
-                                       for j in range(len(seq.prompt) - 1)]
-            self._record(seq, step, [0], i, done[seq.slot])
-        return group
+        step = step._replace(tokens=step.tokens[None], logprobs=jax.tree.map(lambda x: x[None], step.logprobs))
+        return _Pending(step, prompt_lp, group, slots)  # one step: tokens [1, n]
 
     def _record(self, seq: Sequence, step, at, col: int, done: bool) -> None:
         for j in at:

@@ -4,7 +4,7 @@
 
 Random bf16 weights are generated on device in their shardings (no checkpoint needed). For each
 tp and batch it prefills `ctx` tokens per row, then times `--steps`-token decode chunks from that
-point (median of --reps). The roofline is the bytes one decode step must read per GPU (its
+point (median of --reps; by default chunks are queued back to back, see --chunks). The roofline is the bytes one decode step must read per GPU (its
 weight shard + its live KV cache) divided by the HBM bandwidth measured in the same run (the
 best of a copy and a full read, before and after the configurations); `roofline` = that floor /
 measured ms per step.
@@ -40,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--ctx", type=int, default=1024, help="context length before decoding")
     p.add_argument("--steps", type=int, default=32, help="decode steps per timed chunk")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--chunks", choices=["queued", "sync"], default="queued",
+                   help="queued: each decode chunk is dispatched before the last one is waited for "
+                        "(time between chunk ends); sync: dispatch, wait, repeat (host time per chunk counts)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--no-prefill", action="store_true", help="skip timing prefill")
     p.add_argument("--quantization", choices=["int8"], default=None, help="int8 weight-only projections")
@@ -71,6 +74,24 @@ def median_ms(fn, reps: int) -> float:
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def queued_ms(dispatch, keep, reps: int) -> float:
+    """Median ms between the ends of consecutive chunks when each is dispatched before the one
+    ahead of it is waited for: the device runs them back to back and the host's dispatch work
+    overlaps, as in a serving loop that keeps one chunk queued. dispatch() -> (tokens, cache)."""
+    ends = []
+    out, cache = dispatch()
+    keep(cache)
+    for _ in range(reps + 1):
+        nxt, cache = dispatch()
+        keep(cache)
+        out.block_until_ready()
+        ends.append(time.perf_counter())
+        out = nxt
+    out.block_until_ready()
+    ends.append(time.perf_counter())
+    return statistics.median((b - a) * 1e3 for a, b in zip(ends[1:], ends[2:]))
 
 
 def memory_bandwidth(device, mib: int = 2048) -> dict:
@@ -178,7 +199,8 @@ def run_one(cfg, tp: int, batch: int, args, all_reduce: str = "auto",
         out, holder[0] = do_decode(holder[0])
         jax.block_until_ready(out)
 
-    step_ms = median_ms(timed, args.reps) / steps
+    step_ms = (median_ms(timed, args.reps) if args.chunks == "sync" else
+               queued_ms(lambda: do_decode(holder[0]), lambda c: holder.__setitem__(0, c), args.reps)) / steps
     if args.trace:
         sys.path.insert(0, str(Path(__file__).resolve().parent / "gpu"))
         import trace_summary
@@ -191,7 +213,7 @@ def run_one(cfg, tp: int, batch: int, args, all_reduce: str = "auto",
     kv_live = (2 * cfg.num_layers * batch * (model.kv_heads // tp) * (ctx + steps / 2) * cfg.head_dim
                * jnp.dtype(dtype).itemsize)
     return dict(shape=args.shape, tp=tp, batch=batch, ctx=ctx, all_reduce=mode, kernels=kmode, tokens=digest,
-                ms_per_step=step_ms,
+                ms_per_step=step_ms, chunks=args.chunks,
                 tokens_per_s=batch / step_ms * 1e3,
                 prefill_tokens_per_s=None if prefill_ms is None else batch * ctx / prefill_ms * 1e3,
                 compile_s=prefill_compile_s + decode_compile_s, weight_gb_per_device=weight_bytes / 1e9,

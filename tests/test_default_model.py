@@ -1,5 +1,6 @@
 """The embedded default checkpoint (a tiny Llama trained to add) through the real tokenizer path:
 checkable answers, EOS stops, the vLLM-shaped wrapper and the CLI."""
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -75,7 +76,9 @@ def test_cli_stream_chat_prompts_file_and_sampling_flags(tmp_path):
                           "--chat", "--stream", "--stop", "07", "--logprobs", "1", "--repetition-penalty", "1.0"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    assert "'42'" in run.stdout and "'6'" in run.stdout and "'60" not in run.stdout
+    deltas = [line[1:].split("] ", 1) for line in run.stdout.splitlines() if line.startswith("[")]  # [i.n] 'text'
+    streamed = ["".join(ast.literal_eval(d) for at, d in deltas if at == f"{i}.0") for i in (0, 1)]
+    assert streamed == ["42", "6"]  # "607" stops at "07": the "0" was held back, never streamed
     assert "2 prompts" in run.stdout and "tp=1" in run.stdout
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), "--prompt", "1+1=",
                           "--presence-penalty", "3"], capture_output=True, text=True, timeout=300)

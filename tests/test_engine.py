@@ -40,6 +40,43 @@ def test_no_recompilation_per_token(llama_tp2):
     assert dict(engine.TRACES) == before
 
 
+def test_a_chunk_is_queued_ahead_and_none_past_max_tokens(llama_tp2, monkeypatch):
+    """step() queues the next decode chunk before reading the one ahead of it, and stops queueing
+    once the queued work holds every running sequence's last token: 1 (prefill) + 4 + 4 tokens
+    are two chunks of 4, not three."""
+    calls = []
+    real = engine.decode
+    monkeypatch.setattr(engine, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    params = jaxtp.SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
+    eng = engine.Engine(llama_tp2, slots=2, max_len=64, chunk=4)
+    seq = engine.Sequence([5, 6, 7], params, 0)
+    eng.add(seq)
+    seen = []
+    while eng.has_unfinished:
+        eng.step()
+        seen.append((len(calls), len(seq.tokens)))
+    assert seen == [(1, 1), (2, 5), (2, 9)]
+    assert seq.tokens == jaxtp.generate(llama_tp2, [[5, 6, 7]], params)[0].token_ids
+
+
+def test_finish_drops_the_queued_chunks_tokens_and_frees_the_slot(llama_tp2):
+    """A sequence ended from the host while a chunk with its row is queued gets no more tokens,
+    even though the chunk is read after its slot went to the next sequence."""
+    params = jaxtp.SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
+    eng = engine.Engine(llama_tp2, slots=1, max_len=64, chunk=4)
+    first, second = engine.Sequence([5, 6, 7], params, 0), engine.Sequence([42], params, 0)
+    eng.add(first)
+    eng.add(second)
+    eng.step()
+    eng.step()
+    assert len(first.tokens) == 5 and eng._ahead is not None  # the next chunk is queued
+    eng.finish(first, "abort")
+    while eng.has_unfinished:
+        eng.step()
+    assert len(first.tokens) == 5 and first.finish_reason == "abort"
+    assert second.tokens == jaxtp.generate(llama_tp2, [[42]], params)[0].token_ids
+
+
 def test_step_args_are_made_once_and_match_by_value(llama_tp2):
     """The jitted steps' static model half is hashed once (engine.ModelDef); an equal one made
     again hits the same compiled program, and new params are picked up."""

@@ -7,6 +7,9 @@ Variants:
   base            no change
   attn=block,programs,warps,stages   the Pallas decode step's tiles and grid (--kernels pallas)
   norm_barrier    materialize each RMSNorm output (keeps the norm out of the next GEMM's prologue)
+  qkv_split=S     decode (<= 8 rows): qkv's contraction split S ways by the model (a batched GEMM
+                  of float32 partials, summed by XLA), in place of XLA's own split-K choice
+  rowsplit=o:S,down:S   the same for o_proj / down_proj at tp 1 (residual add and norm by XLA)
 """
 import functools
 import sys
@@ -29,11 +32,52 @@ def apply(name: str) -> None:
         block, programs, warps, stages = map(int, name.split("=")[1].split(","))
         cfg = decode_attention.Config(block, programs, warps=warps, stages=stages)
         decode_attention.attend = functools.partial(decode_attention.attend, config=cfg)
+    elif name.startswith("qkv_split="):
+        qkv_split(int(name.split("=")[1]))
+    elif name.startswith("rowsplit="):
+        row_split(dict((k, int(v)) for k, v in (kv.split(":") for kv in name.split("=")[1].split(","))))
     elif name == "norm_barrier":
         call = model.RMSNorm.__call__
         model.RMSNorm.__call__ = lambda self, x: jax.lax.optimization_barrier(call(self, x))
     else:
         raise SystemExit(f"unknown variant {name!r}")
+
+
+def _split_dot(x, w, splits: int):
+    """x [B, T, C] @ w [C, ...] as splits batched products of C / splits: float32 [S, B, T, ...]."""
+    import jax.numpy as jnp
+    b, t, c = x.shape
+    return jnp.einsum("btsc,sc...->sbt...", x.reshape(b, t, splits, c // splits),
+                      w.reshape(splits, c // splits, *w.shape[1:]), preferred_element_type=jnp.float32)
+
+
+def qkv_split(splits: int) -> None:
+    from jaxtp import model
+    call = model.QKVLinear.__call__
+
+    def patched(self, x):
+        if x.shape[0] * x.shape[1] > 8 or self.scale is not None:
+            return call(self, x)
+        y = _split_dot(x, self.weight[...], splits).sum(0).astype(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y.reshape(*y.shape[:3], -1, self.head_dim)
+    model.QKVLinear.__call__ = patched
+
+
+def row_split(splits: dict) -> None:
+    from jaxtp import model
+    add_norm = model.RowLinear.add_norm
+
+    def patched(self, x, residual, norm):
+        w = self.weight[...]
+        which = "o" if w.shape[0] == w.shape[1] else "down"
+        s = splits.get(which)
+        if not s or x.shape[0] * x.shape[1] > 8 or self.scale is not None:
+            return add_norm(self, x, residual, norm)
+        new = residual + _split_dot(x, w, s).sum(0).astype(x.dtype)
+        return new, None if norm is None else model.rms_norm(new, norm.weight[...], norm.eps)
+    model.RowLinear.add_norm = patched
 
 
 if __name__ == "__main__":
