@@ -1,9 +1,9 @@
 # Issue 3, session 7, call 3 (one H200): the decode kernel prefetching o_proj's weight into L2
-# (The prefetch code these ran was dropped after call 4: slower; see NOTES session 7. Its variants
-# noprefetch / prefetch=N,F,U are gone from variant.py with it.)
 # (extra programs read it while the attention programs wait on their loads) against no prefetch:
 # traces at tp1 b1 (o_proj's GEMM and the kernel's times), then b1/8/32 timings, programs 64/256.
 #   bash scripts/gpu/run38.sh
+# (The prefetch code these ran was dropped after call 4: slower; see NOTES session 7. Its variants
+# noprefetch / prefetch=N,F,U are gone from variant.py with it.)
 export PYTHONUNBUFFERED=1 JAXTP_CACHE=/tmp/jaxtp-cache PYTHONPATH=$PWD
 A="--shape llama2-7b --ctx 1024 --reps 7 --tp 1 --no-prefill"
 timeout 100 python3 scripts/gpu/pallas_check.py --batch 1 8 32 --repeats 20 > $OUT/check.log 2>&1

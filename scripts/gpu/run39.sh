@@ -1,9 +1,9 @@
 # Issue 3, session 7, call 4 (one H200): the L2 prefetch with 4 tiles in flight per program and
-# (The prefetch code these ran was dropped after call 4: slower; see NOTES session 7. Its variants
-# noprefetch / prefetch=N,F,U are gone from variant.py with it.)
 # only part of o_proj's weight (call 3: the whole weight with one tile in flight made the decode
 # kernel 24.6 us against 10.1, o_proj 6.7 against 10.1), tp1 b1.
 #   bash scripts/gpu/run39.sh
+# (The prefetch code these ran was dropped after call 4: slower; see NOTES session 7. Its variants
+# noprefetch / prefetch=N,F,U are gone from variant.py with it.)
 export PYTHONUNBUFFERED=1 JAXTP_CACHE=/tmp/jaxtp-cache PYTHONPATH=$PWD
 A="--shape llama2-7b --ctx 1024 --reps 7 --tp 1 --no-prefill --batch 1"
 timeout 60 python3 scripts/gpu/variant.py noprefetch $A > $OUT/none.log 2>&1
