@@ -35,6 +35,8 @@ from jaxtp.kernels import decode_attention
 from jaxtp.sharding import KV_CACHE_SPEC, QKV_SPEC
 
 MODES = ("auto", "xla", "pallas")
+QKV_SPLIT = 4        # qkv_splits: XLA's own split-K choice for Llama-2-7B's qkv at batch 1
+QKV_SPLIT_ROWS = 8   # ... used for decode steps of up to this many rows
 
 @dataclasses.dataclass
 class _Step:
@@ -76,32 +78,51 @@ def _sharded(fn, mesh: Mesh, in_specs, out_specs):
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
+def applies(k_cache, positions) -> bool:
+    """Whether `attention` runs this step in the kernel (else it returns None)."""
+    return (_step.get() is not None and positions.shape[1] == 1
+            and decode_attention.supported(k_cache.shape[2], k_cache.shape[3]))
+
+
+def qkv_splits(rows: int, d_model: int, k_cache, positions) -> int | None:
+    """How many ways QKVLinear should split its contraction for `attention` to sum (float32
+    partials [S, ...]), or None: the qkv projection's own output then. XLA runs small-row
+    projections as split-K GEMMs with a reduction kernel after; the decode kernel adds the
+    partials itself instead (one kernel fewer per layer)."""
+    if rows > QKV_SPLIT_ROWS or d_model % (QKV_SPLIT * 16) or not applies(k_cache, positions):
+        return None
+    return QKV_SPLIT
+
+
 def attention(qkv, cos, sin, k_cache, v_cache, positions, window: int | None, num_heads: int):
     """One decode step of attention (rope, cache write, attention) in the Pallas kernel, or None
     where it does not apply (then XLA's kernels run).
 
     qkv [R, 1, tp, q|k|v heads per device, D] (QKVLinear's output; R may count padding rows past
-    the B = positions.shape[0] real ones); cos, sin [B, 1, D]; caches [B, KVH, S, D];
+    the B = positions.shape[0] real ones), or float32 [S, R, ...] split-K partials (qkv_splits);
+    cos, sin [B, 1, D]; caches [B, KVH, S, D];
     positions [B, 1]. Returns (out [R, 1, KVH, G, D] in qkv's dtype, padding rows zero, k_cache,
     v_cache).
     """
-    step = _step.get()
-    t, d = positions.shape[1], k_cache.shape[3]
-    if step is None or t != 1 or not decode_attention.supported(k_cache.shape[2], d):
+    if not applies(k_cache, positions):
         return None
+    step, d = _step.get(), k_cache.shape[3]
     mesh, pos = step.mesh, positions[:, 0]
     lo = jnp.zeros_like(pos) if window is None else jnp.maximum(pos + 1 - window, 0)
     heads = num_heads // mesh.shape["tp"]
     if step.counters is None:
         step.counters = jnp.zeros(k_cache.shape[:2], jnp.int32)
 
+    split = qkv.ndim == 6  # [S, R, 1, tp, heads, D] partials
+
     def local(qkv, cos, sin, k_cache, v_cache, pos, lo, counters):
         out, k_cache, v_cache, counters = decode_attention.attend(
-            qkv.reshape(qkv.shape[0], -1, d), cos, sin, k_cache, v_cache, pos, lo, heads, counters)
+            qkv.reshape(*qkv.shape[:split + 1], -1, d), cos, sin, k_cache, v_cache, pos, lo, heads, counters)
         return out[:, None], k_cache, v_cache, counters
 
     out_spec, counter_spec = P(None, None, KV_CACHE_SPEC[1], None, None), P(*KV_CACHE_SPEC[:2])
-    run = _sharded(local, mesh, (QKV_SPEC, P(), P(), KV_CACHE_SPEC, KV_CACHE_SPEC, P(), P(), counter_spec),
+    qkv_spec = P(None, *QKV_SPEC) if split else QKV_SPEC
+    run = _sharded(local, mesh, (qkv_spec, P(), P(), KV_CACHE_SPEC, KV_CACHE_SPEC, P(), P(), counter_spec),
                    (out_spec, KV_CACHE_SPEC, KV_CACHE_SPEC, counter_spec))
     out, k_cache, v_cache, step.counters = run(qkv, cos[:, 0], sin[:, 0], k_cache, v_cache, pos, lo,
                                                step.counters)

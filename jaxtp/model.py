@@ -118,6 +118,15 @@ class QKVLinear(nnx.Module):
             y = y + self.bias[...]
         return y.reshape(*y.shape[:3], -1, self.head_dim)
 
+    def partials(self, x, splits: int):
+        """x [B, T, d] -> float32 [splits, B, T, tp, heads, head_dim]: the products of `splits`
+        equal slices of the contraction, for the decode kernel to sum (decode_ops.qkv_splits)."""
+        b, t, d = x.shape
+        w = self.weight[...]
+        y = einsum_f32("btsc,scpw->sbtpw", x.reshape(b, t, splits, d // splits),
+                       w.reshape(splits, d // splits, *w.shape[1:]))
+        return y.reshape(*y.shape[:4], -1, self.head_dim)
+
     def split(self, qkv):
         """[B, T, tp, q|k|v heads per device, head_dim] -> q, k, v [B, T, tp, heads per device, head_dim]."""
         nq, nk, _ = self.local
@@ -142,9 +151,14 @@ class Attention(nnx.Module):
         residual add). x may carry padding rows past the cache's (CausalLM.hidden); they skip
         attention and come out zero (the Pallas decode step writes them so)."""
         b, t = start.shape[0], x.shape[1]
-        qkv = self.qkv_proj(x)
+        proj = self.qkv_proj
+        splits = decode_ops.qkv_splits(x.shape[0] * t, x.shape[2], k_cache, positions)
+        if splits and self.q_norm is None and proj.bias is None and proj.scale is None:
+            qkv = proj.partials(x, splits)  # summed in the decode kernel
+        else:
+            qkv = proj(x)
         if self.q_norm is not None:
-            q, k, v = self.qkv_proj.split(qkv)
+            q, k, v = proj.split(qkv)
             qkv = jnp.concatenate([self.q_norm(q), self.k_norm(k), v], axis=3)
         step = decode_ops.attention(qkv, cos, sin, k_cache, v_cache, positions, self.window,
                                     self.num_heads)

@@ -62,6 +62,28 @@ def test_kernel_matches_reference(groups, max_len, head_dim, config):
         assert counters is None
 
 
+def test_kernel_sums_split_k_partials():
+    """qkv given as the float32 partial sums of a split contraction: the kernel adds them (and
+    rounds to the caches' dtype) where XLA's reduction kernel would have."""
+    kvh, b, groups, head_dim, max_len = 2, 2, 2, 32, 128
+    num_heads = groups * kvh
+    kq, kk, kv = jax.random.split(jax.random.key(7), 3)
+    parts = jax.random.normal(kq, (4, b + 1, num_heads + 2 * kvh, head_dim))
+    k_cache = jax.random.normal(kk, (b, kvh, max_len, head_dim), jnp.bfloat16)
+    v_cache = jax.random.normal(kv, (b, kvh, max_len, head_dim), jnp.bfloat16)
+    pos, lo = jnp.array([5, 77]), jnp.array([0, 0])
+    freq = np.geomspace(1.0, 1e-3, head_dim // 2).astype(np.float32)
+    cos, sin = (x[:, 0] for x in rope.cos_sin(pos[:, None], freq, 1.0))
+    summed = (parts[0] + parts[1] + parts[2] + parts[3]).astype(jnp.bfloat16)  # the kernel's order
+    got = decode_attention.attend(parts, cos, sin, k_cache, v_cache, pos, lo, num_heads)
+    want = decode_attention.attend(summed, cos, sin, k_cache, v_cache, pos, lo, num_heads)
+    assert got[0].dtype == jnp.bfloat16
+    for g, w in zip(got[:3], want[:3]):
+        np.testing.assert_array_equal(g, w)
+    with pytest.raises(ValueError, match="does not match"):
+        decode_attention.attend(parts.astype(jnp.bfloat16), cos, sin, k_cache, v_cache, pos, lo, num_heads)
+
+
 def test_splits_cover_the_cache():
     config = decode_attention.Config()
     assert decode_attention.splits_for(1, 32, 1152, 64, config) == (4, 320)   # batch 1: 128 programs
@@ -127,3 +149,6 @@ def test_kernel_lowers_to_triton_for_cuda(groups, head_dim, max_len, rows, dtype
     attend = jax.jit(lambda *a: decode_attention.attend(*a, num_heads=groups * kvh, interpret=False))
     lowered = attend.trace(qkv, cos, cos, cache, cache, ends, ends).lower(lowering_platforms=("cuda",))
     assert "__gpu$xla.gpu.triton" in lowered.as_text()
+    parts = jax.ShapeDtypeStruct((4, *qkv.shape), jnp.float32)  # split-K partials, summed in the kernel
+    assert "__gpu$xla.gpu.triton" in attend.trace(parts, cos, cos, cache, cache, ends, ends).lower(
+        lowering_platforms=("cuda",)).as_text()

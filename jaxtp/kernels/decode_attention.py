@@ -62,21 +62,25 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v
     """One decode step of attention for rows b < B = pos.shape[0].
 
     qkv [R, num_heads + 2 * KVH, D] with B <= R <= 2B: the projected q | k | v heads of the new
-    token, before the rotary embedding (rows past B are padding); cos, sin [B, D] (float32,
+    token, before the rotary embedding (rows past B are padding); or [S, R, ...] float32: the
+    projection's contraction split S ways, summed here and rounded to the caches' dtype (in
+    place of XLA's split-K reduction kernel); cos, sin [B, D] (float32,
     rope.cos_sin at pos); caches [B, KVH, S, D]; pos [B]: the new token's position; lo [B]: the
     first visible position (sliding windows); counters: int32 [B, KVH] zeros, the splits'
     arrival counters, or None for fresh ones. Every call hands them back zeroed (the last
     program of a row and head resets its own), so a step's layers can share one array instead
     of a memset each.
-    Returns (out [R, KVH, G, D] in qkv's dtype: softmax(q k^T / sqrt(D)) v over positions
+    Returns (out [R, KVH, G, D] in the caches' dtype: softmax(q k^T / sqrt(D)) v over positions
     [lo, pos] for rows < B, zeros for the padding rows; k_cache, v_cache with the new key and
     value written at pos; counters, or the ones given where this call needed none).
     """
     b, kvh, s, d = k_cache.shape
-    r, g, half = qkv.shape[0], num_heads // kvh, d // 2
+    r, g, half = qkv.shape[-3], num_heads // kvh, d // 2
+    parts = qkv.shape[0] if qkv.ndim == 4 else 0  # split-K partial sums to add, if any
     if not supported(s, d, config):
         raise ValueError(f"decode attention: unsupported cache length {s} / head_dim {d} for {config}")
-    if qkv.shape[1:] != (num_heads + 2 * kvh, d) or not b <= r <= 2 * b:
+    if (qkv.shape[-2:] != (num_heads + 2 * kvh, d) or not b <= r <= 2 * b or qkv.ndim not in (3, 4)
+            or (parts and qkv.dtype != jnp.float32)):
         raise ValueError(f"decode attention: qkv {qkv.shape} does not match {num_heads} query heads, "
                          f"cache {k_cache.shape}")
     if interpret is None:
@@ -85,7 +89,7 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v
     splits, chunk = splits_for(b, kvh, s, block, config)
     per_chunk = chunk // block
     rows = max(16, pl.next_power_of_2(g))
-    dt = qkv.dtype
+    dt = k_cache.dtype if parts else qkv.dtype
     scale = d ** -0.5
     # Triton multiplies float32 in TF32 unless told otherwise; follow jax's matmul precision
     # setting as XLA's dots do ("highest" / "float32": full float32).
@@ -107,12 +111,20 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v
         base = split * chunk
         c, sn = cos_ref[row, pl.ds(0, half)].astype(dt), sin_ref[row, pl.ds(0, half)].astype(dt)
         real = jnp.arange(rows) < g
-        qs = [plt.load(qkv_ref.at[row, pl.ds(head * g, rows), pl.ds(h * half, half)],
-                       mask=real[:, None], other=0) for h in (0, 1)]
+
+        def new_token(*at, mask=None):  # a slice of qkv (its partial sums added, in order, and rounded)
+            if not parts:
+                return plt.load(qkv_ref.at[at], mask=mask, other=0 if mask is not None else None)
+            total = plt.load(qkv_ref.at[(jnp.int32(0), *at)], mask=mask, other=0 if mask is not None else None)
+            for i in range(1, parts):
+                total += plt.load(qkv_ref.at[(jnp.int32(i), *at)], mask=mask, other=0 if mask is not None else None)
+            return total.astype(dt)
+
+        qs = [new_token(row, pl.ds(head * g, rows), pl.ds(h * half, half), mask=real[:, None]) for h in (0, 1)]
         q1, q2 = rotate(*qs, c[None], sn[None])                                   # [rows, half]
-        k1, k2 = rotate(qkv_ref[row, num_heads + head, pl.ds(0, half)],
-                        qkv_ref[row, num_heads + head, pl.ds(half, half)], c, sn)  # [half]
-        v_new = qkv_ref[row, num_heads + kvh + head, :]                           # [D]
+        k1, k2 = rotate(new_token(row, num_heads + head, pl.ds(0, half)),
+                        new_token(row, num_heads + head, pl.ds(half, half)), c, sn)  # [half]
+        v_new = new_token(row, num_heads + kvh + head, pl.ds(0, d))               # [D]
 
         mine = now // chunk == split  # this program holds the new position: it writes the slot
         @pl.when(mine)

@@ -6,6 +6,7 @@ call can time several candidate changes in the real decode step before any is co
 Variants:
   base            no change
   attn=block,programs,warps,stages   the Pallas decode step's tiles and grid (--kernels pallas)
+  noqkvfold       qkv's split-K partials summed by XLA, not by the decode kernel
   norm_barrier    materialize each RMSNorm output (keeps the norm out of the next GEMM's prologue)
   qkv_split=S     decode (<= 8 rows): qkv's contraction split S ways by the model (a batched GEMM
                   of float32 partials, summed by XLA), in place of XLA's own split-K choice
@@ -32,6 +33,9 @@ def apply(name: str) -> None:
         block, programs, warps, stages = map(int, name.split("=")[1].split(","))
         cfg = decode_attention.Config(block, programs, warps=warps, stages=stages)
         decode_attention.attend = functools.partial(decode_attention.attend, config=cfg)
+    elif name == "noqkvfold":
+        from jaxtp import decode_ops
+        decode_ops.QKV_SPLIT_ROWS = 0
     elif name.startswith("qkv_split="):
         qkv_split(int(name.split("=")[1]))
     elif name.startswith("rowsplit="):
