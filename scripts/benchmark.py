@@ -52,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--kernels", nargs="+", default=["auto"], choices=model_options.KERNEL_MODES,
                    help="decode kernel modes to time (jaxtp/decode_ops.py); each is checked to give "
                    "the same greedy tokens")
+    p.add_argument("--engine", type=int, default=0, metavar="TOKENS",
+                   help="also time the Engine's own loop (jaxtp.generate's: prefill, 16-step chunks "
+                        "queued ahead, host bookkeeping) generating TOKENS per row (0: not run)")
     p.add_argument("--json", help="write results here")
     p.add_argument("--trace", help="profile one more decode chunk per config into this directory "
                    "and print its per-kernel summary (scripts/gpu/trace_summary.py)")
@@ -92,6 +95,22 @@ def queued_ms(dispatch, keep, reps: int) -> float:
     out.block_until_ready()
     ends.append(time.perf_counter())
     return statistics.median((b - a) * 1e3 for a, b in zip(ends[1:], ends[2:]))
+
+
+def engine_step_ms(model, prompts: list, tokens: int) -> float:
+    """ms per token of every row in the Engine's loop (engine.run, as jaxtp.generate drives it),
+    from the first tokens (after prefill) to the last; the second of two runs (the first compiles)."""
+    from jaxtp import engine
+    from jaxtp.sampling import SamplingParams
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    for _ in range(2):
+        steps = engine.run(model, [engine.Sequence(list(p), params, 0) for p in prompts])
+        next(steps)  # prefill: the first token of each row (the first chunk is queued already)
+        t0 = time.perf_counter()
+        for _ in steps:
+            pass
+        elapsed = time.perf_counter() - t0
+    return elapsed * 1e3 / (tokens - 1)
 
 
 def memory_bandwidth(device, mib: int = 2048) -> dict:
@@ -210,10 +229,14 @@ def run_one(cfg, tp: int, batch: int, args, all_reduce: str = "auto",
         hlo = engine.decode.lower(*step_args, holder[0], first, rows, **static).compile().as_text()
         (where / "decode.hlo.txt").write_text(hlo)
         trace_summary.summarize(where, steps, hlo=hlo)
+    engine_ms = None
+    if args.engine:
+        del holder[0], first  # the Engine allocates its own cache
+        engine_ms = engine_step_ms(model, rng.integers(0, cfg.vocab_size, (batch, ctx)).tolist(), args.engine)
     kv_live = (2 * cfg.num_layers * batch * (model.kv_heads // tp) * (ctx + steps / 2) * cfg.head_dim
                * jnp.dtype(dtype).itemsize)
     return dict(shape=args.shape, tp=tp, batch=batch, ctx=ctx, all_reduce=mode, kernels=kmode, tokens=digest,
-                ms_per_step=step_ms, chunks=args.chunks,
+                ms_per_step=step_ms, chunks=args.chunks, engine_ms_per_step=engine_ms,
                 tokens_per_s=batch / step_ms * 1e3,
                 prefill_tokens_per_s=None if prefill_ms is None else batch * ctx / prefill_ms * 1e3,
                 compile_s=prefill_compile_s + decode_compile_s, weight_gb_per_device=weight_bytes / 1e9,
@@ -254,13 +277,14 @@ def main(argv=None):
     print(f"\n{args.shape} {args.dtype} ctx={args.ctx} on {results[0]['device']} "
           f"(roofline at {bandwidth / 1e12:.2f} TB/s)")
     print(f"{'tp':>3} {'all_reduce':>10} {'kernels':>7} {'batch':>5} {'ms/step':>8} {'tok/s':>9} {'vs tp1':>7} {'prefill tok/s':>13} "
-          f"{'roofline':>8} {'compile s':>9}")
+          f"{'roofline':>8} {'compile s':>9}" + (f" {'engine ms/step':>14}" if args.engine else ""))
     for r in results:
         tp1 = base.get((r["batch"], r["kernels"]))
         speedup = r["tokens_per_s"] / tp1 if tp1 else float("nan")
         pre = f"{r['prefill_tokens_per_s']:.0f}" if r["prefill_tokens_per_s"] else "-"
         print(f"{r['tp']:>3} {r['all_reduce']:>10} {r['kernels']:>7} {r['batch']:>5} {r['ms_per_step']:>8.3f} {r['tokens_per_s']:>9.1f} "
-              f"{speedup:>6.2f}x {pre:>13} {r['roofline']:>7.0%} {r['compile_s']:>9.1f}")
+              f"{speedup:>6.2f}x {pre:>13} {r['roofline']:>7.0%} {r['compile_s']:>9.1f}"
+              + (f" {r['engine_ms_per_step']:>14.3f}" if args.engine else ""))
     for tp, batch in sorted({(r["tp"], r["batch"]) for r in results}):
         digests = {f"{r['all_reduce']}/{r['kernels']}": r["tokens"] for r in results
                    if (r["tp"], r["batch"]) == (tp, batch)}

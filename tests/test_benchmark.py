@@ -36,3 +36,11 @@ def test_script_flags_offer_every_mode():
     from jaxtp import allreduce, decode_ops
     assert model_options.ALL_REDUCE_MODES == allreduce.MODES
     assert model_options.KERNEL_MODES == decode_ops.MODES
+
+
+def test_benchmark_times_the_engine_loop_and_sync_chunks(tmp_path):
+    out = tmp_path / "bench.json"
+    benchmark.main(["--shape", "tiny", "--batch", "2", "--ctx", "20", "--steps", "3", "--reps", "2",
+                    "--no-prefill", "--chunks", "sync", "--engine", "6", "--bandwidth-mib", "8", "--json", str(out)])
+    (r,) = json.loads(out.read_text())
+    assert r["chunks"] == "sync" and r["ms_per_step"] > 0 and r["engine_ms_per_step"] > 0
