@@ -53,8 +53,8 @@ def parse_args(argv=None):
                    help="decode kernel modes to time (jaxtp/decode_ops.py); each is checked to give "
                    "the same greedy tokens")
     p.add_argument("--engine", type=int, default=0, metavar="TOKENS",
-                   help="also time the Engine's own loop (jaxtp.generate's: prefill, 16-step chunks "
-                        "queued ahead, host bookkeeping) generating TOKENS per row (0: not run)")
+                   help="also time the Engine's own loop (jaxtp.generate's: 16-step chunks queued "
+                        "ahead, host bookkeeping) generating TOKENS per row after one prefill (0: not run)")
     p.add_argument("--json", help="write results here")
     p.add_argument("--trace", help="profile one more decode chunk per config into this directory "
                    "and print its per-kernel summary (scripts/gpu/trace_summary.py)")
@@ -98,17 +98,21 @@ def queued_ms(dispatch, keep, reps: int) -> float:
 
 
 def engine_step_ms(model, prompts: list, tokens: int) -> float:
-    """ms per token of every row in the Engine's loop (engine.run, as jaxtp.generate drives it),
-    from the first tokens (after prefill) to the last; the second of two runs (the first compiles)."""
+    """ms per token of every row in the Engine's loop (Engine.step, as jaxtp.generate drives it:
+    16-step chunks, one queued ahead), from the first tokens (one prefill for all rows) to the
+    last; the second of two runs (the first compiles)."""
     from jaxtp import engine
     from jaxtp.sampling import SamplingParams
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     for _ in range(2):
-        steps = engine.run(model, [engine.Sequence(list(p), params, 0) for p in prompts])
-        next(steps)  # prefill: the first token of each row (the first chunk is queued already)
+        eng = engine.Engine(model, len(prompts), len(prompts[0]) + tokens,
+                            max_prefill_tokens=len(prompts) * engine.bucket(len(prompts[0]), 16))
+        for p in prompts:
+            eng.add(engine.Sequence(list(p), params, 0))
+        eng.step()  # the prefill: every row's first token (the first chunk is queued already)
         t0 = time.perf_counter()
-        for _ in steps:
-            pass
+        while eng.has_unfinished:
+            eng.step()
         elapsed = time.perf_counter() - t0
     return elapsed * 1e3 / (tokens - 1)
 
