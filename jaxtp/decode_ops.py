@@ -8,9 +8,11 @@ tp > 1 it runs under `shard_map` on the device's own heads, as sharding.py's spe
 Measured on Llama-2-7B, ctx 1024, 2x H200 (scripts/gpu/NOTES.md, session 5), ms/token against
 XLA's kernels: tp 1 batch 1 3.99 vs 4.28, batch 32 8.39 vs 9.08; tp 2 batch 1 3.11 vs 3.37,
 batch 32 5.64 vs 5.93; the splits merged in the kernel instead of by XLA, tp 1 batch 1 3.83 vs
-3.92 (one H200, session 6). (A Pallas GEMV for the projections lost to XLA's GEMMs at every
+3.92 (one H200, session 6); qkv's split-K partials summed in the kernel (`qkv_splits`), 3.78 vs
+3.81 (session 7). (A Pallas GEMV for the projections lost to XLA's GEMMs at every
 tiling tried, session 4; a Pallas kernel for the split-K sum, residual add and RMSNorm after
-o_proj / down_proj lost to XLA's two kernels, session 6.)
+o_proj / down_proj lost to XLA's two kernels, session 6; so did extra programs in this kernel
+prefetching o_proj's weight into L2, session 7.)
 
 Modes (`jaxtp.load(..., kernels=...)`, stored on the Model, static in the jitted steps):
 
@@ -101,8 +103,8 @@ def attention(qkv, cos, sin, k_cache, v_cache, positions, window: int | None, nu
     qkv [R, 1, tp, q|k|v heads per device, D] (QKVLinear's output; R may count padding rows past
     the B = positions.shape[0] real ones), or float32 [S, R, ...] split-K partials (qkv_splits);
     cos, sin [B, 1, D]; caches [B, KVH, S, D];
-    positions [B, 1]. Returns (out [R, 1, KVH, G, D] in qkv's dtype, padding rows zero, k_cache,
-    v_cache).
+    positions [B, 1]. Returns (out [R, 1, KVH, G, D] in the caches' dtype, padding rows zero,
+    k_cache, v_cache).
     """
     if not applies(k_cache, positions):
         return None

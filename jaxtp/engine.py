@@ -252,9 +252,9 @@ class _Pending(NamedTuple):
     """Device work whose tokens the host has not read: its Step (tokens [steps, columns]), and
     the sequence and slot of each column when it was queued."""
     step: Step
-    prompt_logprobs: "TokenLogprobs | None"
-    seqs: list
-    slots: list
+    prompt_logprobs: TokenLogprobs | None
+    seqs: list[Sequence | None]
+    slots: list[int]
 
     def tokens_for(self, seq: Sequence) -> int:
         return self.step.tokens.shape[0] if any(s is seq for s in self.seqs) else 0

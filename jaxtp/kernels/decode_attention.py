@@ -18,7 +18,9 @@ merges the splits and writes the output, already in the layout o_proj reads ([R,
 padding rows zeroed). XLA's merge was three more kernels per layer (max, weighted sums, divide
 and pad): Llama-2-7B, tp 1, batch 1, one H200, 3.92 -> 3.83 ms/token (scripts/gpu/NOTES.md,
 session 6). The counters come in zeroed and go out zeroed (the merging program resets its own),
-so one array serves every layer of a step.
+so one array serves every layer of a step. At a few rows qkv can arrive as the float32 partial
+sums of its split contraction, which the kernel adds (one XLA reduction kernel fewer per layer:
+3.78 vs 3.81 ms at batch 1, 4.68 vs 4.74 at batch 8, same machine, session 7).
 
 Runs on GPUs through Triton and anywhere in Pallas interpret mode (the CPU tests).
 """
@@ -62,10 +64,10 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v
     """One decode step of attention for rows b < B = pos.shape[0].
 
     qkv [R, num_heads + 2 * KVH, D] with B <= R <= 2B: the projected q | k | v heads of the new
-    token, before the rotary embedding (rows past B are padding); or [S, R, ...] float32: the
-    projection's contraction split S ways, summed here and rounded to the caches' dtype (in
-    place of XLA's split-K reduction kernel); cos, sin [B, D] (float32,
-    rope.cos_sin at pos); caches [B, KVH, S, D]; pos [B]: the new token's position; lo [B]: the
+    token, before the rotary embedding (rows past B are padding), or [S, R, ...] float32: the
+    projection's contraction split S ways, summed here and rounded to the caches' dtype in
+    place of XLA's split-K reduction kernel; cos, sin [B, D] (float32, rope.cos_sin at pos);
+    caches [B, KVH, S, D]; pos [B]: the new token's position; lo [B]: the
     first visible position (sliding windows); counters: int32 [B, KVH] zeros, the splits'
     arrival counters, or None for fresh ones. Every call hands them back zeroed (the last
     program of a row and head resets its own), so a step's layers can share one array instead
@@ -112,12 +114,13 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v
         c, sn = cos_ref[row, pl.ds(0, half)].astype(dt), sin_ref[row, pl.ds(0, half)].astype(dt)
         real = jnp.arange(rows) < g
 
-        def new_token(*at, mask=None):  # a slice of qkv (its partial sums added, in order, and rounded)
+        def new_token(*at, mask=None):  # a slice of qkv (its partial sums added in order, rounded)
+            load = lambda *i: plt.load(qkv_ref.at[i], mask=mask, other=None if mask is None else 0)  # noqa: E731
             if not parts:
-                return plt.load(qkv_ref.at[at], mask=mask, other=0 if mask is not None else None)
-            total = plt.load(qkv_ref.at[(jnp.int32(0), *at)], mask=mask, other=0 if mask is not None else None)
+                return load(*at)
+            total = load(jnp.int32(0), *at)
             for i in range(1, parts):
-                total += plt.load(qkv_ref.at[(jnp.int32(i), *at)], mask=mask, other=0 if mask is not None else None)
+                total += load(jnp.int32(i), *at)
             return total.astype(dt)
 
         qs = [new_token(row, pl.ds(head * g, rows), pl.ds(h * half, half), mask=real[:, None]) for h in (0, 1)]
