@@ -79,16 +79,14 @@ def median_ms(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def queued_ms(dispatch, keep, reps: int) -> float:
+def queued_ms(dispatch, reps: int) -> float:
     """Median ms between the ends of consecutive chunks when each is dispatched before the one
     ahead of it is waited for: the device runs them back to back and the host's dispatch work
-    overlaps, as in a serving loop that keeps one chunk queued. dispatch() -> (tokens, cache)."""
+    overlaps, as in the engine, which keeps one chunk queued. dispatch() -> the chunk's tokens."""
     ends = []
-    out, cache = dispatch()
-    keep(cache)
+    out = dispatch()
     for _ in range(reps + 1):
-        nxt, cache = dispatch()
-        keep(cache)
+        nxt = dispatch()
         out.block_until_ready()
         ends.append(time.perf_counter())
         out = nxt
@@ -218,12 +216,14 @@ def run_one(cfg, tp: int, batch: int, args, all_reduce: str = "auto",
     digest = hashlib.sha256(np.asarray(out).tobytes()).hexdigest()[:12]  # greedy tokens of one chunk
     print(f"  tp={tp} batch={batch} all_reduce={mode} kernels={kmode}: decode compiled+ran in {decode_compile_s:.1f}s", flush=True)
 
-    def timed():
+    def dispatch():  # one chunk on the cache the last one handed back
         out, holder[0] = do_decode(holder[0])
-        jax.block_until_ready(out)
+        return out
 
-    step_ms = (median_ms(timed, args.reps) if args.chunks == "sync" else
-               queued_ms(lambda: do_decode(holder[0]), lambda c: holder.__setitem__(0, c), args.reps)) / steps
+    def timed():
+        dispatch().block_until_ready()
+
+    step_ms = (median_ms(timed, args.reps) if args.chunks == "sync" else queued_ms(dispatch, args.reps)) / steps
     if args.trace:
         sys.path.insert(0, str(Path(__file__).resolve().parent / "gpu"))
         import trace_summary
