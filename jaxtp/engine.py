@@ -256,9 +256,6 @@ class _Pending(NamedTuple):
     seqs: list[Sequence | None]
     slots: list[int]
 
-    def tokens_for(self, seq: Sequence) -> int:
-        return self.step.tokens.shape[0] if any(s is seq for s in self.seqs) else 0
-
 
 class Engine:
     """Continuous batching over `slots` cache rows of `max_len` tokens each.
@@ -338,11 +335,12 @@ class Engine:
     def _launch(self, prefill: "_Pending | None") -> "_Pending | None":
         """Queue a decode chunk over every slot, unless each running sequence will have all its
         tokens once the work already queued is read (and something is queued)."""
-        def queued(seq):  # tokens of seq in work the host has not read yet
-            return sum(p.tokens_for(seq) for p in (self._ahead, prefill) if p is not None)
+        queued = collections.Counter()  # tokens per sequence in work the host has not read yet
+        for p in (self._ahead, prefill):
+            for seq in p.seqs if p is not None else ():
+                queued[id(seq)] += p.step.tokens.shape[0]
         active = [s for s in self.running if s is not None]
-        pending = self._ahead is not None or prefill is not None
-        if not active or (pending and all(len(s.tokens) + queued(s) >= s.params.max_tokens for s in active)):
+        if not active or (queued and all(len(s.tokens) + queued[id(s)] >= s.params.max_tokens for s in active)):
             return None
         step, self.state, self.cache = decode(
             *self.model.step_args, self.cache, self.state, self.rows,

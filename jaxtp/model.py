@@ -26,6 +26,14 @@ def einsum_f32(spec: str, a, b):
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
+def split_matmul(x, weight, splits: int):
+    """x [B, T, C] @ weight [C, ...] as `splits` products of equal slices of C: float32
+    [splits, B, T, ...], for a kernel to sum in place of XLA's split-K reduction."""
+    b, t, c = x.shape
+    return einsum_f32("btsc,sc...->sbt...", x.reshape(b, t, splits, c // splits),
+                      weight.reshape(splits, c // splits, *weight.shape[1:]))
+
+
 def _param(shape, dtype):
     return nnx.Param(jnp.zeros(shape, dtype))
 
@@ -121,10 +129,7 @@ class QKVLinear(nnx.Module):
     def partials(self, x, splits: int):
         """x [B, T, d] -> float32 [splits, B, T, tp, heads, head_dim]: the products of `splits`
         equal slices of the contraction, for the decode kernel to sum (decode_ops.qkv_splits)."""
-        b, t, d = x.shape
-        w = self.weight[...]
-        y = einsum_f32("btsc,scpw->sbtpw", x.reshape(b, t, splits, d // splits),
-                       w.reshape(splits, d // splits, *w.shape[1:]))
+        y = split_matmul(x, self.weight[...], splits)
         return y.reshape(*y.shape[:4], -1, self.head_dim)
 
     def split(self, qkv):

@@ -4,10 +4,10 @@
 
 Random bf16 weights are generated on device in their shardings (no checkpoint needed). For each
 tp and batch it prefills `ctx` tokens per row, then times `--steps`-token decode chunks from that
-point (median of --reps; by default chunks are queued back to back, see --chunks). The roofline is the bytes one decode step must read per GPU (its
-weight shard + its live KV cache) divided by the HBM bandwidth measured in the same run (the
-best of a copy and a full read, before and after the configurations); `roofline` = that floor /
-measured ms per step.
+point (median of --reps; by default chunks are queued back to back, see --chunks). The roofline
+is the bytes one decode step must read per GPU (its weight shard + its live KV cache) divided
+by the HBM bandwidth measured in the same run (the best of a copy and a full read, before and
+after the configurations); `roofline` = that floor / measured ms per step.
 """
 import argparse
 import hashlib

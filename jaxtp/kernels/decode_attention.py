@@ -77,11 +77,11 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v
     value written at pos; counters, or the ones given where this call needed none).
     """
     b, kvh, s, d = k_cache.shape
-    r, g, half = qkv.shape[-3], num_heads // kvh, d // 2
-    parts = qkv.shape[0] if qkv.ndim == 4 else 0  # split-K partial sums to add, if any
     if not supported(s, d, config):
         raise ValueError(f"decode attention: unsupported cache length {s} / head_dim {d} for {config}")
-    if (qkv.shape[-2:] != (num_heads + 2 * kvh, d) or not b <= r <= 2 * b or qkv.ndim not in (3, 4)
+    parts = qkv.shape[0] if qkv.ndim == 4 else 0  # split-K partial sums to add, if any
+    r, g, half = qkv.shape[-3] if qkv.ndim in (3, 4) else 0, num_heads // kvh, d // 2
+    if (qkv.ndim not in (3, 4) or qkv.shape[-2:] != (num_heads + 2 * kvh, d) or not b <= r <= 2 * b
             or (parts and qkv.dtype != jnp.float32)):
         raise ValueError(f"decode attention: qkv {qkv.shape} does not match {num_heads} query heads, "
                          f"cache {k_cache.shape}")

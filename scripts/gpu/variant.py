@@ -47,14 +47,6 @@ def apply(name: str) -> None:
         raise SystemExit(f"unknown variant {name!r}")
 
 
-def _split_dot(x, w, splits: int):
-    """x [B, T, C] @ w [C, ...] as splits batched products of C / splits: float32 [S, B, T, ...]."""
-    import jax.numpy as jnp
-    b, t, c = x.shape
-    return jnp.einsum("btsc,sc...->sbt...", x.reshape(b, t, splits, c // splits),
-                      w.reshape(splits, c // splits, *w.shape[1:]), preferred_element_type=jnp.float32)
-
-
 def qkv_split(splits: int) -> None:
     from jaxtp import model
     call = model.QKVLinear.__call__
@@ -62,10 +54,8 @@ def qkv_split(splits: int) -> None:
     def patched(self, x):
         if x.shape[0] * x.shape[1] > 8 or self.scale is not None:
             return call(self, x)
-        y = _split_dot(x, self.weight[...], splits).sum(0).astype(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias[...]
-        return y.reshape(*y.shape[:3], -1, self.head_dim)
+        y = self.partials(x, splits).sum(0).astype(x.dtype)
+        return y if self.bias is None else y + self.bias[...].reshape(y.shape[-3:])
     model.QKVLinear.__call__ = patched
 
 
@@ -79,7 +69,7 @@ def row_split(splits: dict) -> None:
         s = splits.get(which)
         if not s or x.shape[0] * x.shape[1] > 8 or self.scale is not None:
             return add_norm(self, x, residual, norm)
-        new = residual + _split_dot(x, w, s).sum(0).astype(x.dtype)
+        new = residual + model.split_matmul(x, w, s).sum(0).astype(x.dtype)
         return new, None if norm is None else model.rms_norm(new, norm.weight[...], norm.eps)
     model.RowLinear.add_norm = patched
 
