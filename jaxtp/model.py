@@ -5,17 +5,21 @@ name ('model.layers.0.self_attn.q_proj.weight'); `sharding.PARTITION_RULES` keys
 Linear weights are stored [in, out]. There is no sharding code here: it lives in one table.
 
 Every call writes the new tokens' keys/values into the cache at per-row offsets and attends over
-the cache, so prefill, decode and ragged batches share one code path.
+the cache, so prefill, decode and ragged batches share one code path. How collectives and
+attention run on the mesh is the `ops` argument (jaxtp.ops.OpsConfig; None: plain XLA), handed
+down with the call rather than stored here.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtp import allreduce, decode_ops, rope
+from jaxtp import rope
 from jaxtp.config import ModelConfig
-from jaxtp.kv_cache import KVCache, write
+from jaxtp.ops import allreduce, attention
 
 
 def einsum_f32(spec: str, a, b):
@@ -34,6 +38,21 @@ def split_matmul(x, weight, splits: int):
                       weight.reshape(splits, c // splits, *weight.shape[1:]))
 
 
+class Positions(NamedTuple):
+    """Where a call's tokens go: row b's tokens sit at start[b] + t (pos [B, T]), with their
+    rotary cos / sin [B, T, D]."""
+    start: jax.Array
+    pos: jax.Array
+    cos: jax.Array
+    sin: jax.Array
+
+
+def write_cache(cache, new, start):
+    """Write new [B, KVH, T, D] into cache [B, KVH, S, D] at sequence offset start[b] per row."""
+    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (0, s, 0)))(
+        cache, new.astype(cache.dtype), start)
+
+
 def _param(shape, dtype):
     return nnx.Param(jnp.zeros(shape, dtype))
 
@@ -48,11 +67,9 @@ def matmul(spec: str, x, weight, scale):
     activation-dtype convert is left for XLA to fuse into the matmul, so HBM traffic is the int8
     bytes.
 
-    A single row (batch-1 decode) is multiplied as two, the second zero. XLA rewrites a one-row
-    product with a weight under ~10M elements (o_proj's block at tp=2) as a multiply and a
-    reduction that stream the weight at a fifth of HBM speed, and its one-row GEMMs are slower
-    than its two-row ones: Llama-2-7B, batch 1, 2x H200, 4.20 -> 3.61 ms/token at tp=2 and
-    4.48 -> 4.34 at tp=1."""
+    A single row (batch-1 decode) is multiplied as two, the second zero: XLA rewrites a one-row
+    product with a small weight (o_proj's block at tp=2) as a slow multiply and reduction, and
+    its one-row GEMMs are slower than its two-row ones (docs/performance.md)."""
     if x.ndim > 1 and x.shape[0] * x.shape[1] == 1:
         return matmul(spec, jnp.concatenate([x, jnp.zeros_like(x)]), weight, scale)[:1]
     if scale is None:
@@ -79,15 +96,15 @@ class RowLinear(Linear):
     """A row-parallel projection (o_proj, down_proj): its input features are split over tp, so
     each device's product is a partial sum; allreduce.row_parallel says how they are added."""
 
-    def __call__(self, x):
-        return allreduce.row_parallel(_row_matmul, x, self.weight[...], _value(self.scale))
+    def __call__(self, x, ops=None):
+        return allreduce.row_parallel(ops, _row_matmul, x, self.weight[...], _value(self.scale))
 
-    def add_norm(self, x, residual, norm: "RMSNorm | None"):
+    def add_norm(self, x, residual, norm: "RMSNorm | None", ops=None):
         """(residual + self(x), norm(that)): the decoder's residual add and the RMSNorm after it,
         done with the sum over tp (one kernel in allreduce's custom mode). norm=None: no norm."""
         if norm is None:
-            return residual + self(x), None
-        return allreduce.row_parallel_add_norm(_row_matmul, x, self.weight[...], _value(self.scale),
+            return residual + self(x, ops), None
+        return allreduce.row_parallel_add_norm(ops, _row_matmul, x, self.weight[...], _value(self.scale),
                                                residual, norm.weight[...], norm.eps, rms_norm)
 
 
@@ -128,7 +145,7 @@ class QKVLinear(nnx.Module):
 
     def partials(self, x, splits: int):
         """x [B, T, d] -> float32 [splits, B, T, tp, heads, head_dim]: the products of `splits`
-        equal slices of the contraction, for the decode kernel to sum (decode_ops.qkv_splits)."""
+        equal slices of the contraction, for the decode kernel to sum (ops.attention.qkv_splits)."""
         y = split_matmul(x, self.weight[...], splits)
         return y.reshape(*y.shape[:4], -1, self.head_dim)
 
@@ -151,13 +168,14 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x, cos, sin, k_cache, v_cache, start, positions):
+    def __call__(self, x, at: Positions, k_cache, v_cache, ops=None, counters=None):
         """Attention of x's tokens, before o_proj (DecoderLayer applies it, fused with the
         residual add). x may carry padding rows past the cache's (CausalLM.hidden); they skip
-        attention and come out zero (the Pallas decode step writes them so)."""
-        b, t = start.shape[0], x.shape[1]
+        attention and come out zero (the Pallas decode step writes them so). counters: the
+        decode kernel's, handed from layer to layer (ops.attention.decode)."""
+        t = x.shape[1]
         proj = self.qkv_proj
-        splits = decode_ops.qkv_splits(x.shape[0] * t, x.shape[2], k_cache, positions)
+        splits = attention.qkv_splits(ops, x.shape[0] * t, x.shape[2], k_cache, at.pos)
         if splits and self.q_norm is None and proj.bias is None and proj.scale is None:
             qkv = proj.partials(x, splits)  # summed in the decode kernel
         else:
@@ -165,21 +183,26 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k, v = proj.split(qkv)
             qkv = jnp.concatenate([self.q_norm(q), self.k_norm(k), v], axis=3)
-        step = decode_ops.attention(qkv, cos, sin, k_cache, v_cache, positions, self.window,
-                                    self.num_heads)
+        step = attention.decode(ops, qkv, at.cos, at.sin, k_cache, v_cache, at.pos, self.window,
+                                self.num_heads, counters)
         if step is None:  # XLA's kernels
-            q, k, v = (y[:b].reshape(b, t, -1, self.head_dim) for y in self.qkv_proj.split(qkv))
-            q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
-            k_cache = write(k_cache, k.transpose(0, 2, 1, 3), start)
-            v_cache = write(v_cache, v.transpose(0, 2, 1, 3), start)
-            groups = self.num_heads // self.num_kv_heads
-            out = self.attend(q.reshape(b, t, self.num_kv_heads, groups, self.head_dim),
-                              k_cache, v_cache, positions)
+            out, k_cache, v_cache = self.xla_step(qkv, at, k_cache, v_cache)
         else:
-            out, k_cache, v_cache = step
+            out, k_cache, v_cache, counters = step
         out = out.astype(x.dtype).reshape(-1, t, self.num_heads * self.head_dim)
         if out.shape[0] < x.shape[0]:  # XLA's path: the padding rows come back as zeros
             out = jnp.concatenate([out, jnp.zeros((x.shape[0] - out.shape[0], *out.shape[1:]), out.dtype)])
+        return out, k_cache, v_cache, counters
+
+    def xla_step(self, qkv, at: Positions, k_cache, v_cache):
+        """Rope, cache write and attention in XLA's kernels -> (out [B, T, KVH, G, D], caches)."""
+        (b, t), d = at.pos.shape, self.head_dim
+        q, k, v = (y[:b].reshape(b, t, -1, d) for y in self.qkv_proj.split(qkv))
+        q, k = rope.apply(q, at.cos, at.sin), rope.apply(k, at.cos, at.sin)
+        k_cache = write_cache(k_cache, k.transpose(0, 2, 1, 3), at.start)
+        v_cache = write_cache(v_cache, v.transpose(0, 2, 1, 3), at.start)
+        groups = self.num_heads // self.num_kv_heads
+        out = self.attend(q.reshape(b, t, self.num_kv_heads, groups, d), k_cache, v_cache, at.pos)
         return out, k_cache, v_cache
 
     def attend(self, q, k_cache, v_cache, positions):
@@ -225,15 +248,15 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, dtype)
 
-    def __call__(self, x, normed, next_norm, cos, sin, k_cache, v_cache, start, positions):
+    def __call__(self, x, normed, next_norm, at: Positions, k_cache, v_cache, ops=None, counters=None):
         """One layer on the residual stream x, given normed = input_layernorm(x). Returns
-        (x after the layer, next_norm(that), caches): next_norm is the next layer's
+        (x after the layer, next_norm(that), caches, counters): next_norm is the next layer's
         input_layernorm or the final norm (None: not computed). Each residual add and the norm
         after it go with the all-reduce before them (RowLinear.add_norm), as in vLLM's layers."""
-        out, k_cache, v_cache = self.self_attn(normed, cos, sin, k_cache, v_cache, start, positions)
-        x, h = self.self_attn.o_proj.add_norm(out, x, self.post_attention_layernorm)
-        x, normed = self.mlp.down_proj.add_norm(self.mlp(h), x, next_norm)
-        return x, normed, k_cache, v_cache
+        out, k_cache, v_cache, counters = self.self_attn(normed, at, k_cache, v_cache, ops, counters)
+        x, h = self.self_attn.o_proj.add_norm(out, x, self.post_attention_layernorm, ops)
+        x, normed = self.mlp.down_proj.add_norm(self.mlp(h), x, next_norm, ops)
+        return x, normed, k_cache, v_cache, counters
 
 
 class Embedding(nnx.Module):
@@ -272,26 +295,31 @@ class CausalLM(nnx.Module):
         freq, scale = cfg.rope_inv_freq()
         self.rope_freq, self.rope_scale = tuple(freq.tolist()), scale
 
-    def hidden(self, tokens, cache: KVCache, start):
+    def positions(self, start, t: int) -> Positions:
+        pos = start[:, None] + jnp.arange(t)[None, :]
+        cos, sin = rope.cos_sin(pos, jnp.asarray(self.rope_freq, jnp.float32), self.rope_scale)
+        return Positions(start, pos, cos, sin)
+
+    def hidden(self, tokens, cache, start, ops=None):
         """Run tokens [B, T] placed at positions start[b] + t; returns (hidden [B, T, d], cache).
+        cache: a (k, v) NamedTuple of per-layer lists (engine.kv_cache.KVCache).
 
         A single token (batch-1 decode) travels the layers with a zero second row, so every
         projection multiplies two rows (see `matmul`) without a padding kernel before each."""
-        positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]
-        cos, sin = rope.cos_sin(positions, jnp.asarray(self.rope_freq, jnp.float32), self.rope_scale)
+        at = self.positions(start, tokens.shape[1])
         x = self.model.embed_tokens(tokens)
         rows = x.shape[0]
         if x.shape[0] * x.shape[1] == 1:
             x = jnp.concatenate([x, jnp.zeros_like(x)])
-        layers, ks, vs = self.model.layers, [], []
+        layers, ks, vs, counters = self.model.layers, [], [], None
         normed = layers[0].input_layernorm(x)
         for i, (layer, k_cache, v_cache) in enumerate(zip(layers, cache.k, cache.v)):
             next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
-            x, normed, k_cache, v_cache = layer(x, normed, next_norm, cos, sin, k_cache, v_cache,
-                                                start, positions)
+            x, normed, k_cache, v_cache, counters = layer(x, normed, next_norm, at, k_cache, v_cache,
+                                                          ops, counters)
             ks.append(k_cache)
             vs.append(v_cache)
-        return normed[:rows], KVCache(ks, vs)
+        return normed[:rows], cache._replace(k=ks, v=vs)
 
     def logits(self, h):
         """float32 logits over the padded vocab; padding entries are -inf so they are never sampled."""

@@ -31,10 +31,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtp import rope
 from jaxtp.config import ModelConfig
-from jaxtp.kv_cache import KVCache, write
-from jaxtp.model import CausalLM, DecoderLayer
+from jaxtp.model import CausalLM, DecoderLayer, write_cache
 
 
 def stage_layer(name: str, stage: int, per_stage: int) -> str:
@@ -59,19 +57,19 @@ class PipelinedLM(CausalLM):
         make = nnx.vmap(lambda _: DecoderLayer(cfg, num_kv_heads, tp, dtype), in_axes=0, out_axes=0)
         self.model.layers = nnx.List([make(jnp.arange(pp)) for _ in range(cfg.num_layers // pp)])
 
-    def hidden(self, tokens, cache: KVCache, start):
-        """Same contract as CausalLM.hidden; cache entries are [pp, B, KVH, S, D]."""
-        b, t = tokens.shape
-        positions = start[:, None] + jnp.arange(t)[None, :]
-        cos, sin = rope.cos_sin(positions, jnp.asarray(self.rope_freq, jnp.float32), self.rope_scale)
+    def hidden(self, tokens, cache, start, ops=None):
+        """Same contract as CausalLM.hidden; cache entries are [pp, B, KVH, S, D]. The decode
+        kernel does not run with stages (ops.attention.resolve), so no counters pass."""
+        t = tokens.shape[1]
+        at = self.positions(start, t)
         x = self.model.embed_tokens(tokens)
         buf = jnp.zeros((self.pp, *x.shape), x.dtype).at[0].set(x)
         ks, vs = list(cache.k), list(cache.v)
 
         def run(layer, x, k, v, live):  # one stage's copy of one layer
             old_k, old_v = _read(k, start, t), _read(v, start, t)
-            x, _, k, v = layer(x, layer.input_layernorm(x), None, cos, sin, k, v, start, positions)
-            keep = lambda c, old: write(c, jnp.where(live, _read(c, start, t), old), start)  # noqa: E731
+            x, _, k, v, _ = layer(x, layer.input_layernorm(x), None, at, k, v, ops)
+            keep = lambda c, old: write_cache(c, jnp.where(live, _read(c, start, t), old), start)  # noqa: E731
             return x, keep(k, old_k), keep(v, old_v)
 
         for hop in range(self.pp):
@@ -82,4 +80,4 @@ class PipelinedLM(CausalLM):
                     params, buf, ks[j], vs[j], live)
             if hop < self.pp - 1:
                 buf = jnp.roll(buf, 1, axis=0)        # stage s -> s+1: a collective permute
-        return self.model.norm(buf[-1]), KVCache(ks, vs)
+        return self.model.norm(buf[-1]), cache._replace(k=ks, v=vs)

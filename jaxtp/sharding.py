@@ -48,7 +48,6 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
 KV_CACHE_SPEC = P("dp", "tp", None, None)   # [batch, kv_heads, seq, head_dim]
 STAGED_KV_CACHE_SPEC = P("pp", *KV_CACHE_SPEC)  # [stage, batch, kv_heads, seq, head_dim]
 ROWS_SPEC = P("dp")                         # [batch, ...]: one row per cache slot or prompt
-HEADS_SPEC = P("dp", None, "tp", None)      # [batch, seq, heads, head_dim]
 QKV_SPEC = P("dp", None, "tp", None, None)  # [batch, seq, tp, q|k|v heads per device, head_dim]
 REPLICATED = P()
 

@@ -121,7 +121,7 @@ def main(argv=None):
     print(f"{len(prompts)} prompts, {n} tokens in {elapsed:.2f}s ({n / elapsed:.1f} tok/s incl. "
           f"compilation), tp={model.tp}, devices={len(devices)}x {devices[0].platform} "
           f"({jax.devices()[0].device_kind}), dp={model.dp}, pp={model.pp}, processes={jax.process_count()}, "
-          f"all-reduce={model.all_reduce}, kernels={model.kernels}")
+          f"all-reduce={model.ops.all_reduce}, kernels={model.ops.kernels}")
 
 
 def stream(jaxtp, model, prompts, inputs, params):

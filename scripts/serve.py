@@ -31,8 +31,8 @@ def main(argv=None):
     import uvicorn
 
     import jaxtp
-    from jaxtp.openai_api import build_app
-    from jaxtp.serving import AsyncLLM
+    from jaxtp.entrypoints.openai_api import build_app
+    from jaxtp.entrypoints.serving import AsyncLLM
 
     try:
         model = jaxtp.load(args.model, tp=args.tp, **model_options.load_kwargs(args))

@@ -1,5 +1,5 @@
 """Test fixtures: 8 simulated CPU devices, and tiny random checkpoints of each supported family
-(families.py) saved with transformers (the reference implementation)."""
+(helpers.py) saved with transformers (the reference implementation)."""
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -9,7 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-from families import COMMON, FAMILIES, make_checkpoint  # noqa: E402,F401
+from helpers import make_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")

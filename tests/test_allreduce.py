@@ -1,4 +1,4 @@
-"""The row-parallel all-reduce modes (jaxtp/allreduce.py). The custom NVLink kernel needs CUDA
+"""The row-parallel all-reduce modes (jaxtp/ops/allreduce.py). The custom NVLink kernel needs CUDA
 GPUs (scripts/gpu/all_reduce_check.py checks it there); here the shard_map path it runs under is
 checked against transformers with lax.psum in its place, and the mode choice and its errors."""
 import ctypes
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import jaxtp
-from jaxtp import allreduce, kernels
+from jaxtp.ops import allreduce, kernels
 from jaxtp.sharding import make_mesh
-from test_parity import GREEDY, hf_greedy
+from helpers import GREEDY, hf_greedy
 
 
 @pytest.mark.parametrize("family,tp,quantization", [("llama", 2, None), ("qwen2", 4, None),
@@ -19,7 +19,7 @@ from test_parity import GREEDY, hf_greedy
 def test_shard_map_path_matches_transformers(checkpoint, family, tp, quantization):
     path, ref = checkpoint(family)
     model = jaxtp.load(path, tp=tp, dtype="float32", all_reduce="shard_map", quantization=quantization)
-    assert model.all_reduce == "shard_map"
+    assert model.ops.all_reduce == "shard_map"
     ids = np.random.default_rng(tp).integers(3, 200, size=(2, 24)).tolist()
     got = model.logits(ids)
     if quantization is None:
@@ -52,7 +52,7 @@ def test_mode_errors(checkpoint):
     with pytest.raises(ValueError, match=r"all_reduce='shard_map' cannot run here: it needs "
                                          r"pipeline_parallel_size = data_parallel_size = 1 \(got pp=1, dp=2\)"):
         jaxtp.load(path, tp=2, dp=2, all_reduce="shard_map")
-    assert jaxtp.LLM(path, tensor_parallel_size=2, disable_custom_all_reduce=True).model.all_reduce == "xla"
+    assert jaxtp.LLM(path, tensor_parallel_size=2, disable_custom_all_reduce=True).model.ops.all_reduce == "xla"
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")

@@ -1,11 +1,10 @@
-"""scripts/benchmark.py end to end on the simulated CPU devices, at a tiny shape: the table, the
+"""benchmarks/benchmark.py end to end on the simulated CPU devices, at a tiny shape: the table, the
 JSON, and the greedy-token check across all-reduce and decode-kernel modes."""
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import benchmark  # noqa: E402
+from helpers import script
+
+benchmark = script("benchmarks/benchmark.py")
 
 
 def test_benchmark_runs_and_checks_tokens_across_modes(tmp_path, capsys):
@@ -31,11 +30,10 @@ def test_benchmark_runs_and_checks_tokens_across_modes(tmp_path, capsys):
 
 
 def test_script_flags_offer_every_mode():
-    import model_options
-
-    from jaxtp import allreduce, decode_ops
+    model_options = script("scripts/model_options.py")
+    from jaxtp.ops import allreduce, attention
     assert model_options.ALL_REDUCE_MODES == allreduce.MODES
-    assert model_options.KERNEL_MODES == decode_ops.MODES
+    assert model_options.KERNEL_MODES == attention.MODES
 
 
 def test_benchmark_times_the_engine_loop_and_sync_chunks(tmp_path):

@@ -1,6 +1,5 @@
 """Orbax checkpoints (scripts/convert.py): saved at one tp, restored at any other with the same
 logits as transformers and as the safetensors load; a broken directory gets a clear error."""
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 import jaxtp
+from helpers import script
 from jaxtp import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,10 +17,7 @@ IDS = [[5, 17, 33, 4, 90, 12, 7, 150], [3, 8, 199, 42, 61, 2, 11, 77]]
 
 
 def convert(src, out, tp, dtype="float32"):
-    spec = importlib.util.spec_from_file_location("convert", ROOT / "scripts" / "convert.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    mod.main([str(src), str(out), "--tp", str(tp), "--dtype", dtype])
+    script("scripts/convert.py").main([str(src), str(out), "--tp", str(tp), "--dtype", dtype])
     return out
 
 
@@ -49,7 +46,7 @@ def test_restore_at_any_tp_matches_transformers(converted, family, tp):
     repeated at restore), tied and untied embeddings, qkv bias, q/k norm."""
     orbax, path, ref = converted(family)
     model = jaxtp.load(orbax, tp=tp, dtype="auto")
-    assert model.dtype == jaxtp.api.DTYPES["float32"] and model.tp == tp
+    assert model.dtype == jaxtp.entrypoints.api.DTYPES["float32"] and model.tp == tp
     got, want = model.logits(IDS), hf_logits(ref)
     assert np.abs(got - want).max() / np.abs(want).max() <= 1e-4
     direct = jaxtp.load(path, tp=tp, dtype="float32").logits(IDS)

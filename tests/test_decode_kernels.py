@@ -1,4 +1,4 @@
-"""The Pallas decode attention (jaxtp/kernels/decode_attention.py), run here in Pallas interpret
+"""The Pallas decode attention (jaxtp/ops/kernels/decode_attention.py), run here in Pallas interpret
 mode: the kernel against a plain softmax, and models using it against transformers."""
 import math
 
@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 import jaxtp
-from jaxtp import decode_ops, rope
-from jaxtp.kernels import decode_attention
+from jaxtp import rope
+from jaxtp.ops import attention
+from jaxtp.ops.kernels import decode_attention
 from jaxtp.sharding import make_mesh
-from test_parity import GREEDY, hf_greedy
+from helpers import GREEDY, hf_greedy, make_checkpoint
 
 
 def reference_step(qkv, cos, sin, k_cache, v_cache, pos, lo, num_heads):
@@ -105,7 +106,6 @@ def test_kernel_rejects_unsupported_shapes():
 
 @pytest.mark.parametrize("family,tp", [("llama", 1), ("mistral", 2), ("qwen3", 2), ("qwen2", 4)])
 def test_models_with_the_kernel_match_transformers(tmp_path, monkeypatch, family, tp):
-    from conftest import make_checkpoint
     ref = make_checkpoint(family, tmp_path, head_dim=32)  # the kernel needs head_dim >= 32
     calls = []
     attend = decode_attention.attend
@@ -115,7 +115,7 @@ def test_models_with_the_kernel_match_transformers(tmp_path, monkeypatch, family
     monkeypatch.setattr(decode_attention, "attend",
                         lambda *a, **k: calls.append(a[0].ndim) or attend(*a, config=split, **k))
     model = jaxtp.load(tmp_path, tp=tp, dtype="float32", kernels="pallas")
-    assert model.kernels == "pallas"
+    assert model.ops.kernels == "pallas"
     ids = np.random.default_rng(tp).integers(3, 200, size=(2, 24)).tolist()
     prompts = [ids[0][:5], ids[1][:17]]  # mistral's window is 12: the 17-token row slides
     for prompt, out in zip(prompts, jaxtp.generate(model, prompts, GREEDY)):
@@ -126,8 +126,8 @@ def test_models_with_the_kernel_match_transformers(tmp_path, monkeypatch, family
 
 
 def test_mode_choice_and_errors(checkpoint):
-    assert decode_ops.resolve("auto", make_mesh(tp=2)) == "xla"  # CPU: XLA's
-    assert decode_ops.resolve("pallas", make_mesh(tp=2)) == "pallas"
+    assert attention.resolve("auto", make_mesh(tp=2)) == "xla"  # CPU: XLA's
+    assert attention.resolve("pallas", make_mesh(tp=2)) == "pallas"
     path, _ = checkpoint("llama")
     with pytest.raises(ValueError, match=r"kernels must be one of 'auto', 'xla', 'pallas', got 'triton'"):
         jaxtp.load(path, kernels="triton")

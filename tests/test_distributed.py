@@ -2,7 +2,6 @@
 give the same greedy tokens as one process, for tp across processes, dp x tp and pp x tp."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import jaxtp
-from conftest import make_checkpoint
+from helpers import free_port, make_checkpoint
 
 WORKER = Path(__file__).with_name("mp_worker.py")
 ROOT = WORKER.parent.parent
@@ -33,12 +32,6 @@ def single(deep):
     model = jaxtp.load(deep, tp=1, dtype="float32")
     params = jaxtp.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     return [o.token_ids for o in jaxtp.generate(model, PROMPTS, params)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(argv, n: int = 2) -> list[str]:

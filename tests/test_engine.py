@@ -10,7 +10,8 @@ from transformers.generation.logits_process import (MinPLogitsWarper, Temperatur
 
 import jaxtp
 from jaxtp import engine
-from jaxtp.sampling import SamplerArrays, filter_logits, sample
+from jaxtp.engine import runner
+from jaxtp.engine.sampling import SamplerArrays, filter_logits, sample
 
 PROMPTS = [[5, 6, 7], list(range(10, 31)), [42], list(range(50, 59))]
 
@@ -45,8 +46,8 @@ def test_a_chunk_is_queued_ahead_and_none_past_max_tokens(llama_tp2, monkeypatch
     once the queued work holds every running sequence's last token: 1 (prefill) + 4 + 4 tokens
     are two chunks of 4, not three."""
     calls = []
-    real = engine.decode
-    monkeypatch.setattr(engine, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = runner.decode
+    monkeypatch.setattr(runner, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
     params = jaxtp.SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
     eng = engine.Engine(llama_tp2, slots=2, max_len=64, chunk=4)
     seq = engine.Sequence([5, 6, 7], params, 0)
@@ -70,7 +71,7 @@ def test_finish_drops_the_queued_chunks_tokens_and_frees_the_slot(llama_tp2):
     eng.step()
     eng.step()
     assert len(first.tokens) == 5 and eng._ahead is not None  # the next chunk is queued
-    eng.finish(first, "abort")
+    eng.abort(first)
     while eng.has_unfinished:
         eng.step()
     assert len(first.tokens) == 5 and first.finish_reason == "abort"

@@ -5,8 +5,7 @@ import shutil
 import pytest
 
 import jaxtp
-from conftest import make_checkpoint
-from test_loading import copy, edited
+from helpers import llama_copy, llama_edited, make_checkpoint
 from jaxtp.config import ModelConfig
 
 
@@ -66,7 +65,7 @@ def test_missing_model_directory(tmp_path):
 
 def test_missing_tensor_is_named(checkpoint, tmp_path):
     name = "model.layers.1.mlp.up_proj.weight"
-    dst = edited(checkpoint, tmp_path, lambda t: {n: x for n, x in t.items() if n != name})
+    dst = llama_edited(checkpoint, tmp_path, lambda t: {n: x for n, x in t.items() if n != name})
     with pytest.raises(KeyError, match=r"no tensor 'model.layers.1.mlp.up_proj.weight'"):
         jaxtp.load(dst)
 
@@ -80,7 +79,7 @@ def test_shape_mismatch_names_tensor_and_file(checkpoint, tmp_path):
 
 
 def test_corrupt_weights_file_is_named(checkpoint, tmp_path):
-    dst, file = copy(checkpoint, tmp_path)
+    dst, file = llama_copy(checkpoint, tmp_path)
     file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
     with pytest.raises(ValueError, match=r"model.safetensors"):
         jaxtp.load(dst)

@@ -1,6 +1,5 @@
 """Loading safetensors: peak host memory stays near one tensor, sharded checkpoints load, and
 every defect in a weights file is named with its tensor and file."""
-import importlib.util
 import json
 import os
 import shutil
@@ -13,6 +12,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import jaxtp
+from helpers import llama_copy, llama_edited, script
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = [[5, 17, 33, 4, 90, 12]]
@@ -23,10 +23,7 @@ SHAPE = {"architectures": ["LlamaForCausalLM"], "max_position_embeddings": 512, 
 
 
 def load_memory_script():
-    spec = importlib.util.spec_from_file_location("load_memory", ROOT / "scripts" / "load_memory.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return script("benchmarks/load_memory.py")
 
 
 def test_peak_host_memory_stays_near_one_tensor(tmp_path):
@@ -38,7 +35,7 @@ def test_peak_host_memory_stays_near_one_tensor(tmp_path):
     assert len(list((tmp_path / "ck").glob("*.safetensors"))) == 3 and size > 200 << 20
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     out = tmp_path / "r.json"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "load_memory.py"), "measure", str(tmp_path / "ck"),
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "load_memory.py"), "measure", str(tmp_path / "ck"),
                     "--tp", "4", "--json", str(out)], check=True, env=env, capture_output=True, timeout=120)
     r = json.loads(out.read_text())
     assert r["rss_after"] - r["rss_before"] > 0.8 * size  # the weights really are in (CPU) memory
@@ -61,35 +58,22 @@ def test_sharded_checkpoint_loads_like_one_file(checkpoint, tmp_path):
     np.testing.assert_array_equal(got, jaxtp.load(path, tp=4, dtype="float32").logits(IDS))
 
 
-def copy(checkpoint, tmp_path):
-    dst = tmp_path / "m"
-    shutil.copytree(checkpoint("llama")[0], dst)
-    return dst, dst / "model.safetensors"
-
-
-def edited(checkpoint, tmp_path, edit):
-    """A copy of the llama checkpoint whose tensors are edit(tensors)."""
-    dst, file = copy(checkpoint, tmp_path)
-    save_file(edit(load_file(file)), file)
-    return dst
-
-
 def test_bad_header_json(checkpoint, tmp_path):
-    dst, file = copy(checkpoint, tmp_path)
+    dst, file = llama_copy(checkpoint, tmp_path)
     file.write_bytes((20).to_bytes(8, "little") + b'{"model.embed": [1,' + b"\0" * 100)
     with pytest.raises(ValueError, match=r"cannot read safetensors file .*model.safetensors: "):
         jaxtp.load(dst)
 
 
 def test_header_longer_than_file(checkpoint, tmp_path):
-    dst, file = copy(checkpoint, tmp_path)
+    dst, file = llama_copy(checkpoint, tmp_path)
     file.write_bytes(file.read_bytes()[:100])
     with pytest.raises(ValueError, match=r"model.safetensors: header length \d+ exceeds the file size 100"):
         jaxtp.load(dst)
 
 
 def test_truncated_data_names_tensor(checkpoint, tmp_path):
-    dst, file = copy(checkpoint, tmp_path)
+    dst, file = llama_copy(checkpoint, tmp_path)
     file.write_bytes(file.read_bytes()[:-100])
     with pytest.raises(ValueError, match=r"safetensors file .*model.safetensors is truncated: tensor "
                                          r"'[\w.]+' ends at byte \d+ but the file has \d+ bytes"):
@@ -98,7 +82,7 @@ def test_truncated_data_names_tensor(checkpoint, tmp_path):
 
 def test_wrong_dtype_names_tensor(checkpoint, tmp_path):
     name = "model.layers.0.self_attn.o_proj.weight"
-    dst = edited(checkpoint, tmp_path, lambda t: {**t, name: t[name].astype(np.int32)})
+    dst = llama_edited(checkpoint, tmp_path, lambda t: {**t, name: t[name].astype(np.int32)})
     with pytest.raises(ValueError, match=r"tensor 'model.layers.0.self_attn.o_proj.weight' in .*model."
                                          r"safetensors has dtype I32; jaxtp loads floating point weights"):
         jaxtp.load(dst)
@@ -106,14 +90,14 @@ def test_wrong_dtype_names_tensor(checkpoint, tmp_path):
 
 def test_unexpected_tensor_is_named(checkpoint, tmp_path):
     extra = {"model.layers.0.mlp.extra_proj.weight": np.zeros((4, 4), np.float32)}
-    dst = edited(checkpoint, tmp_path, lambda t: {**t, **extra})
+    dst = llama_edited(checkpoint, tmp_path, lambda t: {**t, **extra})
     with pytest.raises(ValueError, match=r"has tensor\(s\) LlamaForCausalLM with this config.json does not "
                                          r"use: 'model.layers.0.mlp.extra_proj.weight' \(in model.safetensors\)"):
         jaxtp.load(dst)
 
 
 def test_index_naming_a_missing_file(checkpoint, tmp_path):
-    dst, file = copy(checkpoint, tmp_path)
+    dst, file = llama_copy(checkpoint, tmp_path)
     names = load_file(file)
     (dst / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {**{n: "model.safetensors" for n in names}, "lm_head.weight": "gone.safetensors"}}))

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import jaxtp
-from conftest import make_checkpoint
+from helpers import make_checkpoint
 from jaxtp import distributed, engine, sharding
-from test_parity import hf_greedy
+from helpers import hf_greedy
 
 PROMPTS = [[5, 6, 7], list(range(10, 31)), [42], list(range(50, 59)), [9, 8, 7, 6, 5]]
 GREEDY = jaxtp.SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -51,8 +51,8 @@ def test_pipeline_stages_hold_only_their_layers(deep):
     assert w.shape == (2, 128, 64)                                  # [stage, in, out]
     assert {s.data.shape for s in w.addressable_shards} == {(1, 64, 64)}
     eng = engine.Engine(model, slots=4, max_len=64)
-    assert len(eng.cache.k) == 2 and eng.cache.k[0].shape[0] == 2   # 2 layers per stage
-    assert {s.data.shape[0] for s in eng.cache.k[0].addressable_shards} == {1}
+    assert len(eng.runner.cache.k) == 2 and eng.runner.cache.k[0].shape[0] == 2   # 2 layers per stage
+    assert {s.data.shape[0] for s in eng.runner.cache.k[0].addressable_shards} == {1}
 
 
 def test_seeded_sampling_is_independent_of_layout(deep):

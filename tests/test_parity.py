@@ -5,15 +5,7 @@ import pytest
 import torch
 
 import jaxtp
-from conftest import FAMILIES
-
-GREEDY = jaxtp.SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
-
-
-def hf_greedy(model, prompt, n=32):
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
-                         eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+from helpers import FAMILIES, GREEDY, hf_greedy
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])

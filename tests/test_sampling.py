@@ -7,7 +7,7 @@ from transformers.generation.logits_process import RepetitionPenaltyLogitsProces
 
 import jaxtp
 from jaxtp import engine
-from jaxtp.sampling import Penalties, SamplerArrays, apply_penalties
+from jaxtp.engine.sampling import Penalties, SamplerArrays, apply_penalties
 
 PROMPTS = [[5, 6, 7, 5, 6], list(range(10, 31)), [42, 42, 9]]
 

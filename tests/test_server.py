@@ -5,7 +5,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,21 +15,16 @@ import openai
 import pytest
 
 import jaxtp
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT = ROOT / "checkpoints" / "tiny-arith"
 NAME = "tiny"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(model, *flags):
     """Start scripts/serve.py on a free loopback port; yields its URL, stops it afterwards."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), "--model", str(model),
                              "--served-model-name", NAME, "--port", str(port), *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -208,7 +202,7 @@ def test_disconnecting_stream_frees_its_slot_and_spares_the_others(server, offli
 
 
 def test_load_script_reports_throughput(server):
-    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "load_test.py"), "--url", server, "--requests", "32",
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "load_test.py"), "--url", server, "--requests", "32",
                           "--concurrency", "16", "--max-tokens", "6", "--stream", "--json"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
@@ -217,7 +211,7 @@ def test_load_script_reports_throughput(server):
 
 
 def test_full_queue_refuses_new_requests(offline):
-    from jaxtp.serving import AsyncLLM, QueueFull
+    from jaxtp.entrypoints.serving import AsyncLLM, QueueFull
 
     llm = AsyncLLM(offline, max_num_seqs=2, max_queue=1, chunk=2)
     long = jaxtp.SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)

@@ -7,7 +7,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 import jaxtp
-from jaxtp.detokenize import TextStream
+from jaxtp.entrypoints.detokenize import TextStream
 
 DEFAULT = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-arith"
 GREEDY = dict(max_tokens=8, temperature=0.0)

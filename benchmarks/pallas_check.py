@@ -1,0 +1,89 @@
+"""Check the Pallas decode step (jaxtp/ops/kernels/decode_attention.py: rope, cache write,
+attention) against XLA's on a GPU in bf16, at Llama-2-7B (MHA) and Llama-3-8B (GQA) shapes per
+device at tp 1 and 2: the written caches must be bitwise equal (the kernel rounds the rotary
+embedding as XLA does), the attention output within bf16 rounding, the padding row zero, and
+`--repeats` more calls bitwise equal to the first, each taking the arrival counters the call
+before handed back (the splits are merged by whichever program arrives last: a missing release /
+acquire, or a counter not reset, would show here as a changed output). Timing is left
+to the decode step (benchmark.py): stand-alone timings disagreed with it (docs/performance.md).
+
+    python benchmarks/pallas_check.py [--batch 1 8 32] [--repeats 200]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxtp import rope  # noqa: E402
+from jaxtp.model import write_cache as write  # noqa: E402
+from jaxtp.ops.kernels import decode_attention  # noqa: E402
+
+
+def xla_step(qkv, cos, sin, k_cache, v_cache, pos, num_heads):
+    """The model's XLA path (model.Attention with kernels="xla") for one token per row."""
+    b, kvh, s, d = k_cache.shape
+    q, k, v = jnp.split(qkv[:b, None], [num_heads, num_heads + kvh], axis=2)
+    q, k = rope.apply(q, cos[:, None], sin[:, None]), rope.apply(k, cos[:, None], sin[:, None])
+    k_cache = write(k_cache, k.transpose(0, 2, 1, 3), pos)
+    v_cache = write(v_cache, v.transpose(0, 2, 1, 3), pos)
+    scores = jnp.einsum("bkgd,bksd->bkgs", q[:, 0].reshape(b, kvh, -1, d), k_cache,
+                        preferred_element_type=jnp.float32) * d ** -0.5
+    scores = jnp.where(jnp.arange(s)[None, None, None] <= pos[:, None, None, None], scores,
+                       jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    out = jnp.einsum("bkgs,bksd->bkgd", probs, v_cache, preferred_element_type=jnp.float32)
+    return out, k_cache, v_cache
+
+
+def check(name: str, batch: int, heads: int, kv_heads: int, repeats: int, max_len: int = 1152,
+          d: int = 128) -> bool:
+    key = jax.random.key(batch)
+    k1, k2, k3 = jax.random.split(key, 3)
+    shape = (batch, kv_heads, max_len, d)
+    k_cache = jax.random.normal(k1, shape, jnp.bfloat16)
+    v_cache = jax.random.normal(k2, shape, jnp.bfloat16)
+    qkv = jax.random.normal(k3, (batch + (batch == 1), heads + 2 * kv_heads, d), jnp.bfloat16)
+    pos = jnp.asarray(np.random.default_rng(batch).integers(0, max_len, batch), jnp.int32)
+    freq, scale = rope.inv_freq(d, 10000.0, {}, 4096)
+    cos, sin = (x[:, 0] for x in rope.cos_sin(pos[:, None], freq, scale))
+    want = jax.jit(xla_step, static_argnums=6)(qkv, cos, sin, k_cache, v_cache, pos, heads)
+    step = jax.jit(lambda *a: decode_attention.attend(*a[:7], num_heads=heads, counters=a[7]))
+    counters = jnp.zeros((batch, kv_heads), jnp.int32)
+    *got, counters = step(qkv, cos, sin, k_cache, v_cache, pos, jnp.zeros_like(pos), counters)
+    err = float(jnp.max(jnp.abs(got[0][:batch] - want[0])))
+    same = [bool(jnp.array_equal(g, w)) for g, w in zip(got[1:], want[1:])]
+    zero = bool(jnp.all(got[0][batch:] == 0))
+    again = True
+    for _ in range(repeats):  # each call gets the counters the last one handed back, as layers do
+        out, *_, counters = step(qkv, cos, sin, k_cache, v_cache, pos, jnp.zeros_like(pos), counters)
+        again &= bool(jnp.array_equal(out, got[0]))
+    ok = all(same) and err < 2e-2 and zero and again
+    print(f"{name:10s} b{batch:<3d} heads {heads:2d}/{kv_heads:2d}: caches bitwise equal {same}, "
+          f"out max abs err {err:.3g}, padding zero {zero}, {repeats} repeats equal {again} "
+          f"{'ok' if ok else 'FAIL'}", flush=True)
+    return ok
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--repeats", type=int, default=50)
+    args = p.parse_args()
+    print(jax.devices()[0].device_kind, jax.__version__, flush=True)
+    ok = True
+    for b in args.batch:
+        for name, heads, kv_heads in [("llama2 tp1", 32, 32), ("llama2 tp2", 16, 16),
+                                      ("llama3 tp1", 32, 8), ("llama3 tp2", 16, 4)]:
+            ok &= check(name, b, heads, kv_heads, args.repeats)
+    raise SystemExit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,424 @@
+"""The OpenAI-compatible HTTP API (FastAPI) over `AsyncLLM`: /v1/models, /v1/completions,
+/v1/chat/completions (plain JSON or server-sent events), /health and /metrics.
+
+Request fields follow OpenAI's, plus vLLM's sampling extras (top_k, min_p, repetition_penalty,
+min_tokens, ignore_eos, stop_token_ids, ...). Every client error is a 400 with OpenAI's error
+body {"error": {"message", "type", "param", "code"}}; a full queue is a 503.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator, NamedTuple
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from jaxtp.engine.sampling import SamplingParams
+from jaxtp.entrypoints.outputs import Delta, Logprob
+from jaxtp.entrypoints.prompts import chat_prompt, encode
+from jaxtp.entrypoints.serving import AsyncLLM, QueueFull
+
+
+DISCONNECT_POLL_S = 0.25  # how often a request checks that its client is still there
+
+
+class APIError(Exception):
+    def __init__(self, message: str, status: int = 400, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.type, self.param, self.code = status, type, param, code
+
+
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse({"error": {"message": str(e), "type": e.type, "param": e.param, "code": e.code}},
+                        status_code=e.status)
+
+
+class SamplingFields(BaseModel):
+    """Fields shared by both endpoints; unknown fields are ignored (as vLLM does)."""
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict | None = None
+    user: str | None = None
+    # vLLM extras
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] = Field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[dict] | None = None
+
+
+class ChatRequest(SamplingFields):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    add_generation_prompt: bool = True
+
+
+def _params(r: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    if r.logit_bias:
+        raise APIError("logit_bias is not supported", param="logit_bias")
+    fields = dict(n=r.n, max_tokens=max_tokens, seed=r.seed, stop=r.stop, presence_penalty=r.presence_penalty,
+                  frequency_penalty=r.frequency_penalty, top_k=r.top_k, min_p=r.min_p,
+                  repetition_penalty=r.repetition_penalty, min_tokens=r.min_tokens, ignore_eos=r.ignore_eos,
+                  stop_token_ids=r.stop_token_ids, include_stop_str_in_output=r.include_stop_str_in_output,
+                  skip_special_tokens=r.skip_special_tokens, logprobs=logprobs)
+    fields["temperature"] = 1.0 if r.temperature is None else r.temperature
+    fields["top_p"] = 1.0 if r.top_p is None else r.top_p
+    try:
+        return SamplingParams(**fields)
+    except ValueError as e:
+        field = str(e).split(" ")[0].removeprefix("SamplingParams.")
+        raise APIError(str(e).replace("SamplingParams.", ""), param=field) from None
+
+
+def build_app(llm: AsyncLLM, served_model_name: str) -> FastAPI:
+    """The app serving `llm` as `served_model_name`; its handlers find both on `app.state`."""
+    app = FastAPI(title="jaxtp OpenAI-compatible server")
+    app.state.llm, app.state.name, app.state.created = llm, served_model_name, int(time.time())
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"])
+    app.add_api_route("/v1/models", models, methods=["GET"])
+    app.add_api_route("/v1/completions", completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", chat, methods=["POST"])
+    return app
+
+
+# -- errors -----------------------------------------------------------------------------------
+async def _api_error(_, e: APIError):
+    return error_response(e)
+
+
+async def _validation_error(_, e: RequestValidationError):
+    err = e.errors()[0] if e.errors() else {}
+    loc = ".".join(str(x) for x in err.get("loc", ())[1:]) or None
+    if err.get("type") == "json_invalid":
+        return error_response(APIError(f"invalid JSON body: {err.get('msg')}", code="invalid_json"))
+    return error_response(APIError(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")), param=loc))
+
+
+async def _http_error(_, e: HTTPException):
+    return error_response(APIError(str(e.detail), status=e.status_code,
+                                   type="not_found_error" if e.status_code == 404 else "invalid_request_error"))
+
+
+def _check_model(http: Request, name: str) -> None:
+    served = http.app.state.name
+    if name != served:
+        raise APIError(f"The model `{name}` does not exist. Available: `{served}`.",
+                       param="model", code="model_not_found")
+
+
+def _check_length(limit: int, prompt_len: int, max_tokens: int | None) -> int:
+    """max_tokens, or all the room the prompt leaves; a 400 if they do not fit `limit`."""
+    room = limit - prompt_len
+    if room <= 0 or (max_tokens is not None and max_tokens > room):
+        raise APIError(f"This model's maximum context length is {limit} tokens. However, you requested "
+                       f"{prompt_len + (max_tokens or 0)} tokens ({prompt_len} in the prompt, "
+                       f"{max_tokens or 0} for the completion). Please reduce the length of the prompt "
+                       f"or the completion.", param="max_tokens", code="context_length_exceeded")
+    return max_tokens if max_tokens is not None else room
+
+
+# -- plain endpoints --------------------------------------------------------------------------
+async def health():
+    return Response(status_code=200)
+
+
+async def metrics(http: Request):
+    return Response(generate_latest(http.app.state.llm.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def models(http: Request):
+    state = http.app.state
+    return {"object": "list", "data": [{"id": state.name, "object": "model", "created": state.created,
+                                        "owned_by": "jaxtp", "max_model_len": state.llm.max_model_len}]}
+
+
+# -- generation -------------------------------------------------------------------------------
+async def _run(http: Request, prompt, ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+    """The request's deltas; stops (and aborts the request) if the client disconnects."""
+    gen = http.app.state.llm.generate(prompt, ids, params)
+    checked, nxt = time.monotonic(), asyncio.ensure_future(asyncio.sleep(0))
+    try:
+        while True:
+            nxt = asyncio.ensure_future(anext(gen))
+            while True:  # a gone client must be noticed whether or not tokens keep coming
+                await asyncio.wait([nxt], timeout=DISCONNECT_POLL_S)
+                if time.monotonic() - checked >= DISCONNECT_POLL_S or not nxt.done():
+                    checked = time.monotonic()
+                    if await http.is_disconnected():
+                        return
+                if nxt.done():
+                    break
+            try:
+                yield nxt.result()
+            except StopAsyncIteration:
+                return
+    except QueueFull as e:
+        raise APIError(str(e), status=503, type="service_unavailable") from None
+    except ValueError as e:
+        raise APIError(str(e)) from None
+    finally:  # on disconnect or cancellation: closing the generator aborts the request
+        nxt.cancel()
+        await asyncio.gather(nxt, return_exceptions=True)
+        await gen.aclose()
+
+
+class _Completions(NamedTuple):
+    """One /v1/completions request, checked: its prompts with their ids and params."""
+    id: str
+    body: CompletionRequest
+    items: list[tuple[Any, list[int], SamplingParams]]
+
+    def echo(self, k: int) -> str:
+        prompt = self.items[k][0]
+        return prompt if self.body.echo and isinstance(prompt, str) else ""
+
+    def logprobs(self, token_ids, entries):
+        return None if self.body.logprobs is None else _legacy_logprobs(token_ids, entries)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(ids) for _, ids, _ in self.items)
+
+
+async def completions(body: CompletionRequest, http: Request):
+    _check_model(http, body.model)
+    if body.suffix:
+        raise APIError("suffix is not supported", param="suffix")
+    if body.best_of not in (None, body.n):
+        raise APIError("best_of must equal n", param="best_of")
+    limit = http.app.state.llm.max_model_len
+    items = [(p, ids, _params(body, _check_length(limit, len(ids), body.max_tokens), body.logprobs))
+             for p, ids in _completion_prompts(http.app.state.llm.model, body.prompt)]
+    req = _Completions(f"cmpl-{uuid.uuid4().hex}", body, items)
+    streams = [_run(http, p, ids, sp) for p, ids, sp in items]
+    if body.stream:
+        return await _sse(_completion_events(req, streams, http.app.state.name))
+    outs = await asyncio.gather(*(_collect(s) for s in streams))
+    n, choices, completion_tokens = items[0][2].n, [], 0
+    for k, request in enumerate(outs):
+        for o in request.output().outputs:
+            choices.append({"index": k * n + o.index, "text": req.echo(k) + o.text,
+                            "logprobs": req.logprobs(o.token_ids, o.logprobs), "finish_reason": o.finish_reason})
+            completion_tokens += len(o.token_ids)
+    return {"id": req.id, "object": "text_completion", "created": int(time.time()), "model": http.app.state.name,
+            "choices": choices, "usage": _usage(req.prompt_tokens, completion_tokens)}
+
+
+async def _completion_events(req: _Completions, streams, model: str) -> AsyncIterator[str]:
+    n, completion_tokens, echoed = req.items[0][2].n, 0, set()
+    async for k, d in _merge(streams):
+        completion_tokens += len(d.token_ids)
+        i = k * n + d.index
+        text = ("" if i in echoed else req.echo(k)) + d.text
+        echoed.add(i)
+        chunk = {"id": req.id, "object": "text_completion", "created": int(time.time()), "model": model,
+                 "choices": [{"index": i, "text": text, "logprobs": req.logprobs(d.token_ids, d.logprobs),
+                              "finish_reason": d.finish_reason}]}
+        yield f"data: {json.dumps(chunk)}\n\n"
+    if (req.body.stream_options or {}).get("include_usage"):
+        usage = _usage_chunk(req.id, "text_completion", model, req.prompt_tokens, completion_tokens)
+        yield f"data: {json.dumps(usage)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+async def chat(body: ChatRequest, http: Request):
+    _check_model(http, body.model)
+    llm, name = http.app.state.llm, http.app.state.name
+    messages = [{"role": m.role, "content": _text_content(m.content)} for m in body.messages]
+    try:
+        ids = chat_prompt(llm.model, messages, body.add_generation_prompt)
+    except ValueError as e:
+        raise APIError(str(e), param="messages") from None
+    max_tokens = _check_length(llm.max_model_len, len(ids), body.max_completion_tokens or body.max_tokens)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError("top_logprobs requires logprobs=true", param="top_logprobs")
+    k = body.top_logprobs or 0
+    params = _params(body, max_tokens, k if body.logprobs else None)
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    stream = _run(http, None, ids, params)
+    if body.stream:
+        return await _sse(_chat_events(rid, name, body, params, len(ids), stream))
+    outs = (await _collect(stream)).output().outputs
+    choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
+                "logprobs": _chat_logprobs(o.token_ids, o.logprobs, k) if body.logprobs else None,
+                "finish_reason": o.finish_reason} for o in outs]
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": name,
+            "choices": choices, "usage": _usage(len(ids), sum(len(o.token_ids) for o in outs))}
+
+
+async def _chat_events(rid: str, name: str, body: ChatRequest, params: SamplingParams, prompt_tokens: int,
+                       stream) -> AsyncIterator[str]:
+    completion_tokens, k = 0, body.top_logprobs or 0
+    for i in range(params.n):
+        first = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                 "finish_reason": None}
+        yield f"data: {json.dumps(_chat_chunk(rid, name, first))}\n\n"
+    async for _, d in _merge([stream]):
+        completion_tokens += len(d.token_ids)
+        c = {"index": d.index, "delta": {"content": d.text} if d.text else {},
+             "logprobs": _chat_logprobs(d.token_ids, d.logprobs, k) if body.logprobs else None,
+             "finish_reason": d.finish_reason}
+        yield f"data: {json.dumps(_chat_chunk(rid, name, c))}\n\n"
+    if (body.stream_options or {}).get("include_usage"):
+        yield f"data: {json.dumps(_usage_chunk(rid, 'chat.completion.chunk', name, prompt_tokens, completion_tokens))}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def _completion_prompts(model, prompt) -> list[tuple[Any, list[int]]]:
+    """OpenAI's prompt forms: a string, a list of strings, token ids, a list of token-id lists."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError("prompt is empty", param="prompt")
+    if isinstance(prompt[0], int):
+        prompt = [prompt]
+    try:
+        return [(p, encode(model, p)) for p in prompt]
+    except ValueError as e:
+        raise APIError(str(e), param="prompt") from None
+
+
+def _text_content(content) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = [c.get("text", "") for c in content if c.get("type") == "text"]
+    if len(parts) != len(content):
+        raise APIError("only text content parts are supported", param="messages")
+    return "".join(parts)
+
+
+async def _merge(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:
+    """Interleave several requests' deltas as they arrive, tagged with the request's position."""
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(k, s):
+        try:
+            async for d in s:
+                await q.put((k, d))
+        except BaseException as e:  # noqa: BLE001
+            await q.put((k, e))
+        finally:
+            await q.put((k, None))
+
+    tasks = [asyncio.create_task(pump(k, s)) for k, s in enumerate(streams)]
+    left = len(tasks)
+    try:
+        while left:
+            k, d = await q.get()
+            if d is None:
+                left -= 1
+            elif isinstance(d, BaseException):
+                raise d
+            elif d.text or d.token_ids or d.finish_reason:
+                yield k, d
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _collect(stream: AsyncIterator[Delta]):
+    req = None
+    async for d in stream:
+        req = d.request
+    if req is None:
+        raise APIError("the client disconnected", status=499)
+    return req
+
+
+async def _sse(events: AsyncIterator[str]) -> StreamingResponse:
+    """Start the stream only after the first event, so errors before any output are a 400."""
+    first = await anext(events)
+
+    async def body():
+        yield first
+        async for e in events:
+            yield e
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _usage_chunk(rid, obj, model, prompt_tokens, completion_tokens) -> dict:
+    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [],
+            "usage": _usage(prompt_tokens, completion_tokens)}
+
+
+def _chat_chunk(rid, model, choice) -> dict:
+    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [choice]}
+
+
+def _token_str(t: int, lp: Logprob) -> str:
+    """The token's text, decoded once by outputs.Request (the id itself without a tokenizer)."""
+    return str(t) if lp.decoded_token is None else lp.decoded_token
+
+
+def _chat_logprobs(token_ids, entries, k: int) -> dict:
+    """OpenAI chat logprobs: per token, its own and the top-k alternatives'."""
+    def item(t, lp):
+        s = _token_str(t, lp)
+        return {"token": s, "logprob": lp.logprob, "bytes": list(s.encode())}
+    return {"content": [{**item(t, e[t]), "top_logprobs": [item(x, lp) for x, lp in
+                                                           sorted(e.items(), key=lambda kv: kv[1].rank)
+                                                           if lp.rank <= k]}
+                        for t, e in zip(token_ids, entries or [])]}
+
+
+def _legacy_logprobs(token_ids, entries, offset: int = 0) -> dict:
+    tokens, lps, tops, offsets = [], [], [], []
+    for t, e in zip(token_ids, entries or []):
+        s = _token_str(t, e[t])
+        tokens.append(s)
+        lps.append(e[t].logprob)
+        tops.append({_token_str(x, lp): lp.logprob for x, lp in e.items()})
+        offsets.append(offset)
+        offset += len(s)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+

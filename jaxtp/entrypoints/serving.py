@@ -1,0 +1,172 @@
+"""`AsyncLLM`: the engine behind the server. One background thread owns the `Engine` (and so
+the devices); coroutines submit requests and receive their deltas through asyncio queues.
+
+Between decode chunks the thread takes new requests into free cache slots and drops aborted
+ones (a client that went away), so one slow or vanished client never holds up the others.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from typing import AsyncIterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from jaxtp.engine import Engine, slots_that_fit
+from jaxtp.engine.sampling import SamplingParams
+from jaxtp.entrypoints.outputs import Delta, Request
+
+log = logging.getLogger("jaxtp.serving")
+
+
+class QueueFull(RuntimeError):
+    """More requests in flight than the server accepts (HTTP 503)."""
+
+
+class Metrics:
+    """Prometheus metrics, named like vLLM's (prefix jaxtp:)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        self.running = Gauge("jaxtp:num_requests_running", "Requests in cache slots", registry=registry)
+        self.waiting = Gauge("jaxtp:num_requests_waiting", "Requests waiting for a slot", registry=registry)
+        self.requests = Counter("jaxtp:request_success", "Finished requests", ["finish_reason"],
+                                registry=registry)
+        self.prompt_tokens = Counter("jaxtp:prompt_tokens", "Prompt tokens processed", registry=registry)
+        self.generation_tokens = Counter("jaxtp:generation_tokens", "Tokens generated", registry=registry)
+        self.ttft = Histogram("jaxtp:time_to_first_token_seconds", "Time to first token", registry=registry)
+        self.e2e = Histogram("jaxtp:e2e_request_latency_seconds", "Request latency", registry=registry)
+
+
+class AsyncLLM:
+    """Continuous batching for concurrent requests over `max_num_seqs` cache slots.
+
+    max_queue bounds the requests in flight (running + waiting); beyond it `generate` raises
+    QueueFull. chunk: tokens per decode dispatch (smaller: finer streaming and faster admission
+    of new requests; larger: less host overhead).
+    """
+
+    def __init__(self, model, max_num_seqs: int = 64, max_model_len: int | None = None,
+                 max_queue: int = 512, chunk: int = 8, registry: CollectorRegistry | None = None):
+        self.model, self.max_queue = model, max_queue
+        self.max_model_len = min(max_model_len or model.max_model_len, model.max_model_len)
+        slots = slots_that_fit(model, max_num_seqs, self.max_model_len)
+        if slots < max_num_seqs:
+            log.warning("KV capacity (%s tokens) holds %d of max_num_seqs=%d sequences of %d tokens",
+                        model.max_kv_tokens, slots, max_num_seqs, self.max_model_len)
+        self._engine_args = (model, slots, self.max_model_len, chunk)
+        self.engine = Engine(*self._engine_args)
+        self.metrics = Metrics(registry or CollectorRegistry())
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._active: dict[int, tuple[Request, object, float]] = {}  # id(seq) -> (request, sink, start)
+        self._in_flight = 0
+        self._ids = itertools.count()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="jaxtp-engine", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        self._thread.join(timeout=30)
+
+    async def generate(self, prompt, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[Delta]:
+        """Deltas of one request until each of its params.n samples has finished. Closing the
+        iterator early (the client went away) aborts the request and frees its slots."""
+        if self._in_flight >= self.max_queue:
+            raise QueueFull(f"the server has {self._in_flight} requests in flight (max_queue="
+                            f"{self.max_queue}); retry later")
+        loop, deltas = asyncio.get_running_loop(), asyncio.Queue()
+        req = Request(request_id or str(next(self._ids)), prompt, prompt_ids, params, self.model.tokenizer)
+        def sink(d):  # called from the engine thread; the caller's loop may be gone by then
+            try:
+                loop.call_soon_threadsafe(deltas.put_nowait, d)
+            except RuntimeError:
+                pass
+        self._in_flight += 1
+        self._inbox.put(("add", req, sink))
+        left = params.n
+        try:
+            while left:
+                d = await deltas.get()
+                if isinstance(d, BaseException):
+                    raise d
+                left -= d.finish_reason is not None
+                yield d
+        finally:
+            self._in_flight -= 1
+            if left:
+                self._inbox.put(("abort", req, None))
+
+    # -- the engine thread --------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._drain(block=not self.engine.has_unfinished)
+            if not self.engine.has_unfinished:
+                continue
+            try:
+                changed = self.engine.step()
+            except Exception as e:  # noqa: BLE001  fail the batch, keep serving
+                log.exception("engine step failed; failing %d requests", len(self._active))
+                for sink in {id(r): s for r, s, _ in self._active.values()}.values():  # once per request
+                    sink(RuntimeError(f"generation failed: {e}"))
+                self._active.clear()
+                self.engine = Engine(*self._engine_args)  # the donated cache may be gone
+                continue
+            now = time.perf_counter()
+            for seq in changed:
+                req, sink, start = self._active[id(seq)]
+                before = len(req.texts[seq.index].ids)
+                delta = req.update(seq)
+                if delta.stop_str is not None:
+                    self.engine.stop(seq, delta.stop_str, delta.num_tokens)
+                if before == 0 and delta.token_ids:
+                    self.metrics.ttft.observe(now - start)
+                self.metrics.generation_tokens.inc(len(delta.token_ids))
+                if delta.finish_reason is not None:
+                    self._done(seq, delta.finish_reason, now)
+                sink(delta)
+            self._gauges()
+
+    def _drain(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+            while True:
+                if item is not None:
+                    self._handle(*item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+        self._gauges()
+
+    def _handle(self, op: str, req: Request, sink) -> None:
+        if op == "add":
+            try:
+                for seq in req.seqs:
+                    self.engine.add(seq)
+            except ValueError as e:
+                sink(e)
+                return
+            self.metrics.prompt_tokens.inc(len(req.prompt_ids))
+            start = time.perf_counter()
+            for seq in req.seqs:
+                self._active[id(seq)] = (req, sink, start)
+        else:  # abort
+            for seq in req.seqs:
+                if id(seq) in self._active:
+                    self.engine.abort(seq)
+                    self._done(seq, "abort", time.perf_counter())
+
+    def _done(self, seq, reason: str, now: float) -> None:
+        _, _, start = self._active.pop(id(seq))
+        self.metrics.requests.labels(reason).inc()
+        self.metrics.e2e.observe(now - start)
+
+    def _gauges(self) -> None:
+        self.metrics.running.set(sum(s is not None for s in self.engine.running))
+        self.metrics.waiting.set(len(self.engine.waiting))
