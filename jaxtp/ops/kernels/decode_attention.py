@@ -27,6 +27,7 @@ Runs on GPUs through Triton and anywhere in Pallas interpret mode (the CPU tests
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -58,6 +59,54 @@ def splits_for(rows: int, kv_heads: int, max_len: int, block: int, config: Confi
     return pl.cdiv(max_len, chunk), chunk
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """The static shape of one call, shared by the kernel's pieces."""
+    b: int              # real rows
+    r: int              # rows of qkv and out (padding rows past b)
+    kvh: int
+    g: int              # query heads per KV head
+    d: int
+    rows: int           # g padded to the tensor cores' 16
+    parts: int          # split-K partial sums in qkv (0: qkv is whole)
+    num_heads: int
+    splits: int         # sequence splits per (row, KV head)
+    chunk: int          # keys per split
+    block: int          # keys per loop step
+    dt: object          # the activations' dtype
+    precision: tuple | None
+    interpret: bool
+
+    @property
+    def half(self) -> int:
+        return self.d // 2
+
+    @property
+    def scale(self) -> float:
+        return self.d ** -0.5
+
+
+def _plan(qkv, k_cache, num_heads: int, config: Config, interpret: bool | None) -> _Plan:
+    b, kvh, s, d = k_cache.shape
+    if not supported(s, d, config):
+        raise ValueError(f"decode attention: unsupported cache length {s} / head_dim {d} for {config}")
+    parts = qkv.shape[0] if qkv.ndim == 4 else 0  # split-K partial sums to add, if any
+    r = qkv.shape[-3] if qkv.ndim in (3, 4) else 0
+    if (qkv.ndim not in (3, 4) or qkv.shape[-2:] != (num_heads + 2 * kvh, d) or not b <= r <= 2 * b
+            or (parts and qkv.dtype != jnp.float32)):
+        raise ValueError(f"decode attention: qkv {qkv.shape} does not match {num_heads} query heads, "
+                         f"cache {k_cache.shape}")
+    block = math.gcd(s, config.block)
+    splits, chunk = splits_for(b, kvh, s, block, config)
+    # Triton multiplies float32 in TF32 unless told otherwise; follow jax's matmul precision
+    # setting as XLA's dots do ("highest" / "float32": full float32).
+    full = str(jax.config.jax_default_matmul_precision).lower() in ("highest", "float32")
+    return _Plan(b, r, kvh, num_heads // kvh, d, max(16, pl.next_power_of_2(num_heads // kvh)), parts,
+                 num_heads, splits, chunk, block, k_cache.dtype if parts else qkv.dtype,
+                 (jax.lax.Precision.HIGHEST,) * 2 if full else None,
+                 jax.default_backend() != "gpu" if interpret is None else interpret)
+
+
 def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
            pos: jax.Array, lo: jax.Array, num_heads: int, counters: jax.Array | None = None,
            config: Config = Config(), interpret: bool | None = None):
@@ -76,159 +125,166 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v
     [lo, pos] for rows < B, zeros for the padding rows; k_cache, v_cache with the new key and
     value written at pos; counters, or the ones given where this call needed none).
     """
-    b, kvh, s, d = k_cache.shape
-    if not supported(s, d, config):
-        raise ValueError(f"decode attention: unsupported cache length {s} / head_dim {d} for {config}")
-    parts = qkv.shape[0] if qkv.ndim == 4 else 0  # split-K partial sums to add, if any
-    r, g, half = qkv.shape[-3] if qkv.ndim in (3, 4) else 0, num_heads // kvh, d // 2
-    if (qkv.ndim not in (3, 4) or qkv.shape[-2:] != (num_heads + 2 * kvh, d) or not b <= r <= 2 * b
-            or (parts and qkv.dtype != jnp.float32)):
-        raise ValueError(f"decode attention: qkv {qkv.shape} does not match {num_heads} query heads, "
-                         f"cache {k_cache.shape}")
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
-    block = math.gcd(s, config.block)
-    splits, chunk = splits_for(b, kvh, s, block, config)
-    per_chunk = chunk // block
-    rows = max(16, pl.next_power_of_2(g))
-    dt = k_cache.dtype if parts else qkv.dtype
-    scale = d ** -0.5
-    # Triton multiplies float32 in TF32 unless told otherwise; follow jax's matmul precision
-    # setting as XLA's dots do ("highest" / "float32": full float32).
-    full = str(jax.config.jax_default_matmul_precision).lower() in ("highest", "float32")
-    precision = (jax.lax.Precision.HIGHEST,) * 2 if full else None
-    partials = splits > 1  # outputs: (out, caches) + the partials and counters when split
-
-    def mul(x, y):  # one product rounded to the activations' dtype, as XLA's rope computes it
-        return (x.astype(jnp.float32) * y.astype(jnp.float32)).astype(dt)
-
-    def rotate(x1, x2, c, sn):  # rope.apply on the two halves: x * cos + rotate_half(x) * sin
-        return ((mul(x1, c).astype(jnp.float32) - mul(x2, sn).astype(jnp.float32)).astype(dt),
-                (mul(x2, c).astype(jnp.float32) + mul(x1, sn).astype(jnp.float32)).astype(dt))
-
-    def kernel(pos_ref, lo_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, *refs):
-        out_ref, k_out, v_out, *split_refs = refs[-7:] if partials else refs  # (counters in,) outputs
-        row, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-        now, start = pos_ref[row], lo_ref[row]
-        base = split * chunk
-        c, sn = cos_ref[row, pl.ds(0, half)].astype(dt), sin_ref[row, pl.ds(0, half)].astype(dt)
-        real = jnp.arange(rows) < g
-
-        def new_token(*at, mask=None):  # a slice of qkv (its partial sums added in order, rounded)
-            load = lambda *i: plt.load(qkv_ref.at[i], mask=mask, other=None if mask is None else 0)  # noqa: E731
-            if not parts:
-                return load(*at)
-            total = load(jnp.int32(0), *at)
-            for i in range(1, parts):
-                total += load(jnp.int32(i), *at)
-            return total.astype(dt)
-
-        qs = [new_token(row, pl.ds(head * g, rows), pl.ds(h * half, half), mask=real[:, None]) for h in (0, 1)]
-        q1, q2 = rotate(*qs, c[None], sn[None])                                   # [rows, half]
-        k1, k2 = rotate(new_token(row, num_heads + head, pl.ds(0, half)),
-                        new_token(row, num_heads + head, pl.ds(half, half)), c, sn)  # [half]
-        v_new = new_token(row, num_heads + kvh + head, pl.ds(0, d))               # [D]
-
-        mine = now // chunk == split  # this program holds the new position: it writes the slot
-        @pl.when(mine)
-        def _():
-            k_out[row, head, now, pl.ds(0, half)] = k1.astype(k_out.dtype)
-            k_out[row, head, now, pl.ds(half, half)] = k2.astype(k_out.dtype)
-            v_out[row, head, now, :] = v_new.astype(v_out.dtype)
-
-        def body(i, carry):
-            m, l, acc = carry
-            at = base + i * block
-            keys = pl.ds(pl.multiple_of(at, block), block)
-            scores = (plt.dot(q1, k_ref[row, head, keys, pl.ds(0, half)].astype(dt), trans_b=True,
-                              precision=precision)
-                      + plt.dot(q2, k_ref[row, head, keys, pl.ds(half, half)].astype(dt), trans_b=True,
-                                precision=precision))
-            at_pos = at + jnp.arange(block)
-            scores = jnp.where((at_pos >= start) & (at_pos < now), scores * scale, -jnp.inf)
-            m_new, alpha, p = online(m, scores, axis=1)
-            vt = v_ref[row, head, keys, :]
-            pv = plt.dot(p.astype(vt.dtype), vt, precision=precision)
-            return m_new, l * alpha + p.sum(axis=1), acc * alpha[:, None] + pv
-
-        first = jnp.clip((start - base) // block, 0, per_chunk)
-        last = jnp.clip(pl.cdiv(now - base, block), first, per_chunk)   # cached keys: before `now`
-        init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
-                jnp.zeros((rows, d), jnp.float32))
-        m, l, acc = jax.lax.fori_loop(first, last, body, init)
-
-        # The new token itself, from registers (only in the program holding its position).
-        new = (jnp.sum(q1.astype(jnp.float32) * k1.astype(jnp.float32)[None], axis=1)
-               + jnp.sum(q2.astype(jnp.float32) * k2.astype(jnp.float32)[None], axis=1)) * scale
-        m, alpha, p = online(m, jnp.where(mine, new, -jnp.inf))
-        pv = p.astype(v_new.dtype).astype(jnp.float32)[:, None] * v_new.astype(jnp.float32)[None]
-        acc, l = acc * alpha[:, None] + pv, l * alpha + p
-
-        def finish(acc, l):  # the output, and zeros for this program's padding row, if any
-            heads = pl.ds(head * g, rows)
-            plt.store(out_ref.at[row, heads], (acc / l[:, None]).astype(out_ref.dtype),
-                      mask=real[:, None])
-
-            @pl.when(b + row < r)
-            def _():
-                plt.store(out_ref.at[b + row, heads], jnp.zeros((rows, d), out_ref.dtype),
-                          mask=real[:, None])
-
-        if not partials:
-            return finish(acc, l)
-        o_ref, m_ref, l_ref, count = split_refs
-        plt.store(o_ref.at[row, head, split], acc, mask=real[:, None])
-        plt.store(m_ref.at[row, head, split], m, mask=real)
-        plt.store(l_ref.at[row, head, split], l, mask=real)
-        # Release this program's partials, then count it in; the last of the row and head to
-        # arrive acquires them all (the atomic is acq_rel at GPU scope; the barrier first makes
-        # every thread's stores part of the release, as CUTLASS's semaphores do; the loads below
-        # are volatile, so no stale L1 line can serve them).
-        if not interpret:
-            plt.debug_barrier()
-        arrived = plt.atomic_add(count, (row, head), jnp.int32(1))
-
-        @pl.when(arrived == splits - 1)
-        def _():  # all splits at once: [splits, rows] maxima and sums, [splits, D] per query head
-            n = pl.next_power_of_2(splits)
-            ok = jnp.arange(n) < splits
-            both = ok[:, None] & real[None]
-            m_all = plt.load(m_ref.at[row, head, pl.ds(0, n)], mask=both, other=-jnp.inf, volatile=True)
-            l_all = plt.load(l_ref.at[row, head, pl.ds(0, n)], mask=both, other=0, volatile=True)
-            top = m_all.max(axis=0)
-            w = jnp.exp(m_all - jnp.where(top == -jnp.inf, 0.0, top)[None])    # [splits, rows]
-            acc = jnp.zeros((rows, d), jnp.float32)
-            at_row = jnp.arange(rows)
-            for h in range(g):  # the query heads of this KV head (rows past g are padding)
-                o_h = plt.load(o_ref.at[row, head, pl.ds(0, n), jnp.int32(h)], mask=ok[:, None],
-                               other=0, volatile=True)                              # [splits, D]
-                w_h = jnp.sum(jnp.where(at_row[None] == h, w, 0.0), axis=1)        # [splits]
-                acc += jnp.where(at_row[:, None] == h, jnp.sum(w_h[:, None] * o_h, axis=0)[None], 0.0)
-            finish(acc, jnp.sum(w * l_all, axis=0))
-            count[row, head] = 0  # all of this row and head's programs have arrived: reset
-
-    f32 = jnp.float32
-    out_shape = [jax.ShapeDtypeStruct((r, num_heads, d), dt),
+    plan = _plan(qkv, k_cache, num_heads, config, interpret)
+    b, kvh, d, f32 = plan.b, plan.kvh, plan.d, jnp.float32
+    out_shape = [jax.ShapeDtypeStruct((plan.r, num_heads, d), plan.dt),
                  jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                  jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
     args = [pos.astype(jnp.int32), lo.astype(jnp.int32), qkv, cos.astype(f32), sin.astype(f32),
             k_cache, v_cache]
     aliases = {5: 1, 6: 2}
-    if partials:
-        out_shape += [jax.ShapeDtypeStruct((b, kvh, splits, rows, d), f32),
-                      jax.ShapeDtypeStruct((b, kvh, splits, rows), f32),
-                      jax.ShapeDtypeStruct((b, kvh, splits, rows), f32),
+    if plan.splits > 1:  # outputs: + the partials and the counters
+        out_shape += [jax.ShapeDtypeStruct((b, kvh, plan.splits, plan.rows, d), f32),
+                      jax.ShapeDtypeStruct((b, kvh, plan.splits, plan.rows), f32),
+                      jax.ShapeDtypeStruct((b, kvh, plan.splits, plan.rows), f32),
                       jax.ShapeDtypeStruct((b, kvh), jnp.int32)]
         args.append(jnp.zeros((b, kvh), jnp.int32) if counters is None else counters)
         aliases[7] = 6
     out, k_cache, v_cache, *split_out = pl.pallas_call(
-        kernel, grid=(b, kvh, splits), interpret=interpret, out_shape=tuple(out_shape),
-        input_output_aliases=aliases,
+        functools.partial(_kernel, plan), grid=(b, kvh, plan.splits), interpret=plan.interpret,
+        out_shape=tuple(out_shape), input_output_aliases=aliases,
         compiler_params=plt.CompilerParams(num_warps=config.warps, num_stages=config.stages),
     )(*args)
-    if partials:
+    if plan.splits > 1:
         counters = split_out[3]
-    return out.reshape(r, kvh, g, d), k_cache, v_cache, counters
+    return out.reshape(plan.r, kvh, plan.g, d), k_cache, v_cache, counters
+
+
+def _kernel(plan: _Plan, pos_ref, lo_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, *refs):
+    """One program: row, KV head, split of the sequence."""
+    out_ref, k_out, v_out, *split_refs = refs[-7:] if plan.splits > 1 else refs  # (counters in,) outputs
+    row, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    now, start = pos_ref[row], lo_ref[row]
+    c = cos_ref[row, pl.ds(0, plan.half)].astype(plan.dt)
+    sn = sin_ref[row, pl.ds(0, plan.half)].astype(plan.dt)
+    real = jnp.arange(plan.rows) < plan.g
+    q1, q2, k1, k2, v_new = _new_token(plan, qkv_ref, row, head, c, sn, real)
+
+    mine = now // plan.chunk == split  # this program holds the new position: it writes the slot
+    @pl.when(mine)
+    def _():
+        k_out[row, head, now, pl.ds(0, plan.half)] = k1.astype(k_out.dtype)
+        k_out[row, head, now, pl.ds(plan.half, plan.half)] = k2.astype(k_out.dtype)
+        v_out[row, head, now, :] = v_new.astype(v_out.dtype)
+
+    m, l, acc = _attend_cached(plan, k_ref, v_ref, row, head, split * plan.chunk, start, now, q1, q2)
+    m, l, acc = _attend_new(plan, m, l, acc, mine, q1, q2, k1, k2, v_new)
+    if plan.splits == 1:
+        return _store(plan, out_ref, row, head, acc, l, real)
+    _merge(plan, out_ref, split_refs, row, head, split, m, l, acc, real)
+
+
+def _mul(dt, x, y):  # one product rounded to the activations' dtype, as XLA's rope computes it
+    return (x.astype(jnp.float32) * y.astype(jnp.float32)).astype(dt)
+
+
+def _rotate(dt, x1, x2, c, sn):  # rope.apply on the two halves: x * cos + rotate_half(x) * sin
+    return ((_mul(dt, x1, c).astype(jnp.float32) - _mul(dt, x2, sn).astype(jnp.float32)).astype(dt),
+            (_mul(dt, x2, c).astype(jnp.float32) + _mul(dt, x1, sn).astype(jnp.float32)).astype(dt))
+
+
+def _load_qkv(plan: _Plan, qkv_ref, *at, mask=None):
+    """A slice of qkv (its partial sums added in order and rounded, if it comes split)."""
+    load = lambda *i: plt.load(qkv_ref.at[i], mask=mask, other=None if mask is None else 0)  # noqa: E731
+    if not plan.parts:
+        return load(*at)
+    total = load(jnp.int32(0), *at)
+    for i in range(1, plan.parts):
+        total += load(jnp.int32(i), *at)
+    return total.astype(plan.dt)
+
+
+def _new_token(plan: _Plan, qkv_ref, row, head, c, sn, real):
+    """The new token's rotated query heads (halves [rows, D/2]), key (halves) and value [D]."""
+    g, half, n = plan.g, plan.half, plan.num_heads
+    qs = [_load_qkv(plan, qkv_ref, row, pl.ds(head * g, plan.rows), pl.ds(h * half, half), mask=real[:, None])
+          for h in (0, 1)]
+    q1, q2 = _rotate(plan.dt, *qs, c[None], sn[None])
+    k1, k2 = _rotate(plan.dt, _load_qkv(plan, qkv_ref, row, n + head, pl.ds(0, half)),
+                     _load_qkv(plan, qkv_ref, row, n + head, pl.ds(half, half)), c, sn)
+    v_new = _load_qkv(plan, qkv_ref, row, n + plan.kvh + head, pl.ds(0, plan.d))
+    return q1, q2, k1, k2, v_new
+
+
+def _attend_cached(plan: _Plan, k_ref, v_ref, row, head, base, start, now, q1, q2):
+    """Online softmax over this split's cached keys in [start, now): (max, sum, acc [rows, D])."""
+    block, half, per_chunk = plan.block, plan.half, plan.chunk // plan.block
+
+    def body(i, carry):
+        m, l, acc = carry
+        at = base + i * block
+        keys = pl.ds(pl.multiple_of(at, block), block)
+        scores = (plt.dot(q1, k_ref[row, head, keys, pl.ds(0, half)].astype(plan.dt), trans_b=True,
+                          precision=plan.precision)
+                  + plt.dot(q2, k_ref[row, head, keys, pl.ds(half, half)].astype(plan.dt), trans_b=True,
+                            precision=plan.precision))
+        at_pos = at + jnp.arange(block)
+        scores = jnp.where((at_pos >= start) & (at_pos < now), scores * plan.scale, -jnp.inf)
+        m_new, alpha, p = online(m, scores, axis=1)
+        vt = v_ref[row, head, keys, :]
+        pv = plt.dot(p.astype(vt.dtype), vt, precision=plan.precision)
+        return m_new, l * alpha + p.sum(axis=1), acc * alpha[:, None] + pv
+
+    first = jnp.clip((start - base) // block, 0, per_chunk)
+    last = jnp.clip(pl.cdiv(now - base, block), first, per_chunk)   # cached keys: before `now`
+    init = (jnp.full((plan.rows,), -jnp.inf, jnp.float32), jnp.zeros((plan.rows,), jnp.float32),
+            jnp.zeros((plan.rows, plan.d), jnp.float32))
+    return jax.lax.fori_loop(first, last, body, init)
+
+
+def _attend_new(plan: _Plan, m, l, acc, mine, q1, q2, k1, k2, v_new):
+    """The new token itself, from registers (only in the program holding its position)."""
+    new = (jnp.sum(q1.astype(jnp.float32) * k1.astype(jnp.float32)[None], axis=1)
+           + jnp.sum(q2.astype(jnp.float32) * k2.astype(jnp.float32)[None], axis=1)) * plan.scale
+    m, alpha, p = online(m, jnp.where(mine, new, -jnp.inf))
+    pv = p.astype(v_new.dtype).astype(jnp.float32)[:, None] * v_new.astype(jnp.float32)[None]
+    return m, l * alpha + p, acc * alpha[:, None] + pv
+
+
+def _store(plan: _Plan, out_ref, row, head, acc, l, real):
+    """The output, and zeros for this program's padding row, if any."""
+    heads = pl.ds(head * plan.g, plan.rows)
+    plt.store(out_ref.at[row, heads], (acc / l[:, None]).astype(out_ref.dtype), mask=real[:, None])
+
+    @pl.when(plan.b + row < plan.r)
+    def _():
+        plt.store(out_ref.at[plan.b + row, heads], jnp.zeros((plan.rows, plan.d), out_ref.dtype),
+                  mask=real[:, None])
+
+
+def _merge(plan: _Plan, out_ref, split_refs, row, head, split, m, l, acc, real):
+    """Store this split's partials and count it in; the last of the row and head to arrive
+    merges them all and stores the output."""
+    o_ref, m_ref, l_ref, count = split_refs
+    plt.store(o_ref.at[row, head, split], acc, mask=real[:, None])
+    plt.store(m_ref.at[row, head, split], m, mask=real)
+    plt.store(l_ref.at[row, head, split], l, mask=real)
+    # Release this program's partials, then count it in; the last of the row and head to
+    # arrive acquires them all (the atomic is acq_rel at GPU scope; the barrier first makes
+    # every thread's stores part of the release, as CUTLASS's semaphores do; the loads below
+    # are volatile, so no stale L1 line can serve them).
+    if not plan.interpret:
+        plt.debug_barrier()
+    arrived = plt.atomic_add(count, (row, head), jnp.int32(1))
+
+    @pl.when(arrived == plan.splits - 1)
+    def _():  # all splits at once: [splits, rows] maxima and sums, [splits, D] per query head
+        n = pl.next_power_of_2(plan.splits)
+        ok = jnp.arange(n) < plan.splits
+        both = ok[:, None] & real[None]
+        m_all = plt.load(m_ref.at[row, head, pl.ds(0, n)], mask=both, other=-jnp.inf, volatile=True)
+        l_all = plt.load(l_ref.at[row, head, pl.ds(0, n)], mask=both, other=0, volatile=True)
+        top = m_all.max(axis=0)
+        w = jnp.exp(m_all - jnp.where(top == -jnp.inf, 0.0, top)[None])    # [splits, rows]
+        merged = jnp.zeros((plan.rows, plan.d), jnp.float32)
+        at_row = jnp.arange(plan.rows)
+        for h in range(plan.g):  # the query heads of this KV head (rows past g are padding)
+            o_h = plt.load(o_ref.at[row, head, pl.ds(0, n), jnp.int32(h)], mask=ok[:, None],
+                           other=0, volatile=True)                              # [splits, D]
+            w_h = jnp.sum(jnp.where(at_row[None] == h, w, 0.0), axis=1)        # [splits]
+            merged += jnp.where(at_row[:, None] == h, jnp.sum(w_h[:, None] * o_h, axis=0)[None], 0.0)
+        _store(plan, out_ref, row, head, merged, jnp.sum(w * l_all, axis=0), real)
+        count[row, head] = 0  # all of this row and head's programs have arrived: reset
 
 
 def online(m, x, axis=None):
