@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-arith"
-ALL_REDUCE_MODES = ("auto", "xla", "custom", "shard_map")  # jaxtp/allreduce.py
-KERNEL_MODES = ("auto", "xla", "pallas")                    # jaxtp/decode_ops.py
+ALL_REDUCE_MODES = ("auto", "xla", "custom", "shard_map")  # jaxtp/ops/allreduce.py
+KERNEL_MODES = ("auto", "xla", "pallas")                    # jaxtp/ops/attention.py
 
 
 def add(p: argparse.ArgumentParser) -> None:
@@ -16,9 +16,9 @@ def add(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", choices=["int8"], default=None, help="int8 weight-only projections")
     p.add_argument("--all-reduce", choices=ALL_REDUCE_MODES, default="auto",
                    help="how tensor-parallel partial sums are added: auto = the one-shot NVLink kernel on "
-                   "CUDA GPUs, else XLA's all-reduce (jaxtp/allreduce.py)")
+                   "CUDA GPUs, else XLA's all-reduce (jaxtp/ops/allreduce.py)")
     p.add_argument("--kernels", choices=KERNEL_MODES, default="auto",
-                   help="decode attention: auto = the Pallas kernel on GPUs, else XLA's (jaxtp/decode_ops.py)")
+                   help="decode attention: auto = the Pallas kernel on GPUs, else XLA's (jaxtp/ops/attention.py)")
 
 
 def load_kwargs(args: argparse.Namespace) -> dict:

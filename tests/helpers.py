@@ -60,7 +60,7 @@ def hf_greedy(model, prompt, n=32):
 
 
 def llama_copy(checkpoint, tmp_path):
-    """A copy of the session's llama checkpoint: (its directory, its safetensors file)."""
+    """A copy of the llama test checkpoint: (its directory, its safetensors file)."""
     dst = tmp_path / "m"
     shutil.copytree(checkpoint("llama")[0], dst)
     return dst, dst / "model.safetensors"

@@ -1,5 +1,5 @@
 """The row-parallel all-reduce modes (jaxtp/ops/allreduce.py). The custom NVLink kernel needs CUDA
-GPUs (scripts/gpu/all_reduce_check.py checks it there); here the shard_map path it runs under is
+GPUs (benchmarks/all_reduce_check.py checks it there); here the shard_map path it runs under is
 checked against transformers with lax.psum in its place, and the mode choice and its errors."""
 import ctypes
 import shutil

@@ -1,8 +1,8 @@
 """How the partial sums of row-parallel layers (o_proj, down_proj) are added up over `tp`.
 
 A decode step of an L-layer model all-reduces 2L small activations ([batch, hidden], 8 KB at
-batch 1). Through XLA each is an NCCL all-reduce costing 20-30 us on 2x H200, whatever its size,
-which cancels what splitting the weights saves. So the row-parallel matmul can instead run
+batch 1). Through XLA each is an NCCL all-reduce whose fixed cost, whatever its size, cancels
+much of what splitting the weights saves (docs/performance.md). So the row-parallel matmul can instead run
 under `shard_map` and hand its partial sum to a one-shot NVLink all-reduce (kernels/all_reduce.cu,
 an XLA FFI call): each GPU writes its block straight into its peers' memory and sums what they
 wrote, one kernel and one round trip. Inputs above MAX_BYTES (prefill) keep NCCL.

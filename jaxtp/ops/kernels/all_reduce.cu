@@ -1,7 +1,7 @@
 // One-shot all-reduce over NVLink for small tensors (decode activations), as an XLA FFI call.
 //
-// Why: XLA's NCCL all-reduce costs 20-30 us per call even for 8 KB, and a tensor-parallel
-// decode step makes two per layer. Here every GPU of a group *pushes* its input straight into a
+// Why: XLA's NCCL all-reduce costs tens of microseconds per call even for 8 KB, and a
+// tensor-parallel decode step makes two per layer (docs/performance.md). Here every GPU of a group *pushes* its input straight into a
 // receive buffer on each peer (peer-to-peer stores over NVLink), raises a flag there, waits for
 // the peers' flags, and sums the slots in rank order: one kernel, one NVLink round trip. Every
 // rank adds the same values in the same order, so all ranks get bitwise-identical results (the

@@ -15,12 +15,11 @@ padded to 16 rows for the tensor cores; only the real rows are stored.
 With several splits, each program stores its partials (unnormalized output, running max and
 sum) and counts itself in with an atomic add on its (row, KV head) counter; the last to arrive
 merges the splits and writes the output, already in the layout o_proj reads ([R, heads, D],
-padding rows zeroed). XLA's merge was three more kernels per layer (max, weighted sums, divide
-and pad): Llama-2-7B, tp 1, batch 1, one H200, 3.92 -> 3.83 ms/token (scripts/gpu/NOTES.md,
-session 6). The counters come in zeroed and go out zeroed (the merging program resets its own),
-so one array serves every layer of a step. At a few rows qkv can arrive as the float32 partial
-sums of its split contraction, which the kernel adds (one XLA reduction kernel fewer per layer:
-3.78 vs 3.81 ms at batch 1, 4.68 vs 4.74 at batch 8, same machine, session 7).
+padding rows zeroed), where XLA's merge took three more kernels per layer. The counters come
+in zeroed and go out zeroed (the merging program resets its own), so one array serves every
+layer of a step. At a few rows qkv can arrive as the float32 partial sums of its split
+contraction, which the kernel adds (one XLA reduction kernel fewer per layer). The figures
+behind each choice are in docs/performance.md.
 
 Runs on GPUs through Triton and anywhere in Pallas interpret mode (the CPU tests).
 """
