@@ -24,4 +24,4 @@ echo "== pallas_check"; tail -8 "$OUT/pallas.log"
 [ -f "$OUT/all_reduce.log" ] && { echo "== all_reduce_check"; tail -14 "$OUT/all_reduce.log"; }
 echo "== parity"; grep -v "Writing model" "$OUT/parity.log" | tail -$((2 + 5 * ${#TPS[@]}))
 echo "== errors"; grep -il "error\|Traceback" "$OUT"/*.log
-echo "== table"; grep bandwidth "$OUT/table.log"; sed -n "/^$SHAPE/,\$p" "$OUT/table.log"
+echo "== table"; grep "^device:\|^bandwidth at the end" "$OUT/table.log"; sed -n "/^$SHAPE/,\$p" "$OUT/table.log"
