@@ -95,9 +95,12 @@ def test_bad_dtype(checkpoint):
     ("max_tokens", 0, "an integer >= 1"), ("temperature", -0.5, "a number >= 0"),
     ("temperature", float("nan"), "a number >= 0"), ("top_p", 0.0, r"in \(0, 1\]"),
     ("top_p", 1.5, r"in \(0, 1\]"), ("top_k", -2, "-1, 0 \\(off\\) or a positive integer"),
-    ("min_p", 2.0, r"in \[0, 1\]"), ("seed", 1.5, "None or an integer"),
-    ("stop_token_ids", [-1], "a list of non-negative token ids"),
-    ("min_tokens", 99, r"an integer in \[0, max_tokens\]"), ("n", 0, "an integer >= 1"),
+    ("min_p", 2.0, r"in \[0, 1\]"), ("seed", 1.5, r"None or a 64-bit integer \(in \[-2\*\*63, 2\*\*64\)\)"),
+    ("seed", 2 ** 64, r"None or a 64-bit integer \(in \[-2\*\*63, 2\*\*64\)\)"),
+    ("seed", -2 ** 63 - 1, r"None or a 64-bit integer \(in \[-2\*\*63, 2\*\*64\)\)"),
+    ("stop_token_ids", [-1], r"a list of token ids in \[0, 2147483647\]"),
+    ("stop_token_ids", [2 ** 40], r"a list of token ids in \[0, 2147483647\]"),
+    ("min_tokens", 99, r"an integer in \[0, max_tokens\]"), ("n", 0, r"an integer in \[1, 128\]"), ("n", 129, r"an integer in \[1, 128\]"),
     ("stop", [""], "a non-empty string or a list of non-empty strings"),
     ("stop", 7, "a non-empty string or a list of non-empty strings"),
     ("repetition_penalty", 0.0, r"a number > 0 \(1: off\)"),
@@ -136,6 +139,25 @@ def test_bad_prompts(model):
         jaxtp.generate(model, [[5]], jaxtp.SamplingParams(stop="x"))
     with pytest.raises(ValueError, match=r"has no tokenizer, so it has no chat template"):
         jaxtp.chat_prompt(model, [{"role": "user", "content": "hi"}])
+    with pytest.raises(ValueError, match=r"stop_token_ids: token id 200 is out of range for a vocabulary of 200"):
+        jaxtp.generate(model, [[5]], jaxtp.SamplingParams(stop_token_ids=[200]))
+
+
+def test_a_sequence_the_engine_cannot_schedule_fails_alone(model):
+    """Params that slipped past validation fail at Engine.add with a ValueError, not later in a
+    step that holds other sequences."""
+    from jaxtp import engine
+    params = jaxtp.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    bad = jaxtp.SamplingParams(max_tokens=6)
+    bad.stop_token_ids = [2 ** 40]  # past SamplingParams' own check
+    eng = engine.Engine(model, slots=2, max_len=64)
+    good = engine.Sequence([5, 6, 7], params, 0)
+    eng.add(good)
+    with pytest.raises(ValueError, match=r"cannot schedule this request: .*1099511627776"):
+        eng.add(engine.Sequence([8, 9], bad, 0))
+    while eng.has_unfinished:
+        eng.step()
+    assert good.tokens == jaxtp.generate(model, [[5, 6, 7]], params)[0].token_ids
 
 
 def test_generation_is_capped_at_max_model_len(model):

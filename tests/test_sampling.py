@@ -155,3 +155,13 @@ def test_continuous_batching_equals_one_at_a_time(llama):
     assert max(busy) == 2
     for s, p, q in zip(seqs, prompts, params):
         assert s.tokens == jaxtp.generate(model, [p], q)[0].token_ids and s.finish_reason == "length"
+
+
+def test_any_64_bit_seed_draws_its_own_stream(llama):
+    """Seeds are 64-bit: -1 and 2**64 - 1 are the same seed, the high half changes the draw."""
+    def draw(seed):
+        p = jaxtp.SamplingParams(max_tokens=12, temperature=1.0, seed=seed, ignore_eos=True)
+        return jaxtp.generate(llama[0], [[3, 4, 5]], p)[0].token_ids
+    assert draw(-1) == draw(2 ** 64 - 1)
+    assert draw(2 ** 40) != draw(0) and draw(2 ** 40 + 1) != draw(2 ** 40)
+    assert draw(7) == draw(7)

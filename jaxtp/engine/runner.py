@@ -318,6 +318,14 @@ class ModelRunner:
         """Per-row host arrays -> device, split on dp."""
         return distributed.put(tree, self.per_row)
 
+    def check(self, seq: Sequence) -> None:
+        """Raise a ValueError if `seq` cannot be given a slot's rows (what would otherwise fail a
+        whole prefill group later)."""
+        try:
+            Rows.build([seq.params], [seq.seed], [seq.stop_ids], [seq.index])
+        except (OverflowError, TypeError, ValueError) as e:
+            raise ValueError(f"cannot schedule this request: {e}") from None
+
     def stop(self, slots: list[int]) -> None:
         """Mark these slots done, so queued decode work leaves them alone."""
         mask = np.zeros(self.slots, bool)

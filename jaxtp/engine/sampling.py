@@ -2,6 +2,7 @@
 
 Randomness is per request: row b draws with key fold_in(key(seed_b), tokens generated so far),
 so a seeded request yields the same tokens whatever else is in the batch and whatever the tp.
+Seeds are any 64-bit integers (as vLLM's): the high half is folded into the key when nonzero.
 """
 from __future__ import annotations
 
@@ -49,13 +50,14 @@ class SamplingParams:
             if not ok:
                 raise ValueError(f"SamplingParams.{field} must be {allowed}, got "
                                  f"{getattr(self, field)!r}")
-        check(_is_int(self.n) and self.n >= 1, "n", "an integer >= 1")
+        check(_is_int(self.n) and 1 <= self.n <= MAX_N, "n", f"an integer in [1, {MAX_N}]")
         check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "an integer >= 1")
         check(_is_num(self.temperature) and self.temperature >= 0, "temperature", "a number >= 0")
         check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "in (0, 1]")
         check(_is_int(self.top_k) and self.top_k >= -1, "top_k", "-1, 0 (off) or a positive integer")
         check(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "in [0, 1]")
-        check(self.seed is None or _is_int(self.seed), "seed", "None or an integer")
+        check(self.seed is None or (_is_int(self.seed) and -2 ** 63 <= self.seed < 2 ** 64), "seed",
+              "None or a 64-bit integer (in [-2**63, 2**64))")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         check(self.stop is None or (isinstance(self.stop, (list, tuple)) and
@@ -63,8 +65,8 @@ class SamplingParams:
               "stop", "a non-empty string or a list of non-empty strings")
         self.stop = list(self.stop or [])
         check(isinstance(self.stop_token_ids, (list, tuple)) and
-              all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
-              "a list of non-negative token ids")
+              all(_is_int(t) and 0 <= t <= MAX_ID for t in self.stop_token_ids), "stop_token_ids",
+              f"a list of token ids in [0, {MAX_ID}]")
         check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
               "an integer in [0, max_tokens]")
         check(_is_num(self.repetition_penalty) and self.repetition_penalty > 0,
@@ -91,6 +93,8 @@ class SamplingParams:
 
 
 MAX_LOGPROBS = 20  # as OpenAI's API; bounds the top-k the engine computes
+MAX_N = 128        # samples per prompt, OpenAI's bound
+MAX_ID = 2 ** 31 - 1  # token ids travel as int32
 
 
 def _is_int(x) -> bool:
@@ -108,7 +112,8 @@ class SamplerArrays(NamedTuple):
     top_k: jax.Array
     top_p: jax.Array
     min_p: jax.Array
-    seed: jax.Array
+    seed: jax.Array         # uint32: the low half of the 64-bit seed
+    seed_high: jax.Array    # uint32: the high half
     index: jax.Array        # which of a request's n samples: a second key stream per seed
     repetition_penalty: jax.Array
     presence_penalty: jax.Array
@@ -125,8 +130,10 @@ class SamplerArrays(NamedTuple):
         for i, x in enumerate(stops):
             stop_ids[i, : len(x)] = x
         f32 = lambda field: np.array([getattr(p, field) for p in params], np.float32)  # noqa: E731
-        return cls(f32("temperature"), np.array([max(p.top_k, 0) for p in params], np.int32),
-                   f32("top_p"), f32("min_p"), np.array(seeds, np.uint32),
+        seeds = [s % 2 ** 64 for s in seeds]
+        return cls(f32("temperature"), np.array([min(max(p.top_k, 0), MAX_ID) for p in params], np.int32),
+                   f32("top_p"), f32("min_p"), np.array([s & 0xFFFFFFFF for s in seeds], np.uint32),
+                   np.array([s >> 32 for s in seeds], np.uint32),
                    np.array(indices or [0] * len(params), np.uint32), f32("repetition_penalty"),
                    f32("presence_penalty"), f32("frequency_penalty"),
                    np.array([p.min_tokens for p in params], np.int32), stop_ids)
@@ -192,11 +199,14 @@ def sample(logits: jax.Array, s: SamplerArrays, count: jax.Array, vocab_size: in
         return best
     x = filter_logits(logits, s, vocab_size)
 
-    def gumbel(seed, index, count):  # drawn over the true vocab so the stream is independent of tp
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), index), count)
+    def gumbel(seed, high, index, count):  # drawn over the true vocab so the stream is independent of tp
+        key = jax.random.key(seed)
+        key = jax.random.wrap_key_data(jnp.where(high == 0, jax.random.key_data(key),
+                                                 jax.random.key_data(jax.random.fold_in(key, high))))
+        key = jax.random.fold_in(jax.random.fold_in(key, index), count)
         return jax.random.gumbel(key, (vocab_size,), jnp.float32)
 
-    noise = jax.vmap(gumbel)(s.seed, s.index, count)
+    noise = jax.vmap(gumbel)(s.seed, s.seed_high, s.index, count)
     noise = jnp.pad(noise, ((0, 0), (0, x.shape[-1] - vocab_size)))
     drawn = jnp.argmax(x + noise, axis=-1).astype(jnp.int32)
     return jnp.where(s.temperature > 0, drawn, best)

@@ -44,6 +44,7 @@ class Engine:
             raise ValueError(f"prompt of {len(seq.prompt)} tokens + max_tokens={seq.params.max_tokens} "
                              f"exceeds the engine's maximum length of {self.max_len} tokens")
         seq.stop_ids = list(seq.params.stop_token_ids) + ([] if seq.params.ignore_eos else self.eos)
+        self.runner.check(seq)
         seq.status = Status.WAITING
         self.waiting.append(seq)
 

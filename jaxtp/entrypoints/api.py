@@ -17,7 +17,7 @@ from jaxtp.config import ModelConfig
 from jaxtp.engine import runner
 from jaxtp.engine.sampling import SamplingParams
 from jaxtp.entrypoints.outputs import Completion, Delta, Request, RequestOutput
-from jaxtp.entrypoints.prompts import chat_prompt, check_ids, encode
+from jaxtp.entrypoints.prompts import chat_prompt, check_ids, check_params, encode
 from jaxtp.loading import load_state, param_shapes, resolve
 from jaxtp.memory import MemoryPlan
 from jaxtp.ops import OpsConfig
@@ -175,6 +175,8 @@ def _requests(model: Model, prompts, params) -> list[Request]:
     plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(ids)
     if len(plist) != len(ids):
         raise ValueError(f"got {len(plist)} SamplingParams for {len(ids)} prompts")
+    for p in plist:
+        check_params(model, p)
     if model.tokenizer is None and any(p.stop for p in plist):
         raise ValueError(f"{model.path} has no tokenizer, so stop strings cannot be matched: "
                          "use stop_token_ids")

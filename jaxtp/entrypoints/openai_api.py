@@ -22,8 +22,8 @@ from starlette.exceptions import HTTPException
 
 from jaxtp.engine.sampling import SamplingParams
 from jaxtp.entrypoints.outputs import Delta, Logprob
-from jaxtp.entrypoints.prompts import chat_prompt, encode
-from jaxtp.entrypoints.serving import AsyncLLM, QueueFull
+from jaxtp.entrypoints.prompts import chat_prompt, check_params, encode
+from jaxtp.entrypoints.serving import AsyncLLM, EngineError, QueueFull, RequestStream
 
 
 DISCONNECT_POLL_S = 0.25  # how often a request checks that its client is still there
@@ -36,9 +36,13 @@ class APIError(Exception):
         self.status, self.type, self.param, self.code = status, type, param, code
 
 
-def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse({"error": {"message": str(e), "type": e.type, "param": e.param, "code": e.code}},
-                        status_code=e.status)
+def error_body(e: APIError) -> dict:
+    return {"error": {"message": str(e), "type": e.type, "param": e.param, "code": e.code}}
+
+
+def error_response(http: Request, e: APIError) -> JSONResponse:
+    http.app.state.llm.metrics.errors.labels(str(e.status)).inc()
+    return JSONResponse(error_body(e), status_code=e.status)
 
 
 class SamplingFields(BaseModel):
@@ -91,7 +95,7 @@ class ChatRequest(SamplingFields):
     add_generation_prompt: bool = True
 
 
-def _params(r: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def _params(model, r: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
     if r.logit_bias:
         raise APIError("logit_bias is not supported", param="logit_bias")
     fields = dict(n=r.n, max_tokens=max_tokens, seed=r.seed, stop=r.stop, presence_penalty=r.presence_penalty,
@@ -102,9 +106,11 @@ def _params(r: SamplingFields, max_tokens: int, logprobs: int | None) -> Samplin
     fields["temperature"] = 1.0 if r.temperature is None else r.temperature
     fields["top_p"] = 1.0 if r.top_p is None else r.top_p
     try:
-        return SamplingParams(**fields)
+        params = SamplingParams(**fields)
+        check_params(model, params)
+        return params
     except ValueError as e:
-        field = str(e).split(" ")[0].removeprefix("SamplingParams.")
+        field = str(e).split(" ")[0].removeprefix("SamplingParams.").rstrip(":")
         raise APIError(str(e).replace("SamplingParams.", ""), param=field) from None
 
 
@@ -124,21 +130,21 @@ def build_app(llm: AsyncLLM, served_model_name: str) -> FastAPI:
 
 
 # -- errors -----------------------------------------------------------------------------------
-async def _api_error(_, e: APIError):
-    return error_response(e)
+async def _api_error(http: Request, e: APIError):
+    return error_response(http, e)
 
 
-async def _validation_error(_, e: RequestValidationError):
+async def _validation_error(http: Request, e: RequestValidationError):
     err = e.errors()[0] if e.errors() else {}
     loc = ".".join(str(x) for x in err.get("loc", ())[1:]) or None
     if err.get("type") == "json_invalid":
-        return error_response(APIError(f"invalid JSON body: {err.get('msg')}", code="invalid_json"))
-    return error_response(APIError(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")), param=loc))
+        return error_response(http, APIError(f"invalid JSON body: {err.get('msg')}", code="invalid_json"))
+    return error_response(http, APIError(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")), param=loc))
 
 
-async def _http_error(_, e: HTTPException):
-    return error_response(APIError(str(e.detail), status=e.status_code,
-                                   type="not_found_error" if e.status_code == 404 else "invalid_request_error"))
+async def _http_error(http: Request, e: HTTPException):
+    return error_response(http, APIError(str(e.detail), status=e.status_code,
+                                         type="not_found_error" if e.status_code == 404 else "invalid_request_error"))
 
 
 def _check_model(http: Request, name: str) -> None:
@@ -175,9 +181,16 @@ async def models(http: Request):
 
 
 # -- generation -------------------------------------------------------------------------------
-async def _run(http: Request, prompt, ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+def _submit(http: Request, items) -> list[RequestStream]:
+    """Admit the (prompt, ids, params) items of one HTTP request whole, or answer 503."""
+    try:
+        return http.app.state.llm.submit(items)
+    except QueueFull as e:
+        raise APIError(str(e), status=503, type="service_unavailable") from None
+
+
+async def _run(http: Request, gen: RequestStream) -> AsyncIterator[Delta]:
     """The request's deltas; stops (and aborts the request) if the client disconnects."""
-    gen = http.app.state.llm.generate(prompt, ids, params)
     checked, nxt = time.monotonic(), asyncio.ensure_future(asyncio.sleep(0))
     try:
         while True:
@@ -194,10 +207,10 @@ async def _run(http: Request, prompt, ids: list[int], params: SamplingParams) ->
                 yield nxt.result()
             except StopAsyncIteration:
                 return
-    except QueueFull as e:
-        raise APIError(str(e), status=503, type="service_unavailable") from None
     except ValueError as e:
         raise APIError(str(e)) from None
+    except EngineError as e:
+        raise APIError(str(e), status=500, type="internal_server_error") from None
     finally:  # on disconnect or cancellation: closing the generator aborts the request
         nxt.cancel()
         await asyncio.gather(nxt, return_exceptions=True)
@@ -229,12 +242,13 @@ async def completions(body: CompletionRequest, http: Request):
     if body.best_of not in (None, body.n):
         raise APIError("best_of must equal n", param="best_of")
     limit = http.app.state.llm.max_model_len
-    items = [(p, ids, _params(body, _check_length(limit, len(ids), body.max_tokens), body.logprobs))
-             for p, ids in _completion_prompts(http.app.state.llm.model, body.prompt)]
+    model = http.app.state.llm.model
+    items = [(p, ids, _params(model, body, _check_length(limit, len(ids), body.max_tokens), body.logprobs))
+             for p, ids in _completion_prompts(model, body.prompt)]
     req = _Completions(f"cmpl-{uuid.uuid4().hex}", body, items)
-    streams = [_run(http, p, ids, sp) for p, ids, sp in items]
+    streams = [_run(http, s) for s in _submit(http, items)]
     if body.stream:
-        return await _sse(_completion_events(req, streams, http.app.state.name))
+        return await _sse(http, _completion_events(req, streams, http.app.state.name))
     outs = await asyncio.gather(*(_collect(s) for s in streams))
     n, choices, completion_tokens = items[0][2].n, [], 0
     for k, request in enumerate(outs):
@@ -275,11 +289,11 @@ async def chat(body: ChatRequest, http: Request):
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError("top_logprobs requires logprobs=true", param="top_logprobs")
     k = body.top_logprobs or 0
-    params = _params(body, max_tokens, k if body.logprobs else None)
+    params = _params(llm.model, body, max_tokens, k if body.logprobs else None)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    stream = _run(http, None, ids, params)
+    stream = _run(http, _submit(http, [(None, ids, params)])[0])
     if body.stream:
-        return await _sse(_chat_events(rid, name, body, params, len(ids), stream))
+        return await _sse(http, _chat_events(rid, name, body, params, len(ids), stream))
     outs = (await _collect(stream)).output().outputs
     choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
                 "logprobs": _chat_logprobs(o.token_ids, o.logprobs, k) if body.logprobs else None,
@@ -368,14 +382,20 @@ async def _collect(stream: AsyncIterator[Delta]):
     return req
 
 
-async def _sse(events: AsyncIterator[str]) -> StreamingResponse:
-    """Start the stream only after the first event, so errors before any output are a 400."""
+async def _sse(http: Request, events: AsyncIterator[str]) -> StreamingResponse:
+    """Start the stream only after the first event, so errors before any output are an error
+    status; one after it ends the stream with an error event and [DONE]."""
     first = await anext(events)
 
     async def body():
         yield first
-        async for e in events:
-            yield e
+        try:
+            async for e in events:
+                yield e
+        except APIError as e:
+            http.app.state.llm.metrics.errors.labels(str(e.status)).inc()
+            yield f"data: {json.dumps(error_body(e))}\n\n"
+            yield "data: [DONE]\n\n"
     return StreamingResponse(body(), media_type="text/event-stream")
 
 

@@ -28,6 +28,14 @@ def encode(model, prompt) -> list[int]:
     return ids
 
 
+def check_params(model, params) -> None:
+    """What SamplingParams cannot check alone: its token ids against the model's vocabulary."""
+    vocab = model.config.vocab_size
+    for t in params.stop_token_ids:
+        if t >= vocab:
+            raise ValueError(f"stop_token_ids: token id {t} is out of range for a vocabulary of {vocab}")
+
+
 def chat_prompt(model, messages: list[dict], add_generation_prompt: bool = True,
                 chat_template: str | None = None) -> list[int]:
     """Token ids of a conversation rendered with the tokenizer's chat template."""

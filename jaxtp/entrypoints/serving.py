@@ -27,6 +27,10 @@ class QueueFull(RuntimeError):
     """More requests in flight than the server accepts (HTTP 503)."""
 
 
+class EngineError(RuntimeError):
+    """The engine failed while running this request (HTTP 500); the server keeps serving."""
+
+
 class Metrics:
     """Prometheus metrics, named like vLLM's (prefix jaxtp:)."""
 
@@ -40,6 +44,41 @@ class Metrics:
         self.generation_tokens = Counter("jaxtp:generation_tokens", "Tokens generated", registry=registry)
         self.ttft = Histogram("jaxtp:time_to_first_token_seconds", "Time to first token", registry=registry)
         self.e2e = Histogram("jaxtp:e2e_request_latency_seconds", "Request latency", registry=registry)
+        self.errors = Counter("jaxtp:request_errors", "Requests answered with an error, by HTTP status",
+                              ["status"], registry=registry)
+        self.engine_failures = Counter("jaxtp:engine_failures", "Engine steps that failed (their requests "
+                                       "got a 500, the engine was rebuilt)", registry=registry)
+
+
+class RequestStream:
+    """The deltas of one admitted request, until each of its params.n samples has finished.
+    Closing it early (the client went away) aborts the request and frees its slots; closing
+    twice, or after the end, does nothing."""
+
+    def __init__(self, llm: "AsyncLLM", req: Request):
+        self.llm, self.req, self.left, self.closed = llm, req, req.params.n, False
+        self.deltas: asyncio.Queue = asyncio.Queue()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Delta:
+        if not self.left:
+            await self.aclose()
+            raise StopAsyncIteration
+        d = await self.deltas.get()
+        if isinstance(d, BaseException):
+            await self.aclose()
+            raise d
+        self.left -= d.finish_reason is not None
+        return d
+
+    async def aclose(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.llm._in_flight -= 1
+            if self.left:
+                self.llm._inbox.put(("abort", self.req, None))
 
 
 class AsyncLLM:
@@ -74,34 +113,34 @@ class AsyncLLM:
         self._inbox.put(None)
         self._thread.join(timeout=30)
 
-    async def generate(self, prompt, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[Delta]:
-        """Deltas of one request until each of its params.n samples has finished. Closing the
-        iterator early (the client went away) aborts the request and frees its slots."""
-        if self._in_flight >= self.max_queue:
-            raise QueueFull(f"the server has {self._in_flight} requests in flight (max_queue="
-                            f"{self.max_queue}); retry later")
-        loop, deltas = asyncio.get_running_loop(), asyncio.Queue()
-        req = Request(request_id or str(next(self._ids)), prompt, prompt_ids, params, self.model.tokenizer)
-        def sink(d):  # called from the engine thread; the caller's loop may be gone by then
-            try:
-                loop.call_soon_threadsafe(deltas.put_nowait, d)
-            except RuntimeError:
-                pass
-        self._in_flight += 1
-        self._inbox.put(("add", req, sink))
-        left = params.n
+    def submit(self, items: list[tuple[object, list[int], SamplingParams]]) -> list[RequestStream]:
+        """Admit (prompt, prompt ids, params) requests all together or none (QueueFull); call
+        from the event loop. Each stream must be read to its end or closed."""
+        if self._in_flight + len(items) > self.max_queue:
+            raise QueueFull(f"the server has {self._in_flight} requests in flight and this asks for "
+                            f"{len(items)} more (max_queue={self.max_queue}); retry later")
+        loop, streams = asyncio.get_running_loop(), []
+        for prompt, ids, params in items:
+            stream = RequestStream(self, Request(str(next(self._ids)), prompt, ids, params, self.model.tokenizer))
+
+            def sink(d, deltas=stream.deltas):  # from the engine thread; the loop may be gone by then
+                try:
+                    loop.call_soon_threadsafe(deltas.put_nowait, d)
+                except RuntimeError:
+                    pass
+            self._in_flight += 1
+            self._inbox.put(("add", stream.req, sink))
+            streams.append(stream)
+        return streams
+
+    async def generate(self, prompt, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        """Deltas of one request (submit's stream, closed however the caller stops)."""
+        stream = self.submit([(prompt, prompt_ids, params)])[0]
         try:
-            while left:
-                d = await deltas.get()
-                if isinstance(d, BaseException):
-                    raise d
-                left -= d.finish_reason is not None
+            async for d in stream:
                 yield d
         finally:
-            self._in_flight -= 1
-            if left:
-                self._inbox.put(("abort", req, None))
+            await stream.aclose()
 
     # -- the engine thread --------------------------------------------------------------------
     def _loop(self) -> None:
@@ -113,8 +152,9 @@ class AsyncLLM:
                 changed = self.engine.step()
             except Exception as e:  # noqa: BLE001  fail the batch, keep serving
                 log.exception("engine step failed; failing %d requests", len(self._active))
+                self.metrics.engine_failures.inc()
                 for sink in {id(r): s for r, s, _ in self._active.values()}.values():  # once per request
-                    sink(RuntimeError(f"generation failed: {e}"))
+                    sink(EngineError(f"generation failed: {type(e).__name__}: {e}"))
                 self._active.clear()
                 self.engine = Engine(*self._engine_args)  # the donated cache may be gone
                 continue
@@ -149,7 +189,9 @@ class AsyncLLM:
             try:
                 for seq in req.seqs:
                     self.engine.add(seq)
-            except ValueError as e:
+            except ValueError as e:  # the request alone fails: its samples already queued go too
+                for seq in req.seqs:
+                    self.engine.abort(seq)
                 sink(e)
                 return
             self.metrics.prompt_tokens.inc(len(req.prompt_ids))
