@@ -1,33 +1,83 @@
-"""OpenAI-compatible server: `python scripts/serve.py --model PATH --tp 2 --port 8000`
-(as `vllm serve PATH --tensor-parallel-size 2`). With no --model it serves the embedded default.
+"""OpenAI-compatible server: `python scripts/serve.py MODEL --tp 2 --port 8000`
+(as `vllm serve MODEL --tensor-parallel-size 2`). With no model it serves the embedded default.
 
-Endpoints: /v1/models, /v1/completions, /v1/chat/completions (stream or not), /health, /metrics.
+Endpoints: /v1/models, /v1/completions, /v1/chat/completions (stream or not), /tokenize,
+/detokenize, /version, /health, /metrics.
 """
 import argparse
+import logging
 import os
+import socket
 import sys
+from pathlib import Path
 
 import model_options
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model_path", nargs="?", metavar="MODEL", help="HF model directory or hub id (as --model)")
     model_options.add(p)
-    p.add_argument("--served-model-name", help="name clients use (default: --model as given)")
-    p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1)
+    p.add_argument("--served-model-name", help="name clients use (default: the model as given)")
+    p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=positive, default=1)
+    p.add_argument("--dp", "--data-parallel-size", dest="dp", type=positive, default=1)
+    p.add_argument("--pp", "--pipeline-parallel-size", dest="pp", type=positive, default=1)
+    p.add_argument("--gpu-memory-utilization", type=fraction, default=0.9,
+                   help="share of each device's memory for weights and KV cache")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-num-seqs", type=int, default=64, help="KV-cache slots (concurrent sequences)")
-    p.add_argument("--max-model-len", type=int, default=None, help="tokens per sequence (default: the model's)")
-    p.add_argument("--max-queue", type=int, default=512, help="requests in flight before answering 503")
-    p.add_argument("--decode-chunk", type=int, default=8, help="tokens per decode dispatch")
-    return p.parse_args(argv)
+    p.add_argument("--api-key", default=os.environ.get("JAXTP_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $JAXTP_API_KEY, else none)")
+    p.add_argument("--chat-template", help="a Jinja chat template, or a file holding one, in place of the tokenizer's")
+    p.add_argument("--max-num-seqs", type=positive, default=64, help="KV-cache slots (concurrent sequences)")
+    p.add_argument("--max-model-len", type=positive, default=None, help="tokens per sequence (default: the model's)")
+    p.add_argument("--max-queue", type=positive, default=512, help="requests in flight before answering 503")
+    p.add_argument("--decode-chunk", type=positive, default=8, help="tokens per decode dispatch")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--disable-access-log", action="store_true", help="no line per HTTP request")
+    args = p.parse_args(argv)
+    args.model = args.model_path or args.model
+    return args
+
+
+def bind_check(host: str, port: int) -> None:
+    """Fail now, not after the model has loaded, if the address cannot be served."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+def chat_template(value: str | None) -> str | None:
+    return Path(value).read_text() if value and Path(value).is_file() else value
 
 
 def main(argv=None):
     args = parse_args(argv)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={max(args.tp, 1)}").strip()
+                               f" --xla_force_host_platform_device_count={args.tp * args.dp * args.pp}").strip()
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        bind_check(args.host, args.port)
+    except OSError as e:
+        sys.exit(f"error: {e}")
     import uvicorn
 
     import jaxtp
@@ -35,16 +85,18 @@ def main(argv=None):
     from jaxtp.entrypoints.serving import AsyncLLM
 
     try:
-        model = jaxtp.load(args.model, tp=args.tp, **model_options.load_kwargs(args))
+        model = jaxtp.load(args.model, tp=args.tp, dp=args.dp, pp=args.pp,
+                           memory_fraction=args.gpu_memory_utilization, **model_options.load_kwargs(args))
         llm = AsyncLLM(model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                        max_queue=args.max_queue, chunk=args.decode_chunk)
+        app = build_app(llm, args.served_model_name or args.model, args.api_key, chat_template(args.chat_template))
     except (ValueError, TypeError, KeyError, OSError) as e:
         sys.exit(f"error: {e}")
-    app = build_app(llm, args.served_model_name or args.model)
-    print(f"serving {args.model} on http://{args.host}:{args.port} (tp={model.tp}, "
+    print(f"serving {args.model} on http://{args.host}:{args.port} (tp={model.tp}, dp={model.dp}, pp={model.pp}, "
           f"{args.max_num_seqs} slots x {llm.max_model_len} tokens)", flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                    access_log=not args.disable_access_log)
     finally:
         llm.close()
 

@@ -5,6 +5,7 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ NAME = "tiny"
 def _serve(model, *flags):
     """Start scripts/serve.py on a free loopback port; yields its URL, stops it afterwards."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), "--model", str(model),
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), str(model),  # as `vllm serve MODEL`
                              "--served-model-name", NAME, "--port", str(port), *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "XLA_FLAGS": ""})
@@ -241,3 +242,41 @@ def test_full_queue_is_a_503_with_an_openai_error_body(long_model):
             r = httpx2.post(url + "/v1/completions", json={"model": NAME, "prompt": "2+2="})
         assert r.status_code == 503
         assert r.json()["error"]["type"] == "service_unavailable" and "max_queue=1" in r.json()["error"]["message"]
+
+
+def _serve_fails(*flags) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "serve.py"), str(DEFAULT), *flags],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "XLA_FLAGS": ""})
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--decode-chunk", "0"], "--decode-chunk: must be an integer >= 1, got 0"),
+    (["--decode-chunk", "-1"], "--decode-chunk: must be an integer >= 1, got -1"),
+    (["--max-model-len", "-5"], "--max-model-len: must be an integer >= 1, got -5"),
+    (["--max-num-seqs", "0"], "--max-num-seqs: must be an integer >= 1, got 0"),
+    (["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization: must be in (0, 1], got 1.5"),
+    (["--max-model-len", "5000"], "max_model_len must be an integer in [1, 64]"),
+])
+def test_bad_server_flags_are_named_before_serving(flags, message):
+    run = _serve_fails(*flags)
+    assert run.returncode != 0 and message in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_a_port_in_use_is_found_before_the_model_loads():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        run = _serve_fails("--port", str(port))
+    assert run.returncode != 0 and f"cannot listen on 127.0.0.1:{port}" in run.stderr
+    assert "serving" not in run.stdout
+
+
+def test_help_shows_the_vllm_flags_and_their_defaults():
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve.py"), "--help"], capture_output=True,
+                         text=True, timeout=60)
+    for flag in ("--gpu-memory-utilization", "--data-parallel-size", "--pipeline-parallel-size", "--dtype",
+                 "--quantization", "--chat-template", "--api-key", "--log-level", "--disable-access-log"):
+        assert flag in run.stdout
+    assert "(default: 64)" in run.stdout and "(default: 0.9)" in run.stdout

@@ -19,12 +19,12 @@ def model():
     return jaxtp.load(ROOT / "checkpoints" / "tiny-arith", tp=1, dtype="float32")
 
 
-def serve(model, test, **llm_args):
+def serve(model, test, app_args=None, **llm_args):
     """Run test(client, llm) against a fresh app on `model`; returns what it returns."""
     llm = AsyncLLM(model, **{"max_num_seqs": 4, "chunk": 2, **llm_args})
 
     async def go():
-        transport = httpx2.ASGITransport(app=build_app(llm, NAME))
+        transport = httpx2.ASGITransport(app=build_app(llm, NAME, **(app_args or {})))
         async with httpx2.AsyncClient(transport=transport, base_url="http://jaxtp", timeout=120) as client:
             return await test(client, llm)
     try:
@@ -75,7 +75,7 @@ def test_a_request_is_admitted_whole_or_not_at_all(model):
         return refused, left, taken
 
     refused, left, taken = serve(model, test, max_queue=2)
-    assert refused.status_code == 503 and "this asks for 3 more (max_queue=2)" in refused.json()["error"]["message"]
+    assert refused.status_code == 503 and "in flight (max_queue=2) and this asks for 3 more" in refused.json()["error"]["message"]
     assert left == (0, False)  # none of its prompts were queued
     assert taken.status_code == 200 and len(taken.json()["choices"]) == 2
 
@@ -141,3 +141,123 @@ def test_twenty_streams_finish_right_beside_bad_requests(model):
     assert got == want
     assert [b.status_code for b in (b1, b2)] == [400, 400]
     assert b3.status_code == 200  # a top_k past the vocabulary (and int64) is simply no top-k
+
+
+def test_logprobs_past_the_vocabulary_are_capped_and_always_finite(model):
+    async def test(client, llm):
+        body = {"model": NAME, "prompt": "17+25=", "max_tokens": 4, "temperature": 0, "logprobs": 20}
+        plain = await client.post("/v1/completions", json=body)
+        streamed = await client.post("/v1/completions", json={**body, "stream": True})
+        chat = await client.post("/v1/chat/completions", json={
+            "model": NAME, "messages": [{"role": "user", "content": "1+1="}], "max_tokens": 3,
+            "logprobs": True, "top_logprobs": 20, "stream": True})
+        return plain, streamed, chat
+
+    plain, streamed, chat = serve(model, test)
+    vocab = model.config.vocab_size  # 16: fewer than the 20 asked for
+    lp = plain.json()["choices"][0]["logprobs"]  # a parse of standard JSON: no -Infinity in it
+    assert all(len(top) == vocab for top in lp["top_logprobs"])
+    for body in (streamed.text, chat.text):
+        assert "Infinity" not in body and "NaN" not in body
+        for e in events(body)[:-1]:
+            json.loads(e)
+    tops = [t for e in events(chat.text)[1:-1] for c in json.loads(e)["choices"]
+            for t in (c["logprobs"] or {}).get("content", [])]
+    assert tops and all(len(t["top_logprobs"]) == vocab for t in tops)
+
+
+def test_streamed_text_offsets_run_on_across_chunks(model):
+    async def test(client, llm):
+        body = {"model": NAME, "prompt": "408+199=", "max_tokens": 6, "temperature": 0, "logprobs": 1,
+                "echo": True}
+        plain = await client.post("/v1/completions", json=body)
+        streamed = await client.post("/v1/completions", json={**body, "stream": True})
+        return plain, streamed
+
+    plain, streamed = serve(model, test, chunk=1)
+    want = plain.json()["choices"][0]["logprobs"]["text_offset"]
+    got = [o for e in events(streamed.text)[:-1] for o in json.loads(e)["choices"][0]["logprobs"]["text_offset"]]
+    assert len(events(streamed.text)) > 3  # several chunks
+    assert got == want and want[0] == len("408+199=") and want == sorted(want) and len(set(want)) == len(want)
+
+
+@pytest.mark.parametrize("where", ["prompt", "chat"])
+def test_a_lone_surrogate_is_a_400(model, where):
+    async def test(client, llm):
+        if where == "prompt":
+            return await client.post("/v1/completions", content=b'{"model": "tiny", "prompt": "1+\\ud800="}',
+                                     headers={"content-type": "application/json"})
+        return await client.post("/v1/chat/completions", content=b'{"model": "tiny", "messages": '
+                                 b'[{"role": "user", "content": "\\ud800"}]}', headers={"content-type": "application/json"})
+
+    r = serve(model, test)
+    assert r.status_code == 400, r.text
+    assert "lone surrogate" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"n": True}, "n"), ({"stream": "yes"}, "stream"), ({"max_tokens": "5"}, "max_tokens"),
+])
+def test_unsupported_fields_and_loose_types_are_a_400(model, extra, param):
+    async def test(client, llm):
+        return await client.post("/v1/chat/completions", json={
+            "model": NAME, "messages": [{"role": "user", "content": "1+1="}], **extra})
+
+    r = serve(model, test)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_model_card_tokenize_detokenize_version_and_head_health(model):
+    async def test(client, llm):
+        return [await client.get(f"/v1/models/{NAME}"), await client.get("/v1/models/other"),
+                await client.post("/tokenize", json={"model": NAME, "prompt": "17+25="}),
+                await client.post("/detokenize", json={"tokens": [5, 11, 14, 6, 9, 15]}),
+                await client.post("/tokenize", json={"messages": [{"role": "user", "content": "2+3="}]}),
+                await client.get("/version"), await client.head("/health")]
+
+    card, missing, tok, detok, chat, version, head = serve(model, test)
+    assert card.status_code == 200 and card.json()["id"] == NAME
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+    want = model.tokenizer("17+25=")["input_ids"]
+    assert tok.json()["tokens"] == want and tok.json()["count"] == len(want)
+    assert detok.json()["prompt"] == model.tokenizer.decode([5, 11, 14, 6, 9, 15])
+    assert chat.json()["tokens"] == jaxtp.chat_prompt(model, [{"role": "user", "content": "2+3="}])
+    assert version.json()["version"] == jaxtp.__version__ and head.status_code == 200
+
+
+def test_an_api_key_guards_v1_and_leaves_health_and_metrics_open(model):
+    async def test(client, llm):
+        body = {"model": NAME, "prompt": "1+1=", "max_tokens": 2}
+        return [await client.post("/v1/completions", json=body),
+                await client.post("/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}),
+                await client.post("/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"}),
+                await client.get("/v1/models"), await client.get("/health"), await client.get("/metrics")]
+
+    none, wrong, right, models, health, metrics = serve(model, test, app_args={"api_key": "s3cret"})
+    assert none.status_code == wrong.status_code == models.status_code == 401
+    assert none.json()["error"]["code"] == "invalid_api_key"
+    assert right.status_code == health.status_code == metrics.status_code == 200
+
+
+def test_a_chat_template_given_to_the_server_is_used(model):
+    template = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+
+    async def test(client, llm):
+        return await client.post("/tokenize", json={"messages": [{"role": "user", "content": "2+3="}]})
+
+    r = serve(model, test, app_args={"chat_template": template})
+    assert r.json()["tokens"] == model.tokenizer("<<2+3=>>", add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"max_num_seqs": 0}, "max_num_seqs must be an integer >= 1, got 0"),
+    ({"chunk": -1}, "chunk must be an integer >= 1, got -1"),
+    ({"max_model_len": 5000}, r"max_model_len must be an integer in \[1, 64\]"),
+])
+def test_async_llm_checks_its_limits(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AsyncLLM(model, **kwargs)

@@ -3,11 +3,13 @@ and chat templates, on the default checkpoint's real tokenizer and a byte-level 
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 import jaxtp
+from jaxtp.engine import Sequence
 from jaxtp.entrypoints.detokenize import TextStream
+from jaxtp.entrypoints.outputs import Request
 
 DEFAULT = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-arith"
 GREEDY = dict(max_tokens=8, temperature=0.0)
@@ -27,6 +29,43 @@ def byte_tokenizer():
     tok.train_from_iterator(["héllo wörld, naïve café 🙂 stop here"] * 20,
                             trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_tokenizer():
+    """A byte-fallback BPE laid out as Llama-2's tokenizer.json: "▁" marks a word's space (the
+    normaliser prepends one and replaces spaces), the decoder turns it back and strips the
+    first one."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")  # for training only
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(["Tom and Lily were playing in the park.", "They played all day, café crème."] * 20,
+                            trainers.BpeTrainer(vocab_size=400, special_tokens=specials))
+    tok.pre_tokenizer = None
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("prompt,completion", [("Tom and Lily were playing", " in the park"),
+                                               ("They played all", " day, café crème.")])
+def test_the_space_after_the_prompt_survives_sentencepiece_decoding(sentencepiece_tokenizer, prompt, completion):
+    tok = sentencepiece_tokenizer
+    prompt_ids = tok(prompt)["input_ids"]
+    new = tok(prompt + completion)["input_ids"][len(prompt_ids):]
+    assert tok.convert_ids_to_tokens(new)[0].startswith("▁")  # the space rides on the first new token
+    want = tok.decode(prompt_ids + new)[len(tok.decode(prompt_ids)):]
+    assert want == completion
+    params = jaxtp.SamplingParams(max_tokens=len(new))
+    req = Request("0", prompt, prompt_ids, params, tok)
+    seq, streamed = req.seqs[0], ""
+    for t in new:  # one token per update, as a stream delivers them
+        seq.tokens.append(t)
+        streamed += req.update(seq).text
+    seq.finish("length")
+    streamed += req.update(seq).text
+    assert streamed == want and req.output().outputs[0].text == want
 
 
 def test_stop_string_spanning_tokens(model):

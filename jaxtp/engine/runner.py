@@ -370,16 +370,16 @@ class ModelRunner:
 
     def read(self, pending: list[Pending]) -> list[Column]:
         """Wait for queued work (one fetch for all of it): each live sequence's share, in order."""
-        out = []
+        out, vocab = [], self.model.config.vocab_size  # top-k past the vocabulary: padding, dropped
         for p, (step, prompt_lp) in zip(pending, distributed.fetch([(p.step, p.prompt_logprobs) for p in pending])):
             for col, (seq, slot) in enumerate(zip(p.seqs, p.slots)):
                 if seq is None or seq.finished:
                     continue
                 k, prompt = seq.params.logprobs, None
                 if prompt_lp is not None and seq.params.prompt_logprobs is not None:
-                    prompt = [_entry(prompt_lp, (col, j), seq.params.prompt_logprobs)
+                    prompt = [_entry(prompt_lp, (col, j), min(seq.params.prompt_logprobs, vocab))
                               for j in range(len(seq.prompt) - 1)]
                 at = np.nonzero(step.tokens[:, col] >= 0)[0]
-                lps = [] if k is None else [_entry(step.logprobs, (j, col), k) for j in at]
+                lps = [] if k is None else [_entry(step.logprobs, (j, col), min(k, vocab)) for j in at]
                 out.append(Column(seq, step.tokens[at, col].tolist(), lps, bool(step.done[slot]), prompt))
         return out

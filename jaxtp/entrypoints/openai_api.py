@@ -8,7 +8,10 @@ body {"error": {"message", "type", "param", "code"}}; a full queue is a 503.
 from __future__ import annotations
 
 import asyncio
+import functools
+import hmac
 import json
+import math
 import time
 import uuid
 from typing import Any, AsyncIterator, NamedTuple
@@ -22,7 +25,7 @@ from starlette.exceptions import HTTPException
 
 from jaxtp.engine.sampling import SamplingParams
 from jaxtp.entrypoints.outputs import Delta, Logprob
-from jaxtp.entrypoints.prompts import chat_prompt, check_params, encode
+from jaxtp.entrypoints.prompts import chat_prompt, check_ids, check_params, encode
 from jaxtp.entrypoints.serving import AsyncLLM, EngineError, QueueFull, RequestStream
 
 
@@ -46,8 +49,10 @@ def error_response(http: Request, e: APIError) -> JSONResponse:
 
 
 class SamplingFields(BaseModel):
-    """Fields shared by both endpoints; unknown fields are ignored (as vLLM does)."""
-    model_config = ConfigDict(extra="ignore")
+    """Fields shared by both endpoints. Types are strict where OpenAI's are (no "5" for 5, no
+    true for 1); unknown fields are ignored (as vLLM does), but known ones that would change
+    the output and are not supported are rejected (`unsupported`)."""
+    model_config = ConfigDict(extra="ignore", strict=True)
     model: str
     n: int = 1
     temperature: float | None = None
@@ -60,6 +65,11 @@ class SamplingFields(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: dict | None = None
     user: str | None = None
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
     # vLLM extras
     top_k: int = 0
     min_p: float = 0.0
@@ -81,7 +91,7 @@ class CompletionRequest(SamplingFields):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: str
     content: str | list[dict] | None = None
 
@@ -95,9 +105,24 @@ class ChatRequest(SamplingFields):
     add_generation_prompt: bool = True
 
 
-def _params(model, r: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def unsupported(r: SamplingFields) -> str | None:
+    """The first field set that asks for what jaxtp cannot do yet (so it is not silently ignored)."""
     if r.logit_bias:
-        raise APIError("logit_bias is not supported", param="logit_bias")
+        return "logit_bias"
+    if r.response_format is not None and r.response_format.get("type") != "text":
+        return "response_format"
+    if r.tools or r.functions:
+        return "tools" if r.tools else "functions"
+    if r.tool_choice not in (None, "none") or r.function_call not in (None, "none"):
+        return "tool_choice" if r.tool_choice not in (None, "none") else "function_call"
+    return None
+
+
+def _params(model, r: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    field = unsupported(r)
+    if field is not None:
+        raise APIError(f"{field} is not supported (structured outputs and tool calls are not implemented)",
+                       param=field)
     fields = dict(n=r.n, max_tokens=max_tokens, seed=r.seed, stop=r.stop, presence_penalty=r.presence_penalty,
                   frequency_penalty=r.frequency_penalty, top_k=r.top_k, min_p=r.min_p,
                   repetition_penalty=r.repetition_penalty, min_tokens=r.min_tokens, ignore_eos=r.ignore_eos,
@@ -114,16 +139,26 @@ def _params(model, r: SamplingFields, max_tokens: int, logprobs: int | None) -> 
         raise APIError(str(e).replace("SamplingParams.", ""), param=field) from None
 
 
-def build_app(llm: AsyncLLM, served_model_name: str) -> FastAPI:
-    """The app serving `llm` as `served_model_name`; its handlers find both on `app.state`."""
+def build_app(llm: AsyncLLM, served_model_name: str, api_key: str | None = None,
+              chat_template: str | None = None) -> FastAPI:
+    """The app serving `llm` as `served_model_name`; its handlers find both on `app.state`.
+    api_key: /v1/* then needs `Authorization: Bearer <api_key>` (/health, /metrics stay open).
+    chat_template: a Jinja template in place of the tokenizer's own."""
     app = FastAPI(title="jaxtp OpenAI-compatible server")
     app.state.llm, app.state.name, app.state.created = llm, served_model_name, int(time.time())
+    app.state.chat_template = chat_template
+    if api_key is not None:
+        app.middleware("http")(functools.partial(_authorize, f"Bearer {api_key}"))
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
-    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/health", health, methods=["GET", "HEAD"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
+    app.add_api_route("/version", version, methods=["GET"])
+    app.add_api_route("/tokenize", tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", detokenize, methods=["POST"])
     app.add_api_route("/v1/models", models, methods=["GET"])
+    app.add_api_route("/v1/models/{model_id:path}", model_card, methods=["GET"])
     app.add_api_route("/v1/completions", completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", chat, methods=["POST"])
     return app
@@ -145,6 +180,13 @@ async def _validation_error(http: Request, e: RequestValidationError):
 async def _http_error(http: Request, e: HTTPException):
     return error_response(http, APIError(str(e.detail), status=e.status_code,
                                          type="not_found_error" if e.status_code == 404 else "invalid_request_error"))
+
+
+async def _authorize(expected: str, http: Request, call_next):
+    if http.url.path.startswith("/v1/") and not hmac.compare_digest(
+            http.headers.get("authorization", "").encode(), expected.encode()):
+        return error_response(http, APIError("Incorrect API key provided.", status=401, code="invalid_api_key"))
+    return await call_next(http)
 
 
 def _check_model(http: Request, name: str) -> None:
@@ -174,10 +216,70 @@ async def metrics(http: Request):
     return Response(generate_latest(http.app.state.llm.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+def _card(state) -> dict:
+    return {"id": state.name, "object": "model", "created": state.created, "owned_by": "jaxtp",
+            "max_model_len": state.llm.max_model_len}
+
+
 async def models(http: Request):
-    state = http.app.state
-    return {"object": "list", "data": [{"id": state.name, "object": "model", "created": state.created,
-                                        "owned_by": "jaxtp", "max_model_len": state.llm.max_model_len}]}
+    return {"object": "list", "data": [_card(http.app.state)]}
+
+
+async def model_card(model_id: str, http: Request):
+    if model_id != http.app.state.name:
+        raise APIError(f"The model `{model_id}` does not exist.", status=404, type="not_found_error",
+                       param="model", code="model_not_found")
+    return _card(http.app.state)
+
+
+async def version():
+    from jaxtp import __version__
+    return {"version": __version__}
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages rendered with the chat template."""
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: str | None = None
+    tokens: list[int]
+
+
+async def tokenize(body: TokenizeRequest, http: Request):
+    if body.model is not None:
+        _check_model(http, body.model)
+    model = http.app.state.llm.model
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError("give either prompt or messages", param="prompt")
+    try:
+        if body.prompt is not None:
+            ids = encode(model, body.prompt)
+        else:
+            ids = chat_prompt(model, [{"role": m.role, "content": _text_content(m.content)} for m in body.messages],
+                              body.add_generation_prompt, http.app.state.chat_template)
+    except ValueError as e:
+        raise APIError(str(e), param="prompt" if body.prompt is not None else "messages") from None
+    return {"count": len(ids), "max_model_len": http.app.state.llm.max_model_len, "tokens": ids}
+
+
+async def detokenize(body: DetokenizeRequest, http: Request):
+    if body.model is not None:
+        _check_model(http, body.model)
+    model = http.app.state.llm.model
+    try:
+        ids = check_ids(model, body.tokens)
+    except ValueError as e:
+        raise APIError(str(e), param="tokens") from None
+    if model.tokenizer is None:
+        raise APIError("this model has no tokenizer", param="tokens")
+    return {"prompt": model.tokenizer.decode(ids)}
 
 
 # -- generation -------------------------------------------------------------------------------
@@ -222,13 +324,22 @@ class _Completions(NamedTuple):
     id: str
     body: CompletionRequest
     items: list[tuple[Any, list[int], SamplingParams]]
+    offsets: dict  # choice index -> text_offset of its next token
 
     def echo(self, k: int) -> str:
         prompt = self.items[k][0]
         return prompt if self.body.echo and isinstance(prompt, str) else ""
 
-    def logprobs(self, token_ids, entries):
-        return None if self.body.logprobs is None else _legacy_logprobs(token_ids, entries)
+    def logprobs(self, i: int, token_ids, entries):
+        """Choice i's logprobs for these tokens, their text_offset running on from the last call's."""
+        if self.body.logprobs is None:
+            return None
+        lp, self.offsets[i] = _legacy_logprobs(token_ids, entries, self.offsets.get(i, len(self.echo(i // self.n))))
+        return lp
+
+    @property
+    def n(self) -> int:
+        return self.items[0][2].n
 
     @property
     def prompt_tokens(self) -> int:
@@ -245,7 +356,7 @@ async def completions(body: CompletionRequest, http: Request):
     model = http.app.state.llm.model
     items = [(p, ids, _params(model, body, _check_length(limit, len(ids), body.max_tokens), body.logprobs))
              for p, ids in _completion_prompts(model, body.prompt)]
-    req = _Completions(f"cmpl-{uuid.uuid4().hex}", body, items)
+    req = _Completions(f"cmpl-{uuid.uuid4().hex}", body, items, {})
     streams = [_run(http, s) for s in _submit(http, items)]
     if body.stream:
         return await _sse(http, _completion_events(req, streams, http.app.state.name))
@@ -254,7 +365,8 @@ async def completions(body: CompletionRequest, http: Request):
     for k, request in enumerate(outs):
         for o in request.output().outputs:
             choices.append({"index": k * n + o.index, "text": req.echo(k) + o.text,
-                            "logprobs": req.logprobs(o.token_ids, o.logprobs), "finish_reason": o.finish_reason})
+                            "logprobs": req.logprobs(k * n + o.index, o.token_ids, o.logprobs),
+                            "finish_reason": o.finish_reason})
             completion_tokens += len(o.token_ids)
     return {"id": req.id, "object": "text_completion", "created": int(time.time()), "model": http.app.state.name,
             "choices": choices, "usage": _usage(req.prompt_tokens, completion_tokens)}
@@ -268,7 +380,7 @@ async def _completion_events(req: _Completions, streams, model: str) -> AsyncIte
         text = ("" if i in echoed else req.echo(k)) + d.text
         echoed.add(i)
         chunk = {"id": req.id, "object": "text_completion", "created": int(time.time()), "model": model,
-                 "choices": [{"index": i, "text": text, "logprobs": req.logprobs(d.token_ids, d.logprobs),
+                 "choices": [{"index": i, "text": text, "logprobs": req.logprobs(i, d.token_ids, d.logprobs),
                               "finish_reason": d.finish_reason}]}
         yield f"data: {json.dumps(chunk)}\n\n"
     if (req.body.stream_options or {}).get("include_usage"):
@@ -282,7 +394,7 @@ async def chat(body: ChatRequest, http: Request):
     llm, name = http.app.state.llm, http.app.state.name
     messages = [{"role": m.role, "content": _text_content(m.content)} for m in body.messages]
     try:
-        ids = chat_prompt(llm.model, messages, body.add_generation_prompt)
+        ids = chat_prompt(llm.model, messages, body.add_generation_prompt, http.app.state.chat_template)
     except ValueError as e:
         raise APIError(str(e), param="messages") from None
     max_tokens = _check_length(llm.max_model_len, len(ids), body.max_completion_tokens or body.max_tokens)
@@ -419,26 +531,33 @@ def _token_str(t: int, lp: Logprob) -> str:
     return str(t) if lp.decoded_token is None else lp.decoded_token
 
 
+def _finite(x: float) -> float:
+    """JSON has no -Infinity: a log-probability of zero probability goes out as vLLM's -9999."""
+    return x if math.isfinite(x) else -9999.0
+
+
 def _chat_logprobs(token_ids, entries, k: int) -> dict:
     """OpenAI chat logprobs: per token, its own and the top-k alternatives'."""
     def item(t, lp):
         s = _token_str(t, lp)
-        return {"token": s, "logprob": lp.logprob, "bytes": list(s.encode())}
+        return {"token": s, "logprob": _finite(lp.logprob), "bytes": list(s.encode())}
     return {"content": [{**item(t, e[t]), "top_logprobs": [item(x, lp) for x, lp in
                                                            sorted(e.items(), key=lambda kv: kv[1].rank)
                                                            if lp.rank <= k]}
                         for t, e in zip(token_ids, entries or [])]}
 
 
-def _legacy_logprobs(token_ids, entries, offset: int = 0) -> dict:
+def _legacy_logprobs(token_ids, entries, offset: int = 0) -> tuple[dict, int]:
+    """Completions' logprobs for tokens whose text starts at `offset` of the choice's text, and
+    the offset after them."""
     tokens, lps, tops, offsets = [], [], [], []
     for t, e in zip(token_ids, entries or []):
         s = _token_str(t, e[t])
         tokens.append(s)
-        lps.append(e[t].logprob)
-        tops.append({_token_str(x, lp): lp.logprob for x, lp in e.items()})
+        lps.append(_finite(e[t].logprob))
+        tops.append({_token_str(x, lp): _finite(lp.logprob) for x, lp in e.items()})
         offsets.append(offset)
         offset += len(s)
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}, offset
 
 

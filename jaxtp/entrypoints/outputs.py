@@ -82,7 +82,7 @@ class Request:
         seed = params.seed if params.seed is not None else random.getrandbits(31)  # unseeded: fresh
         self.seqs = [Sequence(prompt_ids, params, seed, i) for i in range(params.n)]
         self.texts = [TextStream(tokenizer, params.stop, params.include_stop_str_in_output,
-                                 params.skip_special_tokens) for _ in self.seqs]
+                                 params.skip_special_tokens, prompt_ids) for _ in self.seqs]
 
     @property
     def finished(self) -> bool:

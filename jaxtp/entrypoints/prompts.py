@@ -15,9 +15,20 @@ def check_ids(model, ids) -> list[int]:
     return list(map(int, ids))
 
 
+def check_text(text: str, what: str = "prompt") -> str:
+    """`text` if it can be encoded as UTF-8 (JSON lets a lone surrogate such as \\ud800 through)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode: a lone surrogate {text[e.start]!r} at "
+                         f"position {e.start}") from None
+    return text
+
+
 def encode(model, prompt) -> list[int]:
     """One prompt (a string or a token-id list) -> its token ids, never empty."""
     if isinstance(prompt, str):
+        check_text(prompt)
         if model.tokenizer is None:
             raise ValueError(f"{model.path} has no tokenizer: pass token-id prompts instead of text")
         ids = list(model.tokenizer(prompt)["input_ids"])
@@ -44,6 +55,9 @@ def chat_prompt(model, messages: list[dict], add_generation_prompt: bool = True,
     if not isinstance(messages, (list, tuple)) or not all(
             isinstance(m, dict) and "role" in m and "content" in m for m in messages):
         raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    for i, m in enumerate(messages):
+        if isinstance(m["content"], str):
+            check_text(m["content"], f"messages[{i}].content")
     try:
         ids = model.tokenizer.apply_chat_template(list(messages), chat_template=chat_template,
                                                   add_generation_prompt=add_generation_prompt,

@@ -91,8 +91,15 @@ class AsyncLLM:
 
     def __init__(self, model, max_num_seqs: int = 64, max_model_len: int | None = None,
                  max_queue: int = 512, chunk: int = 8, registry: CollectorRegistry | None = None):
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_queue", max_queue), ("chunk", chunk)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if max_model_len is not None and not (isinstance(max_model_len, int)
+                                              and 1 <= max_model_len <= model.max_model_len):
+            raise ValueError(f"max_model_len must be an integer in [1, {model.max_model_len}] (the model's "
+                             f"max_position_embeddings), got {max_model_len!r}")
         self.model, self.max_queue = model, max_queue
-        self.max_model_len = min(max_model_len or model.max_model_len, model.max_model_len)
+        self.max_model_len = max_model_len or model.max_model_len
         slots = slots_that_fit(model, max_num_seqs, self.max_model_len)
         if slots < max_num_seqs:
             log.warning("KV capacity (%s tokens) holds %d of max_num_seqs=%d sequences of %d tokens",
@@ -117,8 +124,8 @@ class AsyncLLM:
         """Admit (prompt, prompt ids, params) requests all together or none (QueueFull); call
         from the event loop. Each stream must be read to its end or closed."""
         if self._in_flight + len(items) > self.max_queue:
-            raise QueueFull(f"the server has {self._in_flight} requests in flight and this asks for "
-                            f"{len(items)} more (max_queue={self.max_queue}); retry later")
+            raise QueueFull(f"the server has {self._in_flight} requests in flight (max_queue={self.max_queue}) "
+                            f"and this asks for {len(items)} more; retry later")
         loop, streams = asyncio.get_running_loop(), []
         for prompt, ids, params in items:
             stream = RequestStream(self, Request(str(next(self._ids)), prompt, ids, params, self.model.tokenizer))
