@@ -7,11 +7,13 @@ Endpoints: /v1/models, /v1/completions, /v1/chat/completions (stream or not), /t
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
 
 import model_options
+import uvicorn  # no jax here: XLA_FLAGS is set from the arguments first
 
 
 def positive(text: str) -> int:
@@ -48,11 +50,32 @@ def parse_args(argv=None):
     p.add_argument("--max-model-len", type=positive, default=None, help="tokens per sequence (default: the model's)")
     p.add_argument("--max-queue", type=positive, default=512, help="requests in flight before answering 503")
     p.add_argument("--decode-chunk", type=positive, default=8, help="tokens per decode dispatch")
+    p.add_argument("--max-body-bytes", type=positive, default=8 << 20, help="larger request bodies get a 413")
+    p.add_argument("--max-prompts-per-request", type=positive, default=256,
+                   help="prompts one /v1/completions request may hold")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM / SIGINT waits for requests in flight before closing them")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--disable-access-log", action="store_true", help="no line per HTTP request")
     args = p.parse_args(argv)
     args.model = args.model_path or args.model
     return args
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, saying when a signal starts the drain, and ending with exit status 0
+    after it (uvicorn re-raises the signal at the end, which exits -15)."""
+
+    def __init__(self, config: uvicorn.Config, llm):
+        super().__init__(config)
+        self.llm = llm
+
+    def handle_exit(self, sig, frame):
+        if not self.should_exit:
+            print(f"shutting down on {signal.Signals(sig).name}: {self.llm.in_flight} requests in flight, "
+                  f"waiting up to {self.config.timeout_graceful_shutdown} s", flush=True)
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()
 
 
 def bind_check(host: str, port: int) -> None:
@@ -78,8 +101,6 @@ def main(argv=None):
         bind_check(args.host, args.port)
     except OSError as e:
         sys.exit(f"error: {e}")
-    import uvicorn
-
     import jaxtp
     from jaxtp.entrypoints.openai_api import build_app
     from jaxtp.entrypoints.serving import AsyncLLM
@@ -89,16 +110,19 @@ def main(argv=None):
                            memory_fraction=args.gpu_memory_utilization, **model_options.load_kwargs(args))
         llm = AsyncLLM(model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                        max_queue=args.max_queue, chunk=args.decode_chunk)
-        app = build_app(llm, args.served_model_name or args.model, args.api_key, chat_template(args.chat_template))
+        app = build_app(llm, args.served_model_name or args.model, args.api_key, chat_template(args.chat_template),
+                        args.max_body_bytes, args.max_prompts_per_request)
     except (ValueError, TypeError, KeyError, OSError) as e:
         sys.exit(f"error: {e}")
     print(f"serving {args.model} on http://{args.host}:{args.port} (tp={model.tp}, dp={model.dp}, pp={model.pp}, "
           f"{args.max_num_seqs} slots x {llm.max_model_len} tokens)", flush=True)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            access_log=not args.disable_access_log, timeout_graceful_shutdown=args.shutdown_timeout)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                    access_log=not args.disable_access_log)
+        Server(config, llm).run()
     finally:
         llm.close()
+    print("shut down", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -280,3 +281,31 @@ def test_help_shows_the_vllm_flags_and_their_defaults():
                  "--quantization", "--chat-template", "--api-key", "--log-level", "--disable-access-log"):
         assert flag in run.stdout
     assert "(default: 64)" in run.stdout and "(default: 0.9)" in run.stdout
+
+
+def test_sigterm_drains_within_its_timeout_and_exits_0(long_model):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), str(long_model), "--port", str(port),
+                             "--served-model-name", NAME, "--shutdown-timeout", "2", "--decode-chunk", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "XLA_FLAGS": ""})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx2.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx2.HTTPError:
+                time.sleep(0.2)
+        with httpx2.stream("POST", url + "/v1/completions", timeout=60, json={
+                "model": NAME, "prompt": "1+1=", "max_tokens": 1000, "ignore_eos": True, "stream": True}) as r:
+            next(r.iter_lines())  # a long stream is running
+            start = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+        out = proc.stdout.read()
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    assert time.monotonic() - start < 15
+    assert "shutting down on SIGTERM: 1 requests in flight, waiting up to 2.0 s" in out and "shut down" in out

@@ -1,7 +1,9 @@
 """The server under faults, in process (the FastAPI app over AsyncLLM through httpx2's ASGI
 transport): a failing engine step, a full queue, requests admitted whole, bounds at the edge."""
 import asyncio
+import dataclasses
 import json
+import threading
 
 import httpx2
 import pytest
@@ -261,3 +263,72 @@ def test_a_chat_template_given_to_the_server_is_used(model):
 def test_async_llm_checks_its_limits(model, kwargs, message):
     with pytest.raises(ValueError, match=message):
         AsyncLLM(model, **kwargs)
+
+
+class _BlockingTokenizer:
+    """The model's tokenizer, held inside its first call until released (or 5 s pass)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.entered, self.release = tokenizer, threading.Event(), threading.Event()
+        self.timed_out = False
+
+    def __call__(self, *a, **k):
+        self.entered.set()
+        self.timed_out = not self.release.wait(5)
+        return self.tokenizer(*a, **k)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_tokenizing_does_not_block_the_event_loop(model):
+    blocking = _BlockingTokenizer(model.tokenizer)
+    slow = dataclasses.replace(model, tokenizer=blocking)
+
+    async def test(client, llm):
+        pending = asyncio.create_task(client.post("/v1/completions", json={"model": NAME, "prompt": "1+1=",
+                                                                           "max_tokens": 2}))
+        while not blocking.entered.is_set():
+            await asyncio.sleep(0.01)
+        health = await client.get("/health")  # answered while the prompt is still being tokenized
+        blocking.release.set()
+        return health, await pending
+
+    health, done = serve(slow, test)
+    assert health.status_code == 200 and not blocking.timed_out
+    assert done.status_code == 200
+
+
+def test_a_body_over_the_limit_is_a_413_and_prompts_per_request_are_bounded(model):
+    async def test(client, llm):
+        big = json.dumps({"model": NAME, "prompt": "1+1=" * 500}).encode()
+
+        async def chunked():  # no Content-Length: counted as it streams in
+            for i in range(0, len(big), 256):
+                yield big[i:i + 256]
+        return [await client.post("/v1/completions", content=big, headers={"content-type": "application/json"}),
+                await client.post("/v1/completions", content=chunked(), headers={"content-type": "application/json"}),
+                await client.post("/v1/completions", json={"model": NAME, "prompt": ["1+1="] * 4}),
+                await client.post("/v1/completions", json={"model": NAME, "prompt": ["1+1="] * 3, "max_tokens": 2}),
+                (await client.get("/metrics")).text]
+
+    sized, streamed, many, three, metrics = serve(model, test, app_args={"max_body_bytes": 1000, "max_prompts": 3})
+    for r in (sized, streamed):
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert many.status_code == 400 and "at most 3 per request" in many.json()["error"]["message"]
+    assert three.status_code == 200
+    assert metric(metrics, 'jaxtp:request_errors_total{status="413"}') == 2
+
+
+def test_metrics_count_latencies_and_kv_usage(model):
+    async def test(client, llm):
+        await client.post("/v1/completions", json={"model": NAME, "prompt": "17+25=", "max_tokens": 6,
+                                                   "ignore_eos": True, "stream": True})
+        return (await client.get("/metrics")).text
+
+    text = serve(model, test, chunk=1)
+    assert metric(text, "jaxtp:time_to_first_token_seconds_count") == 1
+    assert metric(text, "jaxtp:inter_token_latency_seconds_count") == 5  # 6 tokens: 5 gaps
+    assert metric(text, "jaxtp:e2e_request_latency_seconds_count") == 1
+    assert metric(text, "jaxtp:generation_tokens_total") == 6
+    assert "jaxtp:kv_cache_usage_perc" in text and "jaxtp:num_requests_running" in text

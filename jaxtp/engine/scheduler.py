@@ -71,6 +71,12 @@ class Engine:
         seq.finish(reason, stop_reason)
 
     @property
+    def kv_usage(self) -> float:
+        """Share of the cache's token capacity that running sequences hold."""
+        held = sum(len(s.prompt) + len(s.tokens) for s in self.running if s is not None)
+        return held / (self.slots * self.max_len)
+
+    @property
     def has_unfinished(self) -> bool:
         return bool(self.waiting) or any(s is not None for s in self.running)
 

@@ -139,14 +139,20 @@ def _params(model, r: SamplingFields, max_tokens: int, logprobs: int | None) -> 
         raise APIError(str(e).replace("SamplingParams.", ""), param=field) from None
 
 
+MAX_BODY_BYTES = 8 << 20    # a request body past this is a 413
+MAX_PROMPTS = 256           # prompts in one /v1/completions request
+
+
 def build_app(llm: AsyncLLM, served_model_name: str, api_key: str | None = None,
-              chat_template: str | None = None) -> FastAPI:
+              chat_template: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+              max_prompts: int = MAX_PROMPTS) -> FastAPI:
     """The app serving `llm` as `served_model_name`; its handlers find both on `app.state`.
     api_key: /v1/* then needs `Authorization: Bearer <api_key>` (/health, /metrics stay open).
     chat_template: a Jinja template in place of the tokenizer's own."""
     app = FastAPI(title="jaxtp OpenAI-compatible server")
     app.state.llm, app.state.name, app.state.created = llm, served_model_name, int(time.time())
-    app.state.chat_template = chat_template
+    app.state.chat_template, app.state.max_prompts = chat_template, max_prompts
+    app.add_middleware(BodyLimit, limit=max_body_bytes, metrics=llm.metrics)
     if api_key is not None:
         app.middleware("http")(functools.partial(_authorize, f"Bearer {api_key}"))
     app.add_exception_handler(APIError, _api_error)
@@ -180,6 +186,42 @@ async def _validation_error(http: Request, e: RequestValidationError):
 async def _http_error(http: Request, e: HTTPException):
     return error_response(http, APIError(str(e.detail), status=e.status_code,
                                          type="not_found_error" if e.status_code == 404 else "invalid_request_error"))
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `limit` bytes (by its Content-Length, or as it streams in) is
+    answered 413. The body is read here, at most `limit` bytes of it, and handed on whole."""
+
+    def __init__(self, app, limit: int, metrics):
+        self.app, self.limit, self.metrics = app, limit, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers", ())).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._too_large(send)
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                return await self._too_large(send)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send):
+        self.metrics.errors.labels("413").inc()
+        body = json.dumps(error_body(APIError(f"the request body is over {self.limit} bytes", status=413,
+                                              code="request_too_large"))).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
 
 async def _authorize(expected: str, http: Request, call_next):
@@ -354,8 +396,9 @@ async def completions(body: CompletionRequest, http: Request):
         raise APIError("best_of must equal n", param="best_of")
     limit = http.app.state.llm.max_model_len
     model = http.app.state.llm.model
+    prompts = await asyncio.to_thread(_completion_prompts, model, body.prompt, http.app.state.max_prompts)
     items = [(p, ids, _params(model, body, _check_length(limit, len(ids), body.max_tokens), body.logprobs))
-             for p, ids in _completion_prompts(model, body.prompt)]
+             for p, ids in prompts]
     req = _Completions(f"cmpl-{uuid.uuid4().hex}", body, items, {})
     streams = [_run(http, s) for s in _submit(http, items)]
     if body.stream:
@@ -394,7 +437,8 @@ async def chat(body: ChatRequest, http: Request):
     llm, name = http.app.state.llm, http.app.state.name
     messages = [{"role": m.role, "content": _text_content(m.content)} for m in body.messages]
     try:
-        ids = chat_prompt(llm.model, messages, body.add_generation_prompt, http.app.state.chat_template)
+        ids = await asyncio.to_thread(chat_prompt, llm.model, messages, body.add_generation_prompt,
+                                      http.app.state.chat_template)
     except ValueError as e:
         raise APIError(str(e), param="messages") from None
     max_tokens = _check_length(llm.max_model_len, len(ids), body.max_completion_tokens or body.max_tokens)
@@ -433,14 +477,17 @@ async def _chat_events(rid: str, name: str, body: ChatRequest, params: SamplingP
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def _completion_prompts(model, prompt) -> list[tuple[Any, list[int]]]:
-    """OpenAI's prompt forms: a string, a list of strings, token ids, a list of token-id lists."""
+def _completion_prompts(model, prompt, max_prompts: int) -> list[tuple[Any, list[int]]]:
+    """OpenAI's prompt forms: a string, a list of strings, token ids, a list of token-id lists.
+    Tokenizing is slow for long text: run it off the event loop."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if not prompt:
         raise APIError("prompt is empty", param="prompt")
     if isinstance(prompt[0], int):
         prompt = [prompt]
+    if len(prompt) > max_prompts:
+        raise APIError(f"prompt holds {len(prompt)} prompts; at most {max_prompts} per request", param="prompt")
     try:
         return [(p, encode(model, p)) for p in prompt]
     except ValueError as e:

@@ -43,6 +43,11 @@ class Metrics:
         self.prompt_tokens = Counter("jaxtp:prompt_tokens", "Prompt tokens processed", registry=registry)
         self.generation_tokens = Counter("jaxtp:generation_tokens", "Tokens generated", registry=registry)
         self.ttft = Histogram("jaxtp:time_to_first_token_seconds", "Time to first token", registry=registry)
+        self.itl = Histogram("jaxtp:inter_token_latency_seconds", "Time between a sequence's output tokens",
+                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56),
+                             registry=registry)
+        self.kv_usage = Gauge("jaxtp:kv_cache_usage_perc", "Share of the KV cache's token capacity in use "
+                              "(1 = full)", registry=registry)
         self.e2e = Histogram("jaxtp:e2e_request_latency_seconds", "Request latency", registry=registry)
         self.errors = Counter("jaxtp:request_errors", "Requests answered with an error, by HTTP status",
                               ["status"], registry=registry)
@@ -109,11 +114,17 @@ class AsyncLLM:
         self.metrics = Metrics(registry or CollectorRegistry())
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._active: dict[int, tuple[Request, object, float]] = {}  # id(seq) -> (request, sink, start)
+        self._last_token: dict[int, float] = {}  # id(seq) -> when its last tokens came
         self._in_flight = 0
         self._ids = itertools.count()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="jaxtp-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted and not yet ended."""
+        return self._in_flight
 
     def close(self) -> None:
         self._stop.set()
@@ -163,22 +174,32 @@ class AsyncLLM:
                 for sink in {id(r): s for r, s, _ in self._active.values()}.values():  # once per request
                     sink(EngineError(f"generation failed: {type(e).__name__}: {e}"))
                 self._active.clear()
+                self._last_token.clear()
                 self.engine = Engine(*self._engine_args)  # the donated cache may be gone
                 continue
             now = time.perf_counter()
             for seq in changed:
-                req, sink, start = self._active[id(seq)]
-                before = len(req.texts[seq.index].ids)
-                delta = req.update(seq)
-                if delta.stop_str is not None:
-                    self.engine.stop(seq, delta.stop_str, delta.num_tokens)
-                if before == 0 and delta.token_ids:
-                    self.metrics.ttft.observe(now - start)
-                self.metrics.generation_tokens.inc(len(delta.token_ids))
-                if delta.finish_reason is not None:
-                    self._done(seq, delta.finish_reason, now)
-                sink(delta)
+                self._deliver(seq, now)
             self._gauges()
+
+    def _deliver(self, seq, now: float) -> None:
+        """seq's new tokens to its request's stream, with their metrics."""
+        req, sink, start = self._active[id(seq)]
+        delta = req.update(seq)
+        if delta.stop_str is not None:
+            self.engine.stop(seq, delta.stop_str, delta.num_tokens)
+        if delta.token_ids:
+            last = self._last_token.get(id(seq))
+            if last is None:
+                self.metrics.ttft.observe(now - start)
+            else:  # a chunk's tokens arrive together: each gets its share of the wait
+                for _ in delta.token_ids:
+                    self.metrics.itl.observe((now - last) / len(delta.token_ids))
+            self._last_token[id(seq)] = now
+        self.metrics.generation_tokens.inc(len(delta.token_ids))
+        if delta.finish_reason is not None:
+            self._done(seq, delta.finish_reason, now)
+        sink(delta)
 
     def _drain(self, block: bool) -> None:
         try:
@@ -213,9 +234,11 @@ class AsyncLLM:
 
     def _done(self, seq, reason: str, now: float) -> None:
         _, _, start = self._active.pop(id(seq))
+        self._last_token.pop(id(seq), None)
         self.metrics.requests.labels(reason).inc()
         self.metrics.e2e.observe(now - start)
 
     def _gauges(self) -> None:
         self.metrics.running.set(sum(s is not None for s in self.engine.running))
         self.metrics.waiting.set(len(self.engine.waiting))
+        self.metrics.kv_usage.set(self.engine.kv_usage)
