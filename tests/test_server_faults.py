@@ -6,6 +6,7 @@ import json
 import threading
 
 import httpx2
+import numpy as np
 import pytest
 
 import jaxtp
@@ -180,7 +181,7 @@ def test_streamed_text_offsets_run_on_across_chunks(model):
     want = plain.json()["choices"][0]["logprobs"]["text_offset"]
     got = [o for e in events(streamed.text)[:-1] for o in json.loads(e)["choices"][0]["logprobs"]["text_offset"]]
     assert len(events(streamed.text)) > 3  # several chunks
-    assert got == want and want[0] == len("408+199=") and want == sorted(want) and len(set(want)) == len(want)
+    assert got == want and want[0] == 0 and want == sorted(want)  # the echoed prompt's tokens first
 
 
 @pytest.mark.parametrize("where", ["prompt", "chat"])
@@ -332,3 +333,49 @@ def test_metrics_count_latencies_and_kv_usage(model):
     assert metric(text, "jaxtp:e2e_request_latency_seconds_count") == 1
     assert metric(text, "jaxtp:generation_tokens_total") == 6
     assert "jaxtp:kv_cache_usage_perc" in text and "jaxtp:num_requests_running" in text
+
+
+MC = [("17+25=", ["42", "43", "52"], 0), ("408+199=", ["607", "606", "617"], 0), ("3+999=", ["1002", "1012"], 0),
+      ("250+250=", ["400", "500", "550"], 1), ("61+38=", ["99", "98"], 0)]
+
+
+def _hf_loglikelihoods(model) -> list[list[float]]:
+    """Each choice's summed log-probability given its question, from transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    ref = AutoModelForCausalLM.from_pretrained(ROOT / "checkpoints" / "tiny-arith", torch_dtype=torch.float32)
+    out = []
+    for question, choices, _ in MC:
+        ctx = model.tokenizer(question)["input_ids"]
+        row = []
+        for c in choices:
+            ids = model.tokenizer(question + c)["input_ids"]
+            with torch.no_grad():
+                lp = torch.log_softmax(ref(torch.tensor([ids])).logits[0].double(), -1)
+            row.append(sum(lp[j - 1, ids[j]].item() for j in range(len(ctx), len(ids))))
+        out.append(row)
+    return out
+
+
+def test_echoed_prompt_logprobs_score_choices_as_transformers_does(model):
+    """lm-evaluation-harness' local-completions loglikelihood: token-id prompts, echo, logprobs,
+    one generated token, the continuation's token_logprobs summed."""
+    async def test(client, llm):
+        rows = []
+        for question, choices, _ in MC:
+            ctxlen = len(model.tokenizer(question)["input_ids"])
+            prompts = [model.tokenizer(question + c)["input_ids"] for c in choices]
+            r = await client.post("/v1/completions", json={"model": NAME, "prompt": prompts, "max_tokens": 1,
+                                                           "logprobs": 1, "echo": True, "temperature": 0})
+            lps = [c["logprobs"] for c in r.json()["choices"]]
+            assert all(lp["token_logprobs"][0] is None and len(lp["token_logprobs"]) == len(p) + 1
+                       for lp, p in zip(lps, prompts))
+            assert r.json()["choices"][0]["text"].startswith(model.tokenizer.decode(prompts[0]))
+            rows.append([sum(lp["token_logprobs"][ctxlen:-1]) for lp in lps])
+        return rows
+
+    got, want = serve(model, test), _hf_loglikelihoods(model)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+    accuracy = [np.mean([np.argmax(row) == gold for row, (_, _, gold) in zip(rows, MC)]) for rows in (got, want)]
+    assert accuracy[0] == accuracy[1]

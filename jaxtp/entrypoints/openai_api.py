@@ -8,13 +8,14 @@ body {"error": {"message", "type", "param", "code"}}; a full queue is a 503.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hmac
 import json
 import math
 import time
 import uuid
-from typing import Any, AsyncIterator, NamedTuple
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -118,7 +119,8 @@ def unsupported(r: SamplingFields) -> str | None:
     return None
 
 
-def _params(model, r: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def _params(model, r: SamplingFields, max_tokens: int, logprobs: int | None,
+            prompt_logprobs: int | None = None) -> SamplingParams:
     field = unsupported(r)
     if field is not None:
         raise APIError(f"{field} is not supported (structured outputs and tool calls are not implemented)",
@@ -127,7 +129,7 @@ def _params(model, r: SamplingFields, max_tokens: int, logprobs: int | None) -> 
                   frequency_penalty=r.frequency_penalty, top_k=r.top_k, min_p=r.min_p,
                   repetition_penalty=r.repetition_penalty, min_tokens=r.min_tokens, ignore_eos=r.ignore_eos,
                   stop_token_ids=r.stop_token_ids, include_stop_str_in_output=r.include_stop_str_in_output,
-                  skip_special_tokens=r.skip_special_tokens, logprobs=logprobs)
+                  skip_special_tokens=r.skip_special_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     fields["temperature"] = 1.0 if r.temperature is None else r.temperature
     fields["top_p"] = 1.0 if r.top_p is None else r.top_p
     try:
@@ -361,23 +363,41 @@ async def _run(http: Request, gen: RequestStream) -> AsyncIterator[Delta]:
         await gen.aclose()
 
 
-class _Completions(NamedTuple):
-    """One /v1/completions request, checked: its prompts with their ids and params."""
+@dataclasses.dataclass
+class _Completions:
+    """One /v1/completions request, checked: its prompts with their ids and params, the text
+    each echoes, and what of each choice went out already."""
     id: str
     body: CompletionRequest
     items: list[tuple[Any, list[int], SamplingParams]]
-    offsets: dict  # choice index -> text_offset of its next token
+    echoes: list[str]
+    offsets: dict = dataclasses.field(default_factory=dict)  # choice -> its next token's text_offset
+    echoed: set = dataclasses.field(default_factory=set)      # choices whose echo went out
 
-    def echo(self, k: int) -> str:
-        prompt = self.items[k][0]
-        return prompt if self.body.echo and isinstance(prompt, str) else ""
+    @classmethod
+    def make(cls, body: CompletionRequest, items, tokenizer) -> "_Completions":
+        def echo(prompt, ids):  # token-id prompts echo their text
+            if not body.echo:
+                return ""
+            return prompt if isinstance(prompt, str) else (tokenizer.decode(ids) if tokenizer else "")
+        return cls(f"cmpl-{uuid.uuid4().hex}", body, items, [echo(p, ids) for p, ids, _ in items])
 
-    def logprobs(self, i: int, token_ids, entries):
-        """Choice i's logprobs for these tokens, their text_offset running on from the last call's."""
+    def text(self, i: int, text: str) -> str:
+        """Choice i's text: the echoed prompt goes before its first piece."""
+        first = i not in self.echoed
+        self.echoed.add(i)
+        return (self.echoes[i // self.n] if first else "") + text
+
+    def logprobs(self, i: int, request, token_ids, entries):
+        """Choice i's logprobs for these tokens, their text_offset running on from the last
+        call's; the first call's start with the echoed prompt's (its first token's is null)."""
         if self.body.logprobs is None:
             return None
-        lp, self.offsets[i] = _legacy_logprobs(token_ids, entries, self.offsets.get(i, len(self.echo(i // self.n))))
-        return lp
+        k, head = i // self.n, None
+        if i not in self.offsets and self.body.echo:
+            head, self.offsets[i] = _prompt_logprobs(request.tokenizer, self.items[k][1], request.prompt_logprobs())
+        lp, self.offsets[i] = _legacy_logprobs(token_ids, entries, self.offsets.get(i, len(self.echoes[k])))
+        return lp if head is None else {key: head[key] + lp[key] for key in lp}
 
     @property
     def n(self) -> int:
@@ -397,9 +417,10 @@ async def completions(body: CompletionRequest, http: Request):
     limit = http.app.state.llm.max_model_len
     model = http.app.state.llm.model
     prompts = await asyncio.to_thread(_completion_prompts, model, body.prompt, http.app.state.max_prompts)
-    items = [(p, ids, _params(model, body, _check_length(limit, len(ids), body.max_tokens), body.logprobs))
+    prompt_lp = body.logprobs if body.echo else None  # echo with logprobs: the prompt's too
+    items = [(p, ids, _params(model, body, _check_length(limit, len(ids), body.max_tokens), body.logprobs, prompt_lp))
              for p, ids in prompts]
-    req = _Completions(f"cmpl-{uuid.uuid4().hex}", body, items, {})
+    req = _Completions.make(body, items, model.tokenizer)
     streams = [_run(http, s) for s in _submit(http, items)]
     if body.stream:
         return await _sse(http, _completion_events(req, streams, http.app.state.name))
@@ -407,8 +428,9 @@ async def completions(body: CompletionRequest, http: Request):
     n, choices, completion_tokens = items[0][2].n, [], 0
     for k, request in enumerate(outs):
         for o in request.output().outputs:
-            choices.append({"index": k * n + o.index, "text": req.echo(k) + o.text,
-                            "logprobs": req.logprobs(k * n + o.index, o.token_ids, o.logprobs),
+            i = k * n + o.index
+            text = req.text(i, o.text)  # before logprobs: the echo goes with a choice's first piece
+            choices.append({"index": i, "text": text, "logprobs": req.logprobs(i, request, o.token_ids, o.logprobs),
                             "finish_reason": o.finish_reason})
             completion_tokens += len(o.token_ids)
     return {"id": req.id, "object": "text_completion", "created": int(time.time()), "model": http.app.state.name,
@@ -416,14 +438,13 @@ async def completions(body: CompletionRequest, http: Request):
 
 
 async def _completion_events(req: _Completions, streams, model: str) -> AsyncIterator[str]:
-    n, completion_tokens, echoed = req.items[0][2].n, 0, set()
+    completion_tokens = 0
     async for k, d in _merge(streams):
         completion_tokens += len(d.token_ids)
-        i = k * n + d.index
-        text = ("" if i in echoed else req.echo(k)) + d.text
-        echoed.add(i)
+        i = k * req.n + d.index
+        text = req.text(i, d.text)
         chunk = {"id": req.id, "object": "text_completion", "created": int(time.time()), "model": model,
-                 "choices": [{"index": i, "text": text, "logprobs": req.logprobs(i, d.token_ids, d.logprobs),
+                 "choices": [{"index": i, "text": text, "logprobs": req.logprobs(i, d.request, d.token_ids, d.logprobs),
                               "finish_reason": d.finish_reason}]}
         yield f"data: {json.dumps(chunk)}\n\n"
     if (req.body.stream_options or {}).get("include_usage"):
@@ -592,6 +613,15 @@ def _chat_logprobs(token_ids, entries, k: int) -> dict:
                                                            sorted(e.items(), key=lambda kv: kv[1].rank)
                                                            if lp.rank <= k]}
                         for t, e in zip(token_ids, entries or [])]}
+
+
+def _prompt_logprobs(tokenizer, ids: list[int], entries) -> tuple[dict, int]:
+    """Completions' logprobs of an echoed prompt (entries: [None, {id: Logprob}, ...]) from
+    text_offset 0, and the offset after it."""
+    first = str(ids[0]) if tokenizer is None else tokenizer.decode([ids[0]])
+    rest, offset = _legacy_logprobs(ids[1:], (entries or [None])[1:], len(first))
+    return {"tokens": [first] + rest["tokens"], "token_logprobs": [None] + rest["token_logprobs"],
+            "top_logprobs": [None] + rest["top_logprobs"], "text_offset": [0] + rest["text_offset"]}, offset
 
 
 def _legacy_logprobs(token_ids, entries, offset: int = 0) -> tuple[dict, int]:
