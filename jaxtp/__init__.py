@@ -2,6 +2,7 @@
 from jaxtp import xla_flags
 
 xla_flags.apply()  # before anything starts jax's backend
+xla_flags.enable_compilation_cache()
 
 from jaxtp.config import ModelConfig  # noqa: E402
 from jaxtp.engine.sampling import SamplingParams  # noqa: E402

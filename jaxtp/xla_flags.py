@@ -25,3 +25,20 @@ def apply() -> None:
     missing = [f for f in DEFAULTS if f.split("=")[0] not in current]
     if missing:
         os.environ["XLA_FLAGS"] = " ".join([*missing, current]).strip()
+
+
+def compilation_cache_dir() -> str | None:
+    """Where compiled programs persist across runs, so a restart skips compiling:
+    $JAXTP_COMPILATION_CACHE, else $JAXTP_CACHE/xla (default ~/.cache/jaxtp/xla); "" turns it off."""
+    chosen = os.environ.get("JAXTP_COMPILATION_CACHE")
+    if chosen is not None:
+        return chosen or None
+    return os.path.join(os.environ.get("JAXTP_CACHE", os.path.expanduser("~/.cache/jaxtp")), "xla")
+
+
+def enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache in compilation_cache_dir(), unless the user set one."""
+    import jax
+    where = compilation_cache_dir()
+    if where and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", where)

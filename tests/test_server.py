@@ -212,6 +212,29 @@ def test_load_script_reports_throughput(server):
     assert s["requests"] == 32 and s["requests_per_s"] > 0 and s["output_tokens_per_s"] > 0
 
 
+def _load(server, *flags) -> dict:
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "load_test.py"), "--url", server, "--json",
+                          *flags], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+def test_load_tool_counts_errors_reports_percentiles_and_reads_sharegpt(server, tmp_path):
+    s = _load(server, "--requests", "12", "--concurrency", "4", "--warmup", "3", "--output-len", "5", "--stream")
+    assert s["requests"] == s["completed"] == 12 and s["errors"] == {}
+    for key in ("latency_p50_s", "latency_p99_s", "ttft_p90_s", "itl_p50_s", "itl_p99_s"):
+        assert s[key] > 0
+    bad = _load(server, "--requests", "6", "--concurrency", "3", "--output-len", "5000")  # past the context
+    assert bad["completed"] == 0 and bad["errors"] == {"400": 6}
+    sharegpt = tmp_path / "sharegpt.json"
+    sharegpt.write_text(json.dumps([{"conversations": [{"from": "human", "value": f"{a}+{a}="},
+                                                       {"from": "gpt", "value": "x " * a}]} for a in (2, 3, 4)]))
+    s = _load(server, "--requests", "6", "--concurrency", "3", "--dataset", str(sharegpt))
+    assert s["completed"] == 6 and s["output_tokens_per_s"] > 0
+    rnd = _load(server, "--requests", "4", "--dataset", "random", "--input-len", "20", "--range-ratio", "0.5")
+    assert rnd["completed"] == 4
+
+
 def test_full_queue_refuses_new_requests(offline):
     from jaxtp.entrypoints.serving import AsyncLLM, QueueFull
 

@@ -7,7 +7,6 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import PreTrainedTokenizerFast
 
 import jaxtp
-from jaxtp.engine import Sequence
 from jaxtp.entrypoints.detokenize import TextStream
 from jaxtp.entrypoints.outputs import Request
 

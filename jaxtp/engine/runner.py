@@ -69,9 +69,9 @@ class StepConfig:
 
 
 def logprob_bucket(ks) -> int | None:
-    """The static top-k for a group: None if nobody asked, else the next power of two."""
-    ks = [k for k in ks if k is not None]
-    return None if not ks else (0 if max(ks) == 0 else min(bucket(max(ks)), bucket(MAX_LOGPROBS)))
+    """The static top-k for a group: None if nobody asked, else all that may be asked (the host
+    keeps each sequence's own k), so a server compiles two variants, not one per k."""
+    return None if all(k is None for k in ks) else MAX_LOGPROBS
 
 
 class Rows(NamedTuple):
