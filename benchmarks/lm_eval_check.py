@@ -10,10 +10,10 @@ the command); the server runs from this checkout. Prints a table; exits 1 if the
 import argparse
 import json
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
+
+import server_process
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTIONS = [(a, b) for a, b in zip(range(3, 900, 37), range(850, 0, -41))]
@@ -68,21 +68,6 @@ def transformers_accuracy(model: str, docs: list[dict]) -> float:
     return right / len(docs)
 
 
-def serve(model: str, port: int) -> subprocess.Popen:
-    import urllib.request
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), model, "--port", str(port),
-                             "--served-model-name", "jaxtp", "--dtype", "float32"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-            return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the server did not start")
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(ROOT / "checkpoints" / "tiny-arith"))
@@ -92,7 +77,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = task(Path(tmp))
         docs = [json.loads(line) for line in (tmp / "sums.json").read_text().splitlines()]
-        proc = serve(args.model, args.port)
+        proc = server_process.start(args.model, args.port, "--served-model-name", "jaxtp", "--dtype", "float32",
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             run = subprocess.run([args.lm_eval, "run", "--model", "local-completions", "--tasks", "jaxtp_sums",
                                   "--include_path", str(tmp), "--output_path", str(tmp / "out"), "--model_args",

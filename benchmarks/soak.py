@@ -12,14 +12,14 @@ import argparse
 import asyncio
 import collections
 import json
-import os
 import random
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx2
+
+import server_process
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "checkpoints" / "tiny-arith"
@@ -145,18 +145,11 @@ def main(argv=None):
     p.add_argument("--port", type=int, default=8124)
     p.add_argument("--seconds", type=float, default=600, help="stop sending after this long")
     args = p.parse_args(argv)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), str(MODEL), "--tp", str(args.tp),
-                             "--port", str(args.port), "--served-model-name", NAME, "--max-num-seqs", "16",
-                             "--decode-chunk", "4", "--disable-access-log", "--log-level", "warning"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "XLA_FLAGS": ""})
+    proc = server_process.start(MODEL, args.port, "--tp", str(args.tp), "--served-model-name", NAME,
+                                "--max-num-seqs", "16", "--decode-chunk", "4", "--disable-access-log",
+                                "--log-level", "warning", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{args.port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx2.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx2.HTTPError:
-                time.sleep(0.2)
         start = time.monotonic()
         got = asyncio.run(soak(url, plan(args.requests, 0), args.concurrency, proc.pid, start + args.seconds))
         elapsed = time.monotonic() - start

@@ -17,7 +17,9 @@ import openai
 import pytest
 
 import jaxtp
-from helpers import free_port
+from helpers import free_port, script
+
+SERVER = script("benchmarks/server_process.py")
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT = ROOT / "checkpoints" / "tiny-arith"
@@ -26,21 +28,11 @@ NAME = "tiny"
 
 def _serve(model, *flags):
     """Start scripts/serve.py on a free loopback port; yields its URL, stops it afterwards."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), str(model),  # as `vllm serve MODEL`
-                             "--served-model-name", NAME, "--port", str(port), *flags],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "XLA_FLAGS": ""})
+    port = free_port()  # serve.py MODEL, as `vllm serve MODEL`
+    proc = SERVER.start(model, port, "--served-model-name", NAME, *flags, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                pytest.fail(f"server exited: {proc.stdout.read()}")
-            try:
-                if httpx2.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx2.HTTPError:
-                time.sleep(0.2)
         yield url
     finally:
         proc.terminate()
@@ -308,18 +300,10 @@ def test_help_shows_the_vllm_flags_and_their_defaults():
 
 def test_sigterm_drains_within_its_timeout_and_exits_0(long_model):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), str(long_model), "--port", str(port),
-                             "--served-model-name", NAME, "--shutdown-timeout", "2", "--decode-chunk", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "XLA_FLAGS": ""})
+    proc = SERVER.start(long_model, port, "--served-model-name", NAME, "--shutdown-timeout", "2", "--decode-chunk", "1",
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx2.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx2.HTTPError:
-                time.sleep(0.2)
         with httpx2.stream("POST", url + "/v1/completions", timeout=60, json={
                 "model": NAME, "prompt": "1+1=", "max_tokens": 1000, "ignore_eos": True, "stream": True}) as r:
             next(r.iter_lines())  # a long stream is running
