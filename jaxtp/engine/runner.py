@@ -342,8 +342,8 @@ class ModelRunner:
             tokens[i, : len(s.prompt)] = s.prompt
         lens = np.array([len(s.prompt) for s in seqs] + [1] * (n - len(seqs)), np.int32)
         slot_ids = np.array(slots + [self.slots] * (n - len(seqs)), np.int32)
-        want = [s.params.prompt_logprobs for s in seqs if s.params.prompt_logprobs is not None]
-        cfg = StepConfig.for_group(self.model.ops, seqs, prompt_logprobs=logprob_bucket(want))
+        cfg = StepConfig.for_group(self.model.ops, seqs,
+                                   prompt_logprobs=logprob_bucket(s.params.prompt_logprobs for s in seqs))
         step, prompt_lp, self.state, self.cache = prefill(
             *self.model.step_args, self.cache, self.state, self.rows,
             self._put(PrefillBatch(tokens, lens, slot_ids)), cfg)

@@ -45,8 +45,12 @@ def error_body(e: APIError) -> dict:
 
 
 def error_response(http: Request, e: APIError) -> JSONResponse:
-    http.app.state.llm.metrics.errors.labels(str(e.status)).inc()
+    _count(http, e)
     return JSONResponse(error_body(e), status_code=e.status)
+
+
+def _count(http: Request, e: APIError) -> None:
+    http.app.state.llm.metrics.errors.labels(str(e.status)).inc()
 
 
 class SamplingFields(BaseModel):
@@ -202,14 +206,14 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers", ())).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._too_large(send)
+            return await self._too_large(scope, receive, send)
         messages, size = [], 0
         while True:
             message = await receive()
             messages.append(message)
             size += len(message.get("body", b""))
             if size > self.limit:
-                return await self._too_large(send)
+                return await self._too_large(scope, receive, send)
             if message["type"] != "http.request" or not message.get("more_body"):
                 break
 
@@ -217,13 +221,10 @@ class BodyLimit:
             return messages.pop(0) if messages else await receive()
         await self.app(scope, replay, send)
 
-    async def _too_large(self, send):
+    async def _too_large(self, scope, receive, send):
         self.metrics.errors.labels("413").inc()
-        body = json.dumps(error_body(APIError(f"the request body is over {self.limit} bytes", status=413,
-                                              code="request_too_large"))).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        e = APIError(f"the request body is over {self.limit} bytes", status=413, code="request_too_large")
+        await JSONResponse(error_body(e), status_code=413)(scope, receive, send)
 
 
 async def _authorize(expected: str, http: Request, call_next):
@@ -233,11 +234,17 @@ async def _authorize(expected: str, http: Request, call_next):
     return await call_next(http)
 
 
-def _check_model(http: Request, name: str) -> None:
+def _check_model(http: Request, name: str, status: int = 400) -> None:
+    """A 400 (a request body naming another model) or, for /v1/models/{id}, a 404."""
     served = http.app.state.name
     if name != served:
-        raise APIError(f"The model `{name}` does not exist. Available: `{served}`.",
+        raise APIError(f"The model `{name}` does not exist. Available: `{served}`.", status=status,
+                       type="not_found_error" if status == 404 else "invalid_request_error",
                        param="model", code="model_not_found")
+
+
+def _messages(messages: list[ChatMessage]) -> list[dict]:
+    return [{"role": m.role, "content": _text_content(m.content)} for m in messages]
 
 
 def _check_length(limit: int, prompt_len: int, max_tokens: int | None) -> int:
@@ -270,9 +277,7 @@ async def models(http: Request):
 
 
 async def model_card(model_id: str, http: Request):
-    if model_id != http.app.state.name:
-        raise APIError(f"The model `{model_id}` does not exist.", status=404, type="not_found_error",
-                       param="model", code="model_not_found")
+    _check_model(http, model_id, status=404)
     return _card(http.app.state)
 
 
@@ -302,12 +307,12 @@ async def tokenize(body: TokenizeRequest, http: Request):
     model = http.app.state.llm.model
     if (body.prompt is None) == (body.messages is None):
         raise APIError("give either prompt or messages", param="prompt")
-    try:
+    try:  # off the event loop, as the generation endpoints tokenize
         if body.prompt is not None:
-            ids = encode(model, body.prompt)
+            ids = await asyncio.to_thread(encode, model, body.prompt)
         else:
-            ids = chat_prompt(model, [{"role": m.role, "content": _text_content(m.content)} for m in body.messages],
-                              body.add_generation_prompt, http.app.state.chat_template)
+            ids = await asyncio.to_thread(chat_prompt, model, _messages(body.messages), body.add_generation_prompt,
+                                          http.app.state.chat_template)
     except ValueError as e:
         raise APIError(str(e), param="prompt" if body.prompt is not None else "messages") from None
     return {"count": len(ids), "max_model_len": http.app.state.llm.max_model_len, "tokens": ids}
@@ -456,9 +461,8 @@ async def _completion_events(req: _Completions, streams, model: str) -> AsyncIte
 async def chat(body: ChatRequest, http: Request):
     _check_model(http, body.model)
     llm, name = http.app.state.llm, http.app.state.name
-    messages = [{"role": m.role, "content": _text_content(m.content)} for m in body.messages]
     try:
-        ids = await asyncio.to_thread(chat_prompt, llm.model, messages, body.add_generation_prompt,
+        ids = await asyncio.to_thread(chat_prompt, llm.model, _messages(body.messages), body.add_generation_prompt,
                                       http.app.state.chat_template)
     except ValueError as e:
         raise APIError(str(e), param="messages") from None
@@ -573,7 +577,7 @@ async def _sse(http: Request, events: AsyncIterator[str]) -> StreamingResponse:
             async for e in events:
                 yield e
         except APIError as e:
-            http.app.state.llm.metrics.errors.labels(str(e.status)).inc()
+            _count(http, e)
             yield f"data: {json.dumps(error_body(e))}\n\n"
             yield "data: [DONE]\n\n"
     return StreamingResponse(body(), media_type="text/event-stream")
