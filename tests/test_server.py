@@ -306,7 +306,9 @@ def test_sigterm_drains_within_its_timeout_and_exits_0(long_model):
     try:
         with httpx2.stream("POST", url + "/v1/completions", timeout=60, json={
                 "model": NAME, "prompt": "1+1=", "max_tokens": 1000, "ignore_eos": True, "stream": True}) as r:
-            next(r.iter_lines())  # a long stream is running
+            lines = r.iter_lines()
+            for _ in range(6):  # a long stream is running (a few events in, not just its first)
+                next(lines)
             start = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)
