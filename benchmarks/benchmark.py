@@ -30,6 +30,11 @@ SHAPES = {  # config.json fields of well-known models
                       num_attention_heads=32, num_key_value_heads=32),
     "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
+    "llama3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+                        max_position_embeddings=131072,
+                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
     "llama2-70b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                        num_attention_heads=64, num_key_value_heads=8),
 }
@@ -42,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, nargs="+", default=[1])
     p.add_argument("--ctx", type=int, default=1024, help="context length before decoding")
     p.add_argument("--steps", type=int, default=32, help="decode steps per timed chunk")
+    p.add_argument("--page-size", type=int, default=64, help="tokens per KV page")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--chunks", choices=["queued", "sync"], default="queued",
                    help="queued: each decode chunk is dispatched before the last one is waited for "
@@ -71,6 +77,24 @@ def config(shape: str) -> dict:
         return {"architectures": ["LlamaForCausalLM"], "max_position_embeddings": 8192,
                 "rms_norm_eps": 1e-5, **SHAPES[shape]}
     return json.loads(Path(shape).read_text())
+
+
+def random_model(shape: str, tp: int = 1, dtype: str = "bfloat16", memory_fraction: float = 0.9, **ops):
+    """A Model of `shape` with random weights made on device, and a memory plan sizing its KV
+    pool as jaxtp.load would."""
+    from jaxtp import memory
+    from jaxtp.config import ModelConfig
+    from jaxtp.entrypoints.api import DTYPES, Model
+    from jaxtp.loading import random_state
+    from jaxtp.ops import OpsConfig
+    from jaxtp.sharding import make_mesh, validate_tp
+    cfg = ModelConfig.from_hf(config(shape))
+    mesh = make_mesh(tp=tp)
+    validate_tp(cfg, tp)
+    graphdef, params = random_state(cfg, mesh, DTYPES[dtype])
+    plan = memory.plan(cfg, tp, DTYPES[dtype], 0, memory_fraction, mesh)  # params already in use
+    return Model(cfg, mesh, None, graphdef, params, DTYPES[dtype], Path("random"), memory=plan,
+                 ops=OpsConfig.resolve(mesh, **ops))
 
 
 def median_ms(fn, reps: int) -> float:
@@ -108,7 +132,7 @@ def engine_step_ms(model, prompts: list, tokens: int) -> float:
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     for _ in range(2):
         eng = engine.Engine(model, len(prompts), len(prompts[0]) + tokens,
-                            max_prefill_tokens=len(prompts) * bucket(len(prompts[0]), 16))
+                            max_num_batched_tokens=len(prompts) * bucket(len(prompts[0]), 16))
         for p in prompts:
             eng.add(engine.Sequence(list(p), params, 0))
         eng.step()  # the prefill: every row's first token (the first chunk is queued already)
@@ -174,17 +198,20 @@ def run_one(cfg, tp: int, batch: int, args, all_reduce: str = "auto",
     step_args = model.step_args  # what the engine passes its jitted steps
     weight_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(params))
 
-    ctx, steps = args.ctx, args.steps
-    s = runner.round_up(ctx + steps, runner.CACHE_BUCKET)
+    ctx, steps, size = args.ctx, args.steps, args.page_size
+    width = -(-(ctx + steps) // size)  # pages per row
+    table = 1 + np.arange(batch, dtype=np.int32)[:, None] * width + np.arange(width, dtype=np.int32)[None]
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (batch, ctx)).astype(np.int32)
     sp = [SamplingParams(max_tokens=10**6, temperature=0.0, ignore_eos=True)] * batch
     rows = runner.Rows.build(sp, [0] * batch, [[]] * batch)
     put = lambda x: jax.device_put(x, NamedSharding(mesh, REPLICATED))  # noqa: E731
-    prompts = put(runner.PrefillBatch(tokens, np.full(batch, ctx, np.int32), np.arange(batch, dtype=np.int32)))
-    rows = put(rows)
-    new_cache = lambda: kv_cache.init(cfg.num_layers, batch, model.kv_heads, s, cfg.head_dim,  # noqa
-                                      dtype, mesh)
+    zeros, full = np.zeros(batch, np.int32), np.full(batch, ctx, np.int32)
+    prompts = put(runner.PrefillBatch(tokens, zeros, full, table, np.arange(batch, dtype=np.int32),
+                                      np.ones(batch, bool), full, np.zeros_like(tokens)))
+    rows, table = put(rows), put(table)
+    new_cache = lambda: kv_cache.init(cfg.num_layers, batch * width + 1, model.kv_heads, size,  # noqa
+                                      cfg.head_dim, dtype, mesh)
     idle = lambda: put(runner.DecodeState.idle(batch))  # noqa: E731
 
     def do_prefill(cache, state):  # prompts into every cache slot, as the engine does
@@ -211,7 +238,7 @@ def run_one(cfg, tp: int, batch: int, args, all_reduce: str = "auto",
     static = runner.StepConfig(ops, steps=steps)  # the decode program timed
 
     def do_decode(cache):
-        out, _, cache = runner.decode(*step_args, cache, copy(first), rows, static)
+        out, _, cache = runner.decode(*step_args, cache, copy(first), rows, table, static)
         return out.tokens, cache
 
     t0 = time.perf_counter()
@@ -234,7 +261,7 @@ def run_one(cfg, tp: int, batch: int, args, all_reduce: str = "auto",
         where = Path(args.trace) / f"tp{tp}_b{batch}_{mode}_{kmode}"
         with jax.profiler.trace(str(where)):
             timed()
-        hlo = runner.decode.lower(*step_args, holder[0], first, rows, static).compile().as_text()
+        hlo = runner.decode.lower(*step_args, holder[0], first, rows, table, static).compile().as_text()
         (where / "decode.hlo.txt").write_text(hlo)
         trace_summary.summarize(where, steps, hlo=hlo)
     engine_ms = None

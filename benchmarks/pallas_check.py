@@ -1,11 +1,13 @@
 """Check the Pallas decode step (jaxtp/ops/kernels/decode_attention.py: rope, cache write,
-attention) against XLA's on a GPU in bf16, at Llama-2-7B (MHA) and Llama-3-8B (GQA) shapes per
+attention, through shuffled block tables) against XLA's on a contiguous cache on a GPU in bf16, at Llama-2-7B (MHA) and Llama-3-8B (GQA) shapes per
 device at tp 1 and 2: the written caches must be bitwise equal (the kernel rounds the rotary
 embedding as XLA does), the attention output within bf16 rounding, the padding row zero, and
 `--repeats` more calls bitwise equal to the first, each taking the arrival counters the call
 before handed back (the splits are merged by whichever program arrives last: a missing release /
 acquire, or a counter not reset, would show here as a changed output). Timing is left
 to the decode step (benchmark.py): stand-alone timings disagreed with it (docs/performance.md).
+The prefill kernel (kernels/prefill_attention.py) is checked the same way against XLA's softmax
+for a chunk that starts after earlier context.
 
     python benchmarks/pallas_check.py [--batch 1 8 32] [--repeats 200]
 """
@@ -22,8 +24,27 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxtp import rope  # noqa: E402
-from jaxtp.model import write_cache as write  # noqa: E402
-from jaxtp.ops.kernels import decode_attention  # noqa: E402
+from jaxtp.ops.kernels import decode_attention, prefill_attention  # noqa: E402
+
+PAGE = 64
+
+
+def write(cache, new, pos):
+    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (0, s, 0)))(cache, new, pos)
+
+
+def to_pages(cache, seed: int):
+    """A contiguous cache [B, KVH, S, D] as shuffled pages (page 0: scratch) and their table."""
+    b, kvh, s, d = cache.shape
+    w = s // PAGE
+    table = jnp.asarray(np.random.default_rng(seed).permutation(b * w).reshape(b, w) + 1, jnp.int32)
+    blocks = cache.reshape(b, kvh, w, PAGE, d).transpose(0, 2, 1, 3, 4).reshape(b * w, kvh, PAGE, d)
+    return jnp.zeros((b * w + 1, kvh, PAGE, d), cache.dtype).at[table.reshape(-1)].set(blocks), table
+
+
+def from_pages(pages, table):
+    b, w = table.shape
+    return pages[table].transpose(0, 2, 1, 3, 4).reshape(b, pages.shape[1], w * PAGE, -1)
 
 
 def xla_step(qkv, cos, sin, k_cache, v_cache, pos, num_heads):
@@ -54,19 +75,42 @@ def check(name: str, batch: int, heads: int, kv_heads: int, repeats: int, max_le
     freq, scale = rope.inv_freq(d, 10000.0, {}, 4096)
     cos, sin = (x[:, 0] for x in rope.cos_sin(pos[:, None], freq, scale))
     want = jax.jit(xla_step, static_argnums=6)(qkv, cos, sin, k_cache, v_cache, pos, heads)
-    step = jax.jit(lambda *a: decode_attention.attend(*a[:7], num_heads=heads, counters=a[7]))
+    (k_pages, table), (v_pages, _) = to_pages(k_cache, batch), to_pages(v_cache, batch)
+    step = jax.jit(lambda *a: decode_attention.attend(*a[:8], num_heads=heads, counters=a[8]))
     counters = jnp.zeros((batch, kv_heads), jnp.int32)
-    *got, counters = step(qkv, cos, sin, k_cache, v_cache, pos, jnp.zeros_like(pos), counters)
-    err = float(jnp.max(jnp.abs(got[0][:batch] - want[0])))
-    same = [bool(jnp.array_equal(g, w)) for g, w in zip(got[1:], want[1:])]
-    zero = bool(jnp.all(got[0][batch:] == 0))
+    out0, k_got, v_got, counters = step(qkv, cos, sin, k_pages, v_pages, table, pos, jnp.zeros_like(pos), counters)
+    err = float(jnp.max(jnp.abs(out0[:batch] - want[0])))
+    same = [bool(jnp.array_equal(from_pages(g, table), w)) for g, w in zip((k_got, v_got), want[1:])]
+    zero = bool(jnp.all(out0[batch:] == 0))
     again = True
     for _ in range(repeats):  # each call gets the counters the last one handed back, as layers do
-        out, *_, counters = step(qkv, cos, sin, k_cache, v_cache, pos, jnp.zeros_like(pos), counters)
-        again &= bool(jnp.array_equal(out, got[0]))
+        out, *_, counters = step(qkv, cos, sin, k_pages, v_pages, table, pos, jnp.zeros_like(pos), counters)
+        again &= bool(jnp.array_equal(out, out0))
     ok = all(same) and err < 2e-2 and zero and again
     print(f"{name:10s} b{batch:<3d} heads {heads:2d}/{kv_heads:2d}: caches bitwise equal {same}, "
           f"out max abs err {err:.3g}, padding zero {zero}, {repeats} repeats equal {again} "
+          f"{'ok' if ok else 'FAIL'}", flush=True)
+    return ok
+
+
+def check_prefill(heads: int, kv_heads: int, t: int = 1024, start: int = 3072, d: int = 128) -> bool:
+    """One chunk of t queries at position `start` against the pages, vs XLA's softmax."""
+    k1, k2, k3 = jax.random.split(jax.random.key(t), 3)
+    s = start + t
+    q = jax.random.normal(k1, (1, t, heads, d), jnp.bfloat16)
+    k_cache = jax.random.normal(k2, (1, kv_heads, s, d), jnp.bfloat16)
+    v_cache = jax.random.normal(k3, (1, kv_heads, s, d), jnp.bfloat16)
+    (k_pages, table), (v_pages, _) = to_pages(k_cache, 0), to_pages(v_cache, 0)
+    got = jax.jit(prefill_attention.attend)(q, k_pages, v_pages, table, jnp.array([start]))
+    g = heads // kv_heads
+    scores = jnp.einsum("bthd,bhsd->bhts", q, jnp.repeat(k_cache, g, axis=1),
+                        preferred_element_type=jnp.float32) * d ** -0.5
+    visible = jnp.arange(s)[None, :] <= start + jnp.arange(t)[:, None]
+    probs = jax.nn.softmax(jnp.where(visible[None, None], scores, -jnp.inf), axis=-1).astype(jnp.bfloat16)
+    want = jnp.einsum("bhts,bhsd->bthd", probs, jnp.repeat(v_cache, g, axis=1), preferred_element_type=jnp.float32)
+    err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)))
+    ok = err < 2e-2
+    print(f"prefill    t{t} at {start} heads {heads:2d}/{kv_heads:2d}: out max abs err {err:.3g} "
           f"{'ok' if ok else 'FAIL'}", flush=True)
     return ok
 
@@ -82,6 +126,8 @@ def main():
         for name, heads, kv_heads in [("llama2 tp1", 32, 32), ("llama2 tp2", 16, 16),
                                       ("llama3 tp1", 32, 8), ("llama3 tp2", 16, 4)]:
             ok &= check(name, b, heads, kv_heads, args.repeats)
+    for heads, kv_heads in [(32, 32), (32, 8)]:
+        ok &= check_prefill(heads, kv_heads)
     raise SystemExit(0 if ok else 1)
 
 

@@ -19,7 +19,7 @@ from flax import nnx
 
 from jaxtp import rope
 from jaxtp.config import ModelConfig
-from jaxtp.ops import allreduce, attention
+from jaxtp.ops import allreduce, attention, paged
 
 
 def einsum_f32(spec: str, a, b):
@@ -40,17 +40,15 @@ def split_matmul(x, weight, splits: int):
 
 class Positions(NamedTuple):
     """Where a call's tokens go: row b's tokens sit at start[b] + t (pos [B, T]), with their
-    rotary cos / sin [B, T, D]."""
+    rotary cos / sin [B, T, D], in the KV pages listed by row b's block table [B, W]."""
     start: jax.Array
     pos: jax.Array
     cos: jax.Array
     sin: jax.Array
+    table: jax.Array
 
 
-def write_cache(cache, new, start):
-    """Write new [B, KVH, T, D] into cache [B, KVH, S, D] at sequence offset start[b] per row."""
-    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (0, s, 0)))(
-        cache, new.astype(cache.dtype), start)
+QUERY_BLOCK = 512  # XLA's attention handles longer calls this many queries at a time
 
 
 def _param(shape, dtype):
@@ -183,10 +181,10 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k, v = proj.split(qkv)
             qkv = jnp.concatenate([self.q_norm(q), self.k_norm(k), v], axis=3)
-        step = attention.decode(ops, qkv, at.cos, at.sin, k_cache, v_cache, at.pos, self.window,
+        step = attention.decode(ops, qkv, at.cos, at.sin, k_cache, v_cache, at.pos, at.table, self.window,
                                 self.num_heads, counters)
         if step is None:  # XLA's kernels
-            out, k_cache, v_cache = self.xla_step(qkv, at, k_cache, v_cache)
+            out, k_cache, v_cache = self.xla_step(qkv, at, k_cache, v_cache, ops)
         else:
             out, k_cache, v_cache, counters = step
         out = out.astype(x.dtype).reshape(-1, t, self.num_heads * self.head_dim)
@@ -194,28 +192,39 @@ class Attention(nnx.Module):
             out = jnp.concatenate([out, jnp.zeros((x.shape[0] - out.shape[0], *out.shape[1:]), out.dtype)])
         return out, k_cache, v_cache, counters
 
-    def xla_step(self, qkv, at: Positions, k_cache, v_cache):
-        """Rope, cache write and attention in XLA's kernels -> (out [B, T, KVH, G, D], caches)."""
-        (b, t), d = at.pos.shape, self.head_dim
+    def xla_step(self, qkv, at: Positions, k_cache, v_cache, ops=None):
+        """Rope and cache write in XLA's kernels, then attention (the prefill kernel's where it
+        applies, else XLA's) -> (out [B, T, KVH, G, D], caches)."""
+        (b, t), d, dp = at.pos.shape, self.head_dim, 1 if ops is None else ops.dp
         q, k, v = (y[:b].reshape(b, t, -1, d) for y in self.qkv_proj.split(qkv))
         q, k = rope.apply(q, at.cos, at.sin), rope.apply(k, at.cos, at.sin)
-        k_cache = write_cache(k_cache, k.transpose(0, 2, 1, 3), at.start)
-        v_cache = write_cache(v_cache, v.transpose(0, 2, 1, 3), at.start)
-        groups = self.num_heads // self.num_kv_heads
-        out = self.attend(q.reshape(b, t, self.num_kv_heads, groups, d), k_cache, v_cache, at.pos)
-        return out, k_cache, v_cache
+        k_cache = paged.write(k_cache, k, at.table, at.pos, dp)
+        v_cache = paged.write(v_cache, v, at.table, at.pos, dp)
+        shape = (b, t, self.num_kv_heads, self.num_heads // self.num_kv_heads, d)
+        out = attention.prefill(ops, q, k_cache, v_cache, at.table, at.start, self.window)
+        if out is not None:
+            return out.reshape(shape), k_cache, v_cache
+        keys, values = paged.gather(k_cache, at.table, dp), paged.gather(v_cache, at.table, dp)
+        q = q.reshape(shape)
+        if t > QUERY_BLOCK:  # bound the scores to [QUERY_BLOCK, S] per row and head
+            blocks = q.reshape(b, t // QUERY_BLOCK, QUERY_BLOCK, *q.shape[2:]).swapaxes(0, 1)
+            pos = at.pos.reshape(b, t // QUERY_BLOCK, QUERY_BLOCK).swapaxes(0, 1)
+            out = jax.lax.map(lambda qp: self.attend(qp[0], keys, values, qp[1]), (blocks, pos))
+            return out.swapaxes(0, 1).reshape(b, t, *q.shape[2:]), k_cache, v_cache
+        return self.attend(q, keys, values, at.pos), k_cache, v_cache
 
-    def attend(self, q, k_cache, v_cache, positions):
-        """XLA's attention of q [B, T, KVH, G, D] over the cache -> [B, T, KVH, G, D] (float32)."""
-        scores = einsum_f32("btkgd,bksd->bkgts", q, k_cache)
+    def attend(self, q, keys, values, positions):
+        """XLA's attention of q [B, T, KVH, G, D] over keys / values [B, KVH, S, D] (position s
+        at index s) -> [B, T, KVH, G, D] (float32)."""
+        scores = einsum_f32("btkgd,bksd->bkgts", q, keys)
         scores = scores * (self.head_dim ** -0.5)
-        key_pos = jnp.arange(k_cache.shape[2])
+        key_pos = jnp.arange(keys.shape[2])
         visible = key_pos[None, None, :] <= positions[:, :, None]                 # [B, T, S]
         if self.window is not None:
             visible &= key_pos[None, None, :] > positions[:, :, None] - self.window
         scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-        return einsum_f32("bkgts,bksd->btkgd", probs, v_cache)
+        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+        return einsum_f32("bkgts,bksd->btkgd", probs, values)
 
 
 class GateUpLinear(nnx.Module):
@@ -295,18 +304,19 @@ class CausalLM(nnx.Module):
         freq, scale = cfg.rope_inv_freq()
         self.rope_freq, self.rope_scale = tuple(freq.tolist()), scale
 
-    def positions(self, start, t: int) -> Positions:
+    def positions(self, start, t: int, table) -> Positions:
         pos = start[:, None] + jnp.arange(t)[None, :]
         cos, sin = rope.cos_sin(pos, jnp.asarray(self.rope_freq, jnp.float32), self.rope_scale)
-        return Positions(start, pos, cos, sin)
+        return Positions(start, pos, cos, sin, table)
 
-    def hidden(self, tokens, cache, start, ops=None):
-        """Run tokens [B, T] placed at positions start[b] + t; returns (hidden [B, T, d], cache).
-        cache: a (k, v) NamedTuple of per-layer lists (engine.kv_cache.KVCache).
+    def hidden(self, tokens, cache, start, table, ops=None):
+        """Run tokens [B, T] placed at positions start[b] + t, in the pages of block table
+        table [B, W]; returns (hidden [B, T, d], cache). cache: a (k, v) NamedTuple of
+        per-layer page pools (engine.kv_cache.KVCache).
 
         A single token (batch-1 decode) travels the layers with a zero second row, so every
         projection multiplies two rows (see `matmul`) without a padding kernel before each."""
-        at = self.positions(start, tokens.shape[1])
+        at = self.positions(start, tokens.shape[1], table)
         x = self.model.embed_tokens(tokens)
         rows = x.shape[0]
         if x.shape[0] * x.shape[1] == 1:

@@ -2,8 +2,9 @@
 
 Design. Stage s owns the contiguous layers s*L/pp .. (s+1)*L/pp - 1. They are stored *stacked*:
 `model.layers[j]` is one DecoderLayer whose every parameter has a leading [pp] axis split on
-`pp` (entry s = HF layer s*L/pp + j), and the cache is stacked the same way
-([pp, batch, kv_heads, seq, head_dim], split on `pp`), so each stage's devices hold only their
+`pp` (entry s = HF layer s*L/pp + j), and the page pool is stacked the same way
+([pp, pages, kv_heads, page_size, head_dim], split on `pp`; every stage uses the same block
+tables), so each stage's devices hold only their
 layers' weights and KV cache. A forward pass is one SPMD program over the whole mesh:
 
     buffer[pp, B, T, d] = (embed(tokens), 0, ..., 0)
@@ -12,8 +13,8 @@ layers' weights and KV cache. A forward pass is one SPMD program over the whole 
                      collective permute: the hand-off of hidden states between stages)
     h = buffer[last]; final norm and LM head
 
-Only one stage holds real data at each of the pp hops; the others compute on a placeholder and
-their cache writes are undone (only the T written positions are restored). Because the whole
+Only one stage holds real data at each of the pp hops; the others compute on a placeholder
+and write their keys and values to the scratch page. Because the whole
 pipeline is inside one jitted function, the engine's prefill, on-device decode loop and sampling
 are unchanged, and it works across processes like any other collective.
 
@@ -32,7 +33,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtp.config import ModelConfig
-from jaxtp.model import CausalLM, DecoderLayer, write_cache
+from jaxtp.model import CausalLM, DecoderLayer
+from jaxtp.ops.paged import SCRATCH_PAGE
 
 
 def stage_layer(name: str, stage: int, per_stage: int) -> str:
@@ -40,11 +42,6 @@ def stage_layer(name: str, stage: int, per_stage: int) -> str:
     parts = name.split(".")
     parts[2] = str(stage * per_stage + int(parts[2]))
     return ".".join(parts)
-
-
-def _read(cache, start, t):
-    """The t positions each row will write at start[b]: [B, KVH, t, D]."""
-    return jax.vmap(lambda c, s: jax.lax.dynamic_slice_in_dim(c, s, t, axis=1))(cache, start)
 
 
 class PipelinedLM(CausalLM):
@@ -57,20 +54,18 @@ class PipelinedLM(CausalLM):
         make = nnx.vmap(lambda _: DecoderLayer(cfg, num_kv_heads, tp, dtype), in_axes=0, out_axes=0)
         self.model.layers = nnx.List([make(jnp.arange(pp)) for _ in range(cfg.num_layers // pp)])
 
-    def hidden(self, tokens, cache, start, ops=None):
-        """Same contract as CausalLM.hidden; cache entries are [pp, B, KVH, S, D]. The decode
-        kernel does not run with stages (ops.attention.resolve), so no counters pass."""
-        t = tokens.shape[1]
-        at = self.positions(start, t)
+    def hidden(self, tokens, cache, start, table, ops=None):
+        """Same contract as CausalLM.hidden; cache entries are [pp, P, KVH, page_size, D]. The
+        decode kernel does not run with stages (ops.attention.resolve), so no counters pass."""
+        at = self.positions(start, tokens.shape[1], table)
         x = self.model.embed_tokens(tokens)
         buf = jnp.zeros((self.pp, *x.shape), x.dtype).at[0].set(x)
         ks, vs = list(cache.k), list(cache.v)
 
-        def run(layer, x, k, v, live):  # one stage's copy of one layer
-            old_k, old_v = _read(k, start, t), _read(v, start, t)
-            x, _, k, v, _ = layer(x, layer.input_layernorm(x), None, at, k, v, ops)
-            keep = lambda c, old: write_cache(c, jnp.where(live, _read(c, start, t), old), start)  # noqa: E731
-            return x, keep(k, old_k), keep(v, old_v)
+        def run(layer, x, k, v, live):  # one stage's copy of one layer; idle stages write scratch
+            mine = at._replace(table=jnp.where(live, at.table, SCRATCH_PAGE))
+            x, _, k, v, _ = layer(x, layer.input_layernorm(x), None, mine, k, v, ops)
+            return x, k, v
 
         for hop in range(self.pp):
             live = jnp.arange(self.pp) == hop        # the stage holding real data at this hop

@@ -13,8 +13,9 @@ collectives. Weights are stored [in, out] (x @ W):
 When tp > num_kv_heads the loader repeats each KV head tp/num_kv_heads times (vLLM's KV-head
 replication), so every device owns exactly one KV head and the cache still splits on heads.
 
-Data parallelism: weights are replicated over `dp`; per-row data (cache rows, decode state,
-sampling constants, prompts) is split on `dp` along the batch. Pipeline parallelism: decoder
+Data parallelism: weights are replicated over `dp`; per-row data (decode state, block tables,
+sampling constants, prompts) is split on `dp` along the batch, and the KV pages along the pool
+(each replica owns its pages and numbers them from 0). Pipeline parallelism: decoder
 layers are stacked per stage on a leading `pp` axis (see pipeline.py); everything else is
 replicated over `pp`.
 """
@@ -45,10 +46,11 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
 )
 
 # Activations, cache and per-row data.
-KV_CACHE_SPEC = P("dp", "tp", None, None)   # [batch, kv_heads, seq, head_dim]
-STAGED_KV_CACHE_SPEC = P("pp", *KV_CACHE_SPEC)  # [stage, batch, kv_heads, seq, head_dim]
+KV_CACHE_SPEC = P("dp", "tp", None, None)   # [pages, kv_heads, page_size, head_dim]: pages per replica
+STAGED_KV_CACHE_SPEC = P("pp", *KV_CACHE_SPEC)  # [stage, pages, kv_heads, page_size, head_dim]
 ROWS_SPEC = P("dp")                         # [batch, ...]: one row per cache slot or prompt
 QKV_SPEC = P("dp", None, "tp", None, None)  # [batch, seq, tp, q|k|v heads per device, head_dim]
+HEADS_SPEC = P("dp", None, "tp", None)      # [batch, seq, heads, head_dim]: queries, attention out
 REPLICATED = P()
 
 

@@ -46,7 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--api-key", default=os.environ.get("JAXTP_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $JAXTP_API_KEY, else none)")
     p.add_argument("--chat-template", help="a Jinja chat template, or a file holding one, in place of the tokenizer's")
-    p.add_argument("--max-num-seqs", type=positive, default=64, help="KV-cache slots (concurrent sequences)")
+    p.add_argument("--max-num-seqs", type=positive, default=256, help="concurrent sequences at most")
+    p.add_argument("--max-num-batched-tokens", type=positive, default=8192,
+                   help="prompt tokens prefilled per engine step (longer prompts are prefilled in chunks)")
     p.add_argument("--max-model-len", type=positive, default=None, help="tokens per sequence (default: the model's)")
     p.add_argument("--max-queue", type=positive, default=512, help="requests in flight before answering 503")
     p.add_argument("--decode-chunk", type=positive, default=8, help="tokens per decode dispatch")
@@ -109,13 +111,15 @@ def main(argv=None):
         model = jaxtp.load(args.model, tp=args.tp, dp=args.dp, pp=args.pp,
                            memory_fraction=args.gpu_memory_utilization, **model_options.load_kwargs(args))
         llm = AsyncLLM(model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                       max_queue=args.max_queue, chunk=args.decode_chunk)
+                       max_queue=args.max_queue, chunk=args.decode_chunk,
+                       max_num_batched_tokens=args.max_num_batched_tokens)
         app = build_app(llm, args.served_model_name or args.model, args.api_key, chat_template(args.chat_template),
                         args.max_body_bytes, args.max_prompts_per_request)
     except (ValueError, TypeError, KeyError, OSError) as e:
         sys.exit(f"error: {e}")
     print(f"serving {args.model} on http://{args.host}:{args.port} (tp={model.tp}, dp={model.dp}, pp={model.pp}, "
-          f"{args.max_num_seqs} slots x {llm.max_model_len} tokens)", flush=True)
+          f"up to {args.max_num_seqs} sequences of {llm.max_model_len} tokens, KV cache of "
+          f"{llm.engine.blocks.capacity * llm.engine.blocks.page_size} tokens per replica)", flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             access_log=not args.disable_access_log, timeout_graceful_shutdown=args.shutdown_timeout)
     try:

@@ -88,3 +88,12 @@ def script(path: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def drive(eng, seqs):
+    """Add `seqs` to engine `eng` and step it until all are finished; returns their tokens."""
+    for s in seqs:
+        eng.add(s)
+    while eng.has_unfinished:
+        eng.step()
+    return [s.tokens for s in seqs]

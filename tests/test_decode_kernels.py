@@ -1,7 +1,5 @@
 """The Pallas decode attention (jaxtp/ops/kernels/decode_attention.py), run here in Pallas interpret
 mode: the kernel against a plain softmax, and models using it against transformers."""
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,9 +8,10 @@ import pytest
 import jaxtp
 from jaxtp import rope
 from jaxtp.ops import attention
-from jaxtp.ops.kernels import decode_attention
+from jaxtp.ops.kernels import decode_attention, prefill_attention
 from jaxtp.sharding import make_mesh
-from helpers import GREEDY, hf_greedy, make_checkpoint
+from jaxtp import engine
+from helpers import GREEDY, drive, hf_greedy, make_checkpoint
 
 
 def reference_step(qkv, cos, sin, k_cache, v_cache, pos, lo, num_heads):
@@ -29,36 +28,52 @@ def reference_step(qkv, cos, sin, k_cache, v_cache, pos, lo, num_heads):
     return jnp.einsum("bkgs,bksd->bkgd", probs, v_cache), k_cache, v_cache
 
 
-@pytest.mark.parametrize("groups,max_len,head_dim,config", [
-    (1, 256, 32, decode_attention.Config()),                    # MHA, several splits
-    (4, 384, 64, decode_attention.Config(programs=6)),          # GQA, one split per row and head
-    (3, 128, 32, decode_attention.Config(block=32, min_blocks=1)),  # 3 query heads: 13 padding rows
-    (5, 384, 32, decode_attention.Config(block=32, programs=72, min_blocks=1)),  # 12 splits, 5 heads
+def to_pages(cache, size: int, seed: int = 0):
+    """A contiguous cache [B, KVH, S, D] as a pool of `size`-token pages in shuffled order (page
+    0 left as scratch) and its block table [B, S / size]."""
+    b, kvh, s, d = cache.shape
+    w = s // size
+    table = jnp.asarray(np.random.default_rng(seed).permutation(b * w).reshape(b, w) + 1, jnp.int32)
+    blocks = cache.reshape(b, kvh, w, size, d).transpose(0, 2, 1, 3, 4).reshape(b * w, kvh, size, d)
+    return jnp.zeros((b * w + 1, kvh, size, d), cache.dtype).at[table.reshape(-1)].set(blocks), table
+
+
+def from_pages(pages, table):
+    b, w = table.shape
+    return pages[table].transpose(0, 2, 1, 3, 4).reshape(b, pages.shape[1], w * pages.shape[2], -1)
+
+
+@pytest.mark.parametrize("groups,max_len,head_dim,page,config", [
+    (1, 256, 32, 64, decode_attention.Config()),                    # MHA, several splits
+    (4, 384, 64, 64, decode_attention.Config(programs=6)),          # GQA, one split per row and head
+    (3, 128, 32, 32, decode_attention.Config(min_blocks=1)),        # 3 query heads: 13 padding rows
+    (5, 384, 32, 16, decode_attention.Config(programs=72, min_blocks=1)),  # 12 splits, 5 heads
 ])
-def test_kernel_matches_reference(groups, max_len, head_dim, config):
+def test_kernel_matches_reference(groups, max_len, head_dim, page, config):
     kvh, b = 2, 3
     num_heads = groups * kvh
     kq, kk, kv = jax.random.split(jax.random.key(groups), 3)
     qkv = jax.random.normal(kq, (b + 1, num_heads + 2 * kvh, head_dim))   # + a padding row
     k_cache = jax.random.normal(kk, (b, kvh, max_len, head_dim))
     v_cache = jax.random.normal(kv, (b, kvh, max_len, head_dim))
+    (k_pages, table), (v_pages, _) = to_pages(k_cache, page), to_pages(v_cache, page)
     pos = jnp.array([0, 99, max_len - 1])  # the first position, a middle one, the last slot
     lo = jnp.array([0, 40, 0])             # row 1: a sliding window starting at 40
     freq = np.geomspace(1.0, 1e-3, head_dim // 2).astype(np.float32)
     cos, sin = (x[:, 0] for x in rope.cos_sin(pos[:, None], freq, 1.0))
-    *got, counters = decode_attention.attend(qkv, cos, sin, k_cache, v_cache, pos, lo, num_heads,
-                                             config=config)
+    out, k_got, v_got, counters = decode_attention.attend(qkv, cos, sin, k_pages, v_pages, table, pos, lo,
+                                                          num_heads, config=config)
     want = reference_step(qkv, cos, sin, k_cache, v_cache, pos, lo, num_heads)
-    assert got[0].shape == (b + 1, kvh, groups, head_dim)
-    np.testing.assert_array_equal(got[0][b:], 0)  # the padding row comes out zero
-    for g, w in zip((got[0][:b], *got[1:]), want):
+    assert out.shape == (b + 1, kvh, groups, head_dim)
+    np.testing.assert_array_equal(out[b:], 0)  # the padding row comes out zero
+    for g, w in zip((out[:b], from_pages(k_got, table), from_pages(v_got, table)), want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
-    splits, _ = decode_attention.splits_for(b, kvh, max_len, math.gcd(max_len, config.block), config)
-    if splits > 1:
+    np.testing.assert_array_equal(k_got[0], 0)  # nothing written to the scratch page
+    if decode_attention.splits_for(b, kvh, max_len, page, config) > 1:
         np.testing.assert_array_equal(counters, 0)  # handed back zeroed, ready for the next layer
-        again = decode_attention.attend(qkv, cos, sin, k_cache, v_cache, pos, lo, num_heads, counters,
+        again = decode_attention.attend(qkv, cos, sin, k_pages, v_pages, table, pos, lo, num_heads, counters,
                                         config=config)
-        np.testing.assert_array_equal(again[0], got[0])
+        np.testing.assert_array_equal(again[0], out)
     else:
         assert counters is None
 
@@ -70,38 +85,38 @@ def test_kernel_sums_split_k_partials():
     num_heads = groups * kvh
     kq, kk, kv = jax.random.split(jax.random.key(7), 3)
     parts = jax.random.normal(kq, (4, b + 1, num_heads + 2 * kvh, head_dim))
-    k_cache = jax.random.normal(kk, (b, kvh, max_len, head_dim), jnp.bfloat16)
-    v_cache = jax.random.normal(kv, (b, kvh, max_len, head_dim), jnp.bfloat16)
+    k_pages, table = to_pages(jax.random.normal(kk, (b, kvh, max_len, head_dim), jnp.bfloat16), 64)
+    v_pages, _ = to_pages(jax.random.normal(kv, (b, kvh, max_len, head_dim), jnp.bfloat16), 64)
     pos, lo = jnp.array([5, 77]), jnp.array([0, 0])
     freq = np.geomspace(1.0, 1e-3, head_dim // 2).astype(np.float32)
     cos, sin = (x[:, 0] for x in rope.cos_sin(pos[:, None], freq, 1.0))
     summed = (parts[0] + parts[1] + parts[2] + parts[3]).astype(jnp.bfloat16)  # the kernel's order
-    got = decode_attention.attend(parts, cos, sin, k_cache, v_cache, pos, lo, num_heads)
-    want = decode_attention.attend(summed, cos, sin, k_cache, v_cache, pos, lo, num_heads)
+    got = decode_attention.attend(parts, cos, sin, k_pages, v_pages, table, pos, lo, num_heads)
+    want = decode_attention.attend(summed, cos, sin, k_pages, v_pages, table, pos, lo, num_heads)
     assert got[0].dtype == jnp.bfloat16
     for g, w in zip(got[:3], want[:3]):
         np.testing.assert_array_equal(g, w)
     with pytest.raises(ValueError, match="does not match"):
-        decode_attention.attend(parts.astype(jnp.bfloat16), cos, sin, k_cache, v_cache, pos, lo, num_heads)
+        decode_attention.attend(parts.astype(jnp.bfloat16), cos, sin, k_pages, v_pages, table, pos, lo, num_heads)
 
 
-def test_splits_cover_the_cache():
+def test_splits_keep_the_grid_busy():
     config = decode_attention.Config()
-    assert decode_attention.splits_for(1, 32, 1152, 64, config) == (4, 320)   # batch 1: 128 programs
-    assert decode_attention.splits_for(8, 32, 1152, 64, config) == (1, 1152)  # batch 8: 256 already
+    assert decode_attention.splits_for(1, 32, 1152, 64, config) == 4    # batch 1: 128 programs
+    assert decode_attention.splits_for(8, 32, 1152, 64, config) == 1    # batch 8: 256 already
     wide = decode_attention.Config(programs=512)
-    assert decode_attention.splits_for(1, 8, 1000, 8, wide) == (63, 16)       # never under min_blocks
+    assert decode_attention.splits_for(1, 8, 1000, 16, wide) == 32      # never under min_blocks
 
 
 def test_kernel_rejects_unsupported_shapes():
-    qkv, cache, ends = jnp.zeros((1, 3, 16)), jnp.zeros((1, 1, 64, 16)), jnp.zeros(1, jnp.int32)
-    cos = jnp.zeros((1, 16))
-    assert not decode_attention.supported(64, 16)
-    with pytest.raises(ValueError, match="unsupported cache length 64 / head_dim 16"):
-        decode_attention.attend(qkv, cos, cos, cache, cache, ends, ends, 1)
-    cache = jnp.zeros((1, 1, 64, 32))
+    qkv, pages, ends = jnp.zeros((1, 3, 16)), jnp.zeros((2, 1, 64, 16)), jnp.zeros(1, jnp.int32)
+    cos, table = jnp.zeros((1, 16)), jnp.ones((1, 1), jnp.int32)
+    assert not decode_attention.supported(64, 16) and not decode_attention.supported(48, 32)
+    with pytest.raises(ValueError, match="unsupported page size 64 / head_dim 16"):
+        decode_attention.attend(qkv, cos, cos, pages, pages, table, ends, ends, 1)
+    pages = jnp.zeros((2, 1, 64, 32))
     with pytest.raises(ValueError, match=r"qkv \(1, 3, 32\) does not match 2 query heads"):
-        decode_attention.attend(jnp.zeros((1, 3, 32)), cos, cos, cache, cache, ends, ends, 2)
+        decode_attention.attend(jnp.zeros((1, 3, 32)), cos, cos, pages, pages, table, ends, ends, 2)
 
 
 @pytest.mark.parametrize("family,tp", [("llama", 1), ("mistral", 2), ("qwen3", 2), ("qwen2", 4)])
@@ -109,17 +124,19 @@ def test_models_with_the_kernel_match_transformers(tmp_path, monkeypatch, family
     ref = make_checkpoint(family, tmp_path, head_dim=32)  # the kernel needs head_dim >= 32
     calls = []
     attend = decode_attention.attend
-    # Splits of 16 keys: the tiny cache (128 slots) gets 8 of them, so every step merges in the
-    # kernel (empty splits included) and the arrival counters pass from layer to layer.
-    split = decode_attention.Config(block=16, min_blocks=1)
+    # 16-token pages, one block each: a tiny sequence gets several splits, so every step merges
+    # in the kernel (empty splits included) and the arrival counters pass from layer to layer.
+    split = decode_attention.Config(min_blocks=1)
     monkeypatch.setattr(decode_attention, "attend",
                         lambda *a, **k: calls.append(a[0].ndim) or attend(*a, config=split, **k))
     model = jaxtp.load(tmp_path, tp=tp, dtype="float32", kernels="pallas")
     assert model.ops.kernels == "pallas"
     ids = np.random.default_rng(tp).integers(3, 200, size=(2, 24)).tolist()
     prompts = [ids[0][:5], ids[1][:17]]  # mistral's window is 12: the 17-token row slides
-    for prompt, out in zip(prompts, jaxtp.generate(model, prompts, GREEDY)):
-        assert out.token_ids == hf_greedy(ref, prompt)
+    eng = engine.Engine(model, max_num_seqs=2, max_model_len=128, page_size=16, max_num_batched_tokens=16)
+    got = drive(eng, [engine.Sequence(p, GREEDY, 0) for p in prompts])
+    for prompt, tokens in zip(prompts, got):
+        assert tokens == hf_greedy(ref, prompt)
     assert calls  # the decode step really ran the kernel
     # ... summing qkv's split-K partials itself where the projection has no bias or qk-norm
     assert set(calls) == ({4} if family in ("llama", "mistral") else {3})
@@ -146,11 +163,44 @@ def test_kernel_lowers_to_triton_for_cuda(groups, head_dim, max_len, rows, dtype
     kvh = 4
     qkv = jax.ShapeDtypeStruct((rows + 1, (groups + 2) * kvh, head_dim), dtype)
     cos = jax.ShapeDtypeStruct((rows, head_dim), jnp.float32)
-    cache = jax.ShapeDtypeStruct((rows, kvh, max_len, head_dim), dtype)
+    pages = jax.ShapeDtypeStruct((rows * max_len // 64 + 1, kvh, 64, head_dim), dtype)
+    table = jax.ShapeDtypeStruct((rows, max_len // 64), jnp.int32)
     ends = jax.ShapeDtypeStruct((rows,), jnp.int32)
     attend = jax.jit(lambda *a: decode_attention.attend(*a, num_heads=groups * kvh, interpret=False))
-    lowered = attend.trace(qkv, cos, cos, cache, cache, ends, ends).lower(lowering_platforms=("cuda",))
+    lowered = attend.trace(qkv, cos, cos, pages, pages, table, ends, ends).lower(lowering_platforms=("cuda",))
     assert "__gpu$xla.gpu.triton" in lowered.as_text()
     parts = jax.ShapeDtypeStruct((4, *qkv.shape), jnp.float32)  # split-K partials, summed in the kernel
-    assert "__gpu$xla.gpu.triton" in attend.trace(parts, cos, cos, cache, cache, ends, ends).lower(
+    assert "__gpu$xla.gpu.triton" in attend.trace(parts, cos, cos, pages, pages, table, ends, ends).lower(
+        lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("window", [None, 20])
+def test_prefill_kernel_matches_a_plain_softmax(window):
+    """Two chunks of 32 queries, one starting a prompt and one at position 40 (attending to the
+    40 earlier positions in shuffled pages and causally to itself)."""
+    b, t, kvh, groups, d, size, width = 2, 32, 2, 2, 32, 16, 6
+    kq, kk, kv = jax.random.split(jax.random.key(3), 3)
+    q = jax.random.normal(kq, (b, t, kvh * groups, d))
+    k_cache = jax.random.normal(kk, (b, kvh, width * size, d))
+    v_cache = jax.random.normal(kv, (b, kvh, width * size, d))
+    (k_pages, table), (v_pages, _) = to_pages(k_cache, size), to_pages(v_cache, size)
+    starts = jnp.array([0, 40])
+    got = prefill_attention.attend(q, k_pages, v_pages, table, starts, window,
+                                   config=prefill_attention.Config(block_q=16))
+    q_pos, k_pos = starts[:, None] + jnp.arange(t), jnp.arange(width * size)
+    visible = k_pos[None, None] <= q_pos[:, :, None]
+    if window is not None:
+        visible &= k_pos[None, None] > q_pos[:, :, None] - window
+    scores = jnp.einsum("bthd,bhsd->bhts", q, jnp.repeat(k_cache, groups, axis=1)) * d ** -0.5
+    probs = jax.nn.softmax(jnp.where(visible[:, None], scores, -jnp.inf), axis=-1)
+    want = jnp.einsum("bhts,bhsd->bthd", probs, jnp.repeat(v_cache, groups, axis=1))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_kernel_lowers_to_triton_for_cuda():
+    q = jax.ShapeDtypeStruct((1, 256, 32, 128), jnp.bfloat16)
+    pages = jax.ShapeDtypeStruct((65, 8, 64, 128), jnp.bfloat16)
+    table, starts = jax.ShapeDtypeStruct((1, 64), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)
+    attend = jax.jit(lambda *a: prefill_attention.attend(*a, interpret=False))
+    assert "__gpu$xla.gpu.triton" in attend.trace(q, pages, pages, table, starts).lower(
         lowering_platforms=("cuda",)).as_text()

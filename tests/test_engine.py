@@ -49,7 +49,7 @@ def test_a_chunk_is_queued_ahead_and_none_past_max_tokens(llama_tp2, monkeypatch
     real = runner.decode
     monkeypatch.setattr(runner, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
     params = jaxtp.SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
-    eng = engine.Engine(llama_tp2, slots=2, max_len=64, chunk=4)
+    eng = engine.Engine(llama_tp2, max_num_seqs=2, max_model_len=64, chunk=4)
     seq = engine.Sequence([5, 6, 7], params, 0)
     eng.add(seq)
     seen = []
@@ -64,7 +64,7 @@ def test_finish_drops_the_queued_chunks_tokens_and_frees_the_slot(llama_tp2):
     """A sequence ended from the host while a chunk with its row is queued gets no more tokens,
     even though the chunk is read after its slot went to the next sequence."""
     params = jaxtp.SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
-    eng = engine.Engine(llama_tp2, slots=1, max_len=64, chunk=4)
+    eng = engine.Engine(llama_tp2, max_num_seqs=1, max_model_len=64, chunk=4)
     first, second = engine.Sequence([5, 6, 7], params, 0), engine.Sequence([42], params, 0)
     eng.add(first)
     eng.add(second)

@@ -150,7 +150,7 @@ def test_a_sequence_the_engine_cannot_schedule_fails_alone(model):
     params = jaxtp.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     bad = jaxtp.SamplingParams(max_tokens=6)
     bad.stop_token_ids = [2 ** 40]  # past SamplingParams' own check
-    eng = engine.Engine(model, slots=2, max_len=64)
+    eng = engine.Engine(model, max_num_seqs=2, max_model_len=64)
     good = engine.Sequence([5, 6, 7], params, 0)
     eng.add(good)
     with pytest.raises(ValueError, match=r"cannot schedule this request: .*1099511627776"):

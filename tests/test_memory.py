@@ -67,8 +67,9 @@ def test_cpu_default_shares_host_memory(checkpoint):
     assert model.max_kv_tokens >= model.max_model_len
 
 
-def test_engine_slots_are_capped_by_the_kv_capacity(checkpoint):
-    """A budget with room for ~3 sequences of 256 tokens: 8 prompts run 3 at a time and all finish."""
+def test_the_kv_pool_is_the_capacity_left_after_weights(checkpoint):
+    """A budget with room for ~3 sequences of 256 tokens: the pool gets those pages, 8 prompts
+    that grow to 153 tokens share it (waiting or preempted when it is full) and all finish."""
     from jaxtp import engine
     path, _ = checkpoint("llama")
     probe = jaxtp.load(path, tp=2, dtype="float32")
@@ -76,7 +77,8 @@ def test_engine_slots_are_capped_by_the_kv_capacity(checkpoint):
     need = probe.memory.in_use_bytes + probe.memory.weight_bytes + 3 * 256 * per_token + per_token // 2
     model = jaxtp.load(path, tp=2, dtype="float32", device_memory_bytes=need, memory_fraction=1.0)
     assert model.max_kv_tokens // 256 == 3
-    assert engine.slots_that_fit(model, 8, 200) == 3
+    eng = engine.Engine(model, max_num_seqs=8, max_model_len=256)
+    assert eng.blocks.capacity * eng.blocks.page_size == 3 * 256
     params = jaxtp.SamplingParams(max_tokens=150, temperature=0, ignore_eos=True)
     outs = jaxtp.generate(model, [[i + 3, 4, 5] for i in range(8)], params)
     want = jaxtp.generate(probe, [[i + 3, 4, 5] for i in range(8)], params)

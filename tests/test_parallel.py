@@ -50,7 +50,7 @@ def test_pipeline_stages_hold_only_their_layers(deep):
     w = model.params["model"]["layers"][0]["mlp"]["down_proj"]["weight"].get_value()
     assert w.shape == (2, 128, 64)                                  # [stage, in, out]
     assert {s.data.shape for s in w.addressable_shards} == {(1, 64, 64)}
-    eng = engine.Engine(model, slots=4, max_len=64)
+    eng = engine.Engine(model, max_num_seqs=4, max_model_len=64)
     assert len(eng.runner.cache.k) == 2 and eng.runner.cache.k[0].shape[0] == 2   # 2 layers per stage
     assert {s.data.shape[0] for s in eng.runner.cache.k[0].addressable_shards} == {1}
 
@@ -71,8 +71,8 @@ def test_bad_layouts_are_clear_errors(deep, monkeypatch):
     with pytest.raises(ValueError, match="must be >= 1"):
         jaxtp.load(path, dp=0)
     model = jaxtp.load(path, tp=2, dp=2, dtype="float32")
-    with pytest.raises(ValueError, match="slots=3 must be a multiple of data_parallel_size=2"):
-        engine.Engine(model, slots=3, max_len=64)
+    with pytest.raises(ValueError, match="max_num_seqs=3 must be a multiple of data_parallel_size=2"):
+        engine.Engine(model, max_num_seqs=3, max_model_len=64)
     monkeypatch.setattr(sharding.jax, "process_count", lambda: 2)
     with pytest.raises(ValueError, match="multi-process mesh must use all 8 devices"):
         sharding.make_mesh(tp=2, dp=2)

@@ -145,7 +145,7 @@ def test_continuous_batching_equals_one_at_a_time(llama):
     params = [jaxtp.SamplingParams(max_tokens=5 + 7 * i, temperature=0 if i % 2 else 0.8, seed=i,
                                    ignore_eos=True) for i in range(len(prompts))]
     seqs = [engine.Sequence(p, q, q.seed) for p, q in zip(prompts, params)]
-    eng = engine.Engine(model, slots=2, max_len=128, chunk=4)
+    eng = engine.Engine(model, max_num_seqs=2, max_model_len=128, chunk=4)
     for s in seqs:
         eng.add(s)
     busy = []

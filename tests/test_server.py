@@ -293,9 +293,10 @@ def test_help_shows_the_vllm_flags_and_their_defaults():
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve.py"), "--help"], capture_output=True,
                          text=True, timeout=60)
     for flag in ("--gpu-memory-utilization", "--data-parallel-size", "--pipeline-parallel-size", "--dtype",
-                 "--quantization", "--chat-template", "--api-key", "--log-level", "--disable-access-log"):
+                 "--quantization", "--chat-template", "--api-key", "--log-level", "--disable-access-log",
+                 "--max-num-batched-tokens"):
         assert flag in run.stdout
-    assert "(default: 64)" in run.stdout and "(default: 0.9)" in run.stdout
+    assert "(default: 256)" in run.stdout and "(default: 0.9)" in run.stdout and "(default: 8192)" in run.stdout
 
 
 def test_sigterm_drains_within_its_timeout_and_exits_0(long_model):

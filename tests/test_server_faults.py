@@ -85,7 +85,7 @@ def test_a_request_is_admitted_whole_or_not_at_all(model):
 
 def test_a_chat_stream_with_a_full_queue_is_a_503_before_any_event(model):
     async def test(client, llm):
-        busy = llm.submit([("1+1=", [1, 5, 14, 5, 15], jaxtp.SamplingParams(max_tokens=100, ignore_eos=True))])[0]
+        busy = llm.submit([("1+1=", [1, 5, 14, 5, 15], jaxtp.SamplingParams(max_tokens=50, ignore_eos=True))])[0]
         await anext(busy)  # admitted and running
         r = await client.post("/v1/chat/completions", json={
             "model": NAME, "messages": [{"role": "user", "content": "1+1="}], "stream": True})

@@ -1,9 +1,11 @@
-"""The KV cache: per layer, keys and values [batch, kv_heads, max_len, head_dim], split on heads.
+"""The KV cache: per layer, a pool of pages of keys and values [pages, kv_heads, page_size,
+head_dim], split on heads over tp and on pages over dp (each replica owns its own pages and
+indexes them from 0). A sequence's block table lists the pages holding its positions, so memory
+goes to the tokens that exist, not to a fixed maximum length per row.
 
-Rows advance independently (each has its own length), so a ragged batch needs no left padding
-and a finished row's slot can be reused. The cache is donated to every step and updated in place.
-With pipeline stages (pp > 1) there is one entry per layer *of a stage*, stacked over stages:
-[pp, batch, kv_heads, max_len, head_dim], split on `pp` (see pipeline.py).
+The cache is donated to every step and updated in place. With pipeline stages (pp > 1) there is
+one entry per layer *of a stage*, stacked over stages: [pp, pages, kv_heads, page_size,
+head_dim], split on `pp` (see pipeline.py).
 """
 from __future__ import annotations
 
@@ -15,9 +17,11 @@ from jax.sharding import Mesh
 
 from jaxtp.sharding import KV_CACHE_SPEC, STAGED_KV_CACHE_SPEC, named, pp_size
 
+PAGE_SIZE = 64  # tokens per page: one block of the decode kernel's loop (docs/performance.md)
+
 
 class KVCache(NamedTuple):
-    k: list  # num_layers x [B, KVH, S, D]
+    k: list  # num_layers x [P, KVH, page_size, D]
     v: list
 
 
@@ -25,17 +29,18 @@ def cache_sharding(mesh: Mesh, ndim: int = 4):
     return named(mesh, STAGED_KV_CACHE_SPEC if ndim == 5 else KV_CACHE_SPEC)
 
 
-def shape(num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
+def shape(num_layers: int, pages: int, kv_heads: int, page_size: int, head_dim: int,
           pp: int = 1) -> tuple[int, tuple[int, ...]]:
-    """(number of cache entries, shape of each) for this many layers split into pp stages."""
-    one = (batch, kv_heads, max_len, head_dim)
+    """(number of cache entries, shape of each) for this many layers split into pp stages;
+    `pages` counts the pages of all dp replicas."""
+    one = (pages, kv_heads, page_size, head_dim)
     return (num_layers, one) if pp == 1 else (num_layers // pp, (pp, *one))
 
 
-def init(num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype,
+def init(num_layers: int, pages: int, kv_heads: int, page_size: int, head_dim: int, dtype,
          mesh: Mesh) -> KVCache:
-    """Allocate a zeroed cache directly in its sharding (each device gets only its heads, and
-    with pipeline stages only its stage's layers)."""
-    n, shp = shape(num_layers, batch, kv_heads, max_len, head_dim, pp_size(mesh))
+    """Allocate a zeroed pool directly in its sharding (each device gets only its heads and its
+    replica's pages, and with pipeline stages only its stage's layers)."""
+    n, shp = shape(num_layers, pages, kv_heads, page_size, head_dim, pp_size(mesh))
     zeros = jax.jit(lambda: jnp.zeros(shp, dtype), out_shardings=cache_sharding(mesh, len(shp)))
     return KVCache([zeros() for _ in range(n)], [zeros() for _ in range(n)])

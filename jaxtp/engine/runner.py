@@ -1,14 +1,16 @@
-"""The device side of the engine: the jitted prefill and decode programs over a slot-based KV
+"""The device side of the engine: the jitted prefill and decode programs over the paged KV
 cache, the pytrees they take, and `ModelRunner`, which holds the device state and turns the
-scheduler's choices (these sequences into these slots; a chunk over every slot) into calls.
+scheduler's choices (these chunks of prompts; a decode chunk over every slot) into calls.
 
-The cache has a fixed number of rows ("slots"). Prefill runs a group of new prompts and writes
-their keys/values into their slots; decode advances every slot `steps` tokens in an on-device
-loop (finished and empty slots idle in place). Shapes are bucketed (prompt group size and
-length to powers of two) so a run compiles a handful of programs once; the cache and the decode
-state are donated so XLA updates them in place.
+Keys and values live in a pool of pages (kv_cache.py); each sequence's block table lists its
+pages. There is a fixed number of decode rows ("slots"). Prefill runs chunks of prompts, writing
+their keys/values through their tables; a chunk that ends a prompt samples its first token into
+its slot. Decode advances every slot `steps` tokens in an on-device loop (finished, empty and
+still-prefilling slots idle, writing only to the scratch page). Shapes are bucketed (chunk rows
+and length to powers of two) so a run compiles a handful of programs once; the cache and the
+decode state are donated so XLA updates them in place.
 
-With data parallelism the slots (and every per-slot array) are split on `dp` along the batch;
+With data parallelism the slots (and every per-slot array) and the pages are split on `dp`;
 with pipeline stages the model and cache are stacked per stage (pipeline.py) and nothing here
 changes but the cache's leading axis. Host data goes in and out only through `distributed.put`
 / `fetch`, so the same code runs as one process or as many (multi-controller).
@@ -31,11 +33,10 @@ from jaxtp.engine import kv_cache
 from jaxtp.engine.kv_cache import KVCache
 from jaxtp.engine.sampling import (MAX_LOGPROBS, Penalties, SamplerArrays, SamplingParams, TokenLogprobs,
                                    sample, token_logprobs)
-from jaxtp.engine.sequence import Sequence
+from jaxtp.engine.sequence import Sequence, Status
 from jaxtp.ops import OpsConfig
+from jaxtp.ops.paged import SCRATCH_PAGE
 from jaxtp.sharding import ROWS_SPEC
-
-CACHE_BUCKET = 128  # cache lengths are rounded up to this, to bound the number of compiled shapes
 
 # Number of times each jitted function was traced (a trace precedes every compilation).
 TRACES: collections.Counter = collections.Counter()
@@ -102,11 +103,20 @@ class DecodeState(NamedTuple):
 
 
 class PrefillBatch(NamedTuple):
-    """The inputs of a prefill call: prompts tokens [n, T] (right-padded), their true lengths
-    [n], and the cache slot each goes to (out of range: a padding row, dropped)."""
+    """One prefill call: a chunk of a prompt per row. tokens [n, T] (right-padded); row i's
+    chunk sits at positions starts[i] ... + lens[i] in the pages of table [n, W]; slots[i] is
+    its sequence's decode slot (out of range: a padding row), and where sample[i] its chunk ends
+    the prompt and its first token is sampled into the slot. prompt_lens[i] counts the
+    sequence's own prompt (past it, a recomputed sequence's generated tokens); targets [n, T]:
+    the token after each position (prompt log-probs)."""
     tokens: jax.Array
+    starts: jax.Array
     lens: jax.Array
+    table: jax.Array
     slots: jax.Array
+    sample: jax.Array
+    prompt_lens: jax.Array
+    targets: jax.Array
 
 
 class Step(NamedTuple):
@@ -161,54 +171,63 @@ def _logprobs(logits, tok, k):
     return None if k is None else token_logprobs(logits, tok, k)
 
 
-def _prompt_penalties(batch: PrefillBatch, shape) -> Penalties:
-    """The penalties' statistics of fresh prompts: which tokens each holds, none generated."""
-    t = batch.tokens.shape[1]
-    rows = jnp.arange(shape[0])[:, None]
-    valid = (jnp.arange(t)[None, :] < batch.lens[:, None]).astype(jnp.int32)
-    seen = jnp.zeros(shape, jnp.int32).at[rows, batch.tokens].add(valid)
-    return Penalties(seen > 0, jnp.zeros(shape, jnp.int32))
+def _chunk_penalties(old: Penalties, batch: PrefillBatch, slot) -> Penalties:
+    """The penalties' statistics of each row's sequence after its chunk: a first chunk starts
+    them afresh, a later one adds to its slot's (prompt tokens are seen, later ones counted)."""
+    n, t = batch.tokens.shape
+    rows, pos = jnp.arange(n)[:, None], batch.starts[:, None] + jnp.arange(t)[None, :]
+    valid = jnp.arange(t)[None, :] < batch.lens[:, None]
+    in_prompt = valid & (pos < batch.prompt_lens[:, None])
+    fresh = (batch.starts == 0)[:, None]
+    seen = jnp.where(fresh, 0, old.in_prompt[slot].astype(jnp.int32))
+    seen = seen.at[rows, batch.tokens].add(in_prompt.astype(jnp.int32)) > 0
+    counts = jnp.where(fresh, 0, old.counts[slot]).at[rows, batch.tokens].add((valid & ~in_prompt).astype(jnp.int32))
+    return Penalties(seen, counts)
 
 
 @functools.partial(jax.jit, static_argnames=("model_def", "cfg"), donate_argnames=("cache", "state"))
 def prefill(model_def: ModelDef, weights, cache: KVCache, state: DecodeState, rows: Rows,
             batch: PrefillBatch, cfg: StepConfig):
-    """The prompts of `batch` into their cache slots; samples each prompt's first token.
+    """The chunks of `batch` into their pages; rows whose chunk ends a prompt sample its first
+    token into their decode slot.
 
-    Returns (Step [n], prompt TokenLogprobs [n, T-1] or None, state, cache).
+    Returns (Step [n] (-1 for rows that sample nothing), prompt TokenLogprobs [n, T] or None,
+    state, cache).
     """
     TRACES["prefill"] += 1
     model, mesh = model_def.merge(weights), cfg.ops.mesh
-    (n, t), (b, kvh, _, hd) = batch.tokens.shape, cache.k[0].shape[-4:]
-    layers, stages = len(cache.k), cache.k[0].shape[:-4]  # stages: () or (pp,)
-    fresh = jnp.zeros((*stages, n, kvh, t, hd), cache.k[0].dtype)
-    h, new = model.hidden(batch.tokens, _constrain_cache(KVCache([fresh] * layers, [fresh] * layers), mesh),
-                          jnp.zeros((n,), jnp.int32), cfg.ops)
-    put = lambda c, x: c.at[..., batch.slots, :, :t, :].set(x, mode="drop")  # noqa: E731
-    cache = KVCache(list(map(put, cache.k, new.k)), list(map(put, cache.v, new.v)))
-
-    r = jax.tree.map(lambda x: x[jnp.minimum(batch.slots, b - 1)], rows)
+    n, b = batch.tokens.shape[0], state.tokens.shape[0]
+    h, cache = model.hidden(batch.tokens, _constrain_cache(cache, mesh), batch.starts, batch.table, cfg.ops)
+    slot = jnp.minimum(batch.slots, b - 1)
+    r = jax.tree.map(lambda x: x[slot], rows)
     logits = model.logits(h[jnp.arange(n), batch.lens - 1])
-    penalties = None if state.penalties is None else _prompt_penalties(batch, logits.shape)
-    zero = jnp.zeros((n,), jnp.int32)
-    tok = sample(logits, r.sampler, zero, model.vocab_size, cfg.greedy, penalties, cfg.min_tokens)
+    penalties = None if state.penalties is None else _chunk_penalties(state.penalties, batch, slot)
+    generated = batch.starts + batch.lens - batch.prompt_lens  # before this token (recomputed: > 0)
+    tok = sample(logits, r.sampler, generated, model.vocab_size, cfg.greedy, penalties, cfg.min_tokens)
     if penalties is not None:
-        penalties = penalties._replace(counts=penalties.counts.at[jnp.arange(n), tok].add(1))
+        penalties = penalties._replace(counts=penalties.counts.at[jnp.arange(n), tok].add(batch.sample))
+        state = state._replace(penalties=jax.tree.map(lambda old, x: old.at[batch.slots].set(x, mode="drop"),
+                                                      state.penalties, penalties))
     prompt_lp = None
     if cfg.prompt_logprobs is not None:
-        prompt_lp = token_logprobs(model.logits(h[:, :-1]), batch.tokens[:, 1:], cfg.prompt_logprobs)
+        prompt_lp = token_logprobs(model.logits(h), batch.targets, cfg.prompt_logprobs)
 
-    new_rows = DecodeState(tok, batch.lens, zero + 1, _is_done(tok, zero + 1, r), penalties)
-    state = jax.tree.map(lambda old, x: old.at[batch.slots].set(x, mode="drop"), state, new_rows)
-    step = Step(tok, _logprobs(logits, tok, cfg.logprobs), state.done)
+    count = generated + 1
+    new_rows = DecodeState(tok, batch.starts + batch.lens, count, _is_done(tok, count, r))
+    into = jnp.where(batch.sample, batch.slots, b)  # only rows that sampled take over their slot
+    fields = ("tokens", "pos", "count", "done")
+    state = state._replace(**{f: getattr(state, f).at[into].set(getattr(new_rows, f), mode="drop") for f in fields})
+    step = Step(jnp.where(batch.sample, tok, -1), _logprobs(logits, tok, cfg.logprobs), state.done)
     return step, prompt_lp, state, _constrain_cache(cache, mesh)
 
 
-def _decode_step(model, rows: Rows, cfg: StepConfig, i, carry):
+def _decode_step(model, rows: Rows, table, cfg: StepConfig, i, carry):
     """Step i of the decode loop: one token for every slot that is not done."""
     cache, s, out, lp_out = carry
     b = s.tokens.shape[0]
-    h, cache = model.hidden(s.tokens[:, None], cache, s.pos, cfg.ops)
+    # A done slot may hold a sequence still prefilling: its re-run writes only to scratch.
+    live = jnp.where(s.done[:, None], SCRATCH_PAGE, table)
+    h, cache = model.hidden(s.tokens[:, None], cache, s.pos, live, cfg.ops)
     logits = model.logits(h[:, 0])
     tok = sample(logits, rows.sampler, s.count, model.vocab_size, cfg.greedy, s.penalties, cfg.min_tokens)
     if cfg.logprobs is not None:
@@ -220,15 +239,17 @@ def _decode_step(model, rows: Rows, cfg: StepConfig, i, carry):
             counts=penalties.counts.at[jnp.arange(b), tok].add(jnp.where(s.done, 0, 1)))
     tok = jnp.where(s.done, -1, tok)
     done = s.done | _is_done(tok, count, rows)
-    # A finished row re-runs its last token at its last position: an idempotent cache write.
+    # A finished row re-runs its last token at its last position, to the scratch page.
     nxt = DecodeState(jnp.where(s.done, s.tokens, tok), jnp.where(s.done, s.pos, s.pos + 1),
                       jnp.where(s.done, s.count, count), done, penalties)
     return _constrain_cache(cache, cfg.ops.mesh), nxt, out.at[i].set(tok), lp_out
 
 
 @functools.partial(jax.jit, static_argnames=("model_def", "cfg"), donate_argnames=("cache", "state"))
-def decode(model_def: ModelDef, weights, cache: KVCache, state: DecodeState, rows: Rows, cfg: StepConfig):
-    """`cfg.steps` decode steps for every slot on device -> (Step [steps, B], state, cache)."""
+def decode(model_def: ModelDef, weights, cache: KVCache, state: DecodeState, rows: Rows, table,
+           cfg: StepConfig):
+    """`cfg.steps` decode steps for every slot on device, slot b's keys and values in the pages
+    of table[b] -> (Step [steps, B], state, cache)."""
     TRACES["decode"] += 1
     model = model_def.merge(weights)
     b, steps = state.tokens.shape[0], cfg.steps
@@ -236,7 +257,7 @@ def decode(model_def: ModelDef, weights, cache: KVCache, state: DecodeState, row
     k = cfg.logprobs or 0
     lp_out = TokenLogprobs(jnp.zeros((steps, b)), jnp.zeros((steps, b), jnp.int32),
                            jnp.zeros((steps, b, k), jnp.int32), jnp.zeros((steps, b, k)))
-    body = functools.partial(_decode_step, model, rows, cfg)
+    body = functools.partial(_decode_step, model, rows, table, cfg)
     # A fixed trip count: no per-step predicate copy to the host; the host checks `done` per chunk.
     cache, state, out, lp_out = jax.lax.fori_loop(0, steps, body, (cache, state, out, lp_out))
     return Step(out, lp_out if cfg.logprobs is not None else None, state.done), state, cache
@@ -253,27 +274,46 @@ def forward_logits(model_def: ModelDef, weights, tokens, ops: OpsConfig):
     TRACES["forward_logits"] += 1
     model = model_def.merge(weights)
     attn = model.model.layers[0].self_attn
-    b, t = tokens.shape
+    (rows, t), dp, size = tokens.shape, ops.dp, 16
+    tokens = jnp.pad(tokens, ((0, -rows % dp), (0, 0)))        # each replica gets as many rows
+    b = tokens.shape[0]
+    width, local = -(-t // size), b // dp                       # pages per row, rows per replica
+    table = 1 + (jnp.arange(b)[:, None] % local) * width + jnp.arange(width)[None, :]  # 0: scratch
     pp = ops.mesh.shape.get("pp", 1)
-    n, shape = kv_cache.shape(len(model.model.layers) * pp, b, attn.num_kv_heads, t, attn.head_dim, pp)
+    n, shape = kv_cache.shape(len(model.model.layers) * pp, dp * (local * width + 1), attn.num_kv_heads, size,
+                              attn.head_dim, pp)
     dtype = model.model.norm.weight[...].dtype
     cache = KVCache([jnp.zeros(shape, dtype)] * n, [jnp.zeros(shape, dtype)] * n)
-    h, _ = model.hidden(tokens, _constrain_cache(cache, ops.mesh), jnp.zeros((b,), jnp.int32), ops)
-    return model.logits(h)
+    h, _ = model.hidden(tokens, _constrain_cache(cache, ops.mesh), jnp.zeros((b,), jnp.int32), table, ops)
+    return model.logits(h[:rows])
+
+
+class Chunk(NamedTuple):
+    """A prefill row: positions [start, start + length) of seq's prompt (+ generated tokens)."""
+    seq: Sequence
+    start: int
+    length: int
+
+    @property
+    def last(self) -> bool:
+        return self.start + self.length == self.seq.target
 
 
 class Pending(NamedTuple):
     """Device work whose tokens the host has not read: its Step (tokens [steps, columns]), and
-    the sequence and slot of each column when it was queued."""
+    each column's sequence, slot and run (admission count) when it was queued; for a prefill,
+    each column's chunk."""
     step: Step
     prompt_logprobs: TokenLogprobs | None
     seqs: list[Sequence | None]
     slots: list[int]
+    runs: list[int]
+    chunks: list[Chunk] | None = None
 
 
 class Column(NamedTuple):
     """One sequence's share of read work: its new tokens (and log-prob entries), whether its
-    slot was done after the call, and its prompt's log-prob entries if it asked."""
+    slot was done after the call, and new entries of its prompt's log-probs, if it asked."""
     seq: Sequence
     tokens: list[int]
     logprobs: list[tuple]
@@ -299,20 +339,23 @@ def _set_rows(all_rows: np.ndarray, slots: list[int], new: np.ndarray) -> np.nda
 
 
 class ModelRunner:
-    """The device state of `slots` cache rows of `max_len` tokens (keys and values, the decode
-    state, the per-slot sampling constants) and the calls that advance it. It is told which
-    sequences go where and decides nothing itself."""
+    """The device state: the KV page pool (`pages` pages of `page_size` tokens per dp replica),
+    the decode state and sampling constants of `slots` decode rows, and each slot's block table
+    (up to `max_len` positions). It is told which chunks and slots run and decides nothing."""
 
-    def __init__(self, model, slots: int, max_len: int):
-        cfg, self.model = model.config, model
-        self.slots, self.max_len = slots, round_up(max_len, CACHE_BUCKET)
-        self.cache = kv_cache.init(cfg.num_layers, slots, model.kv_heads, self.max_len, cfg.head_dim,
+    def __init__(self, model, slots: int, pages: int, page_size: int, max_len: int):
+        cfg, self.model, dp = model.config, model, model.mesh.shape["dp"]
+        self.slots, self.page_size = slots, page_size
+        self.width = -(-max_len // page_size)  # block-table entries per sequence
+        self.cache = kv_cache.init(cfg.num_layers, pages * dp, model.kv_heads, page_size, cfg.head_dim,
                                    model.dtype, model.mesh)
         self.per_row = NamedSharding(model.mesh, ROWS_SPEC)
         idle = SamplingParams(max_tokens=1, temperature=0.0)
         self.host_rows = Rows.build([idle] * slots, [0] * slots, [[]] * slots)
         self.rows = self._put(self.host_rows)
         self.state = self._put(DecodeState.idle(slots))
+        self.host_table = np.zeros((slots, self.width), np.int32)
+        self.table = None  # on device, re-sent when host_table changes
 
     def _put(self, tree):
         """Per-row host arrays -> device, split on dp."""
@@ -326,29 +369,56 @@ class ModelRunner:
         except (OverflowError, TypeError, ValueError) as e:
             raise ValueError(f"cannot schedule this request: {e}") from None
 
+    def set_table(self, slot: int, pages: list[int]) -> None:
+        """Slot's block table: these pages, scratch past them."""
+        row = np.zeros(self.width, np.int32)
+        row[:len(pages)] = pages
+        if not np.array_equal(row, self.host_table[slot]):
+            self.host_table[slot] = row
+            self.table = None
+
     def stop(self, slots: list[int]) -> None:
         """Mark these slots done, so queued decode work leaves them alone."""
         mask = np.zeros(self.slots, bool)
         mask[slots] = True
         self.state = stop_rows(self.state, self._put(mask))
 
-    def prefill(self, seqs: list[Sequence], slots: list[int]) -> Pending:
-        """Queue the prefill of `seqs` into `slots` (one step: tokens [1, n])."""
-        self._set_rows(seqs, slots)
-        dp = self.model.mesh.shape["dp"]
-        n, t = round_up(bucket(len(seqs)), dp), min(bucket(max(len(s.prompt) for s in seqs), 16), self.max_len)
-        tokens = np.zeros((n, t), np.int32)
-        for i, s in enumerate(seqs):
-            tokens[i, : len(s.prompt)] = s.prompt
-        lens = np.array([len(s.prompt) for s in seqs] + [1] * (n - len(seqs)), np.int32)
-        slot_ids = np.array(slots + [self.slots] * (n - len(seqs)), np.int32)
-        cfg = StepConfig.for_group(self.model.ops, seqs,
+    def prefill(self, chunks: list[Chunk]) -> Pending:
+        """Queue one prefill call over `chunks` (first chunks also set their slots' rows)."""
+        firsts = [c.seq for c in chunks if c.start == 0]
+        if firsts:
+            self._set_rows(firsts, [s.slot for s in firsts])
+        batch, rows = self._prefill_batch(chunks)
+        seqs = [c.seq for c in chunks]
+        cfg = StepConfig.for_group(self.model.ops, [c.seq for c in chunks if c.last],
                                    prompt_logprobs=logprob_bucket(s.params.prompt_logprobs for s in seqs))
         step, prompt_lp, self.state, self.cache = prefill(
-            *self.model.step_args, self.cache, self.state, self.rows,
-            self._put(PrefillBatch(tokens, lens, slot_ids)), cfg)
+            *self.model.step_args, self.cache, self.state, self.rows, self._put(batch), cfg)
         step = step._replace(tokens=step.tokens[None], logprobs=jax.tree.map(lambda x: x[None], step.logprobs))
-        return Pending(step, prompt_lp, list(seqs), list(slots))
+        return Pending(step, prompt_lp, [c and c.seq for c in rows], [c.seq.slot if c else 0 for c in rows],
+                       [c.seq.runs if c else -1 for c in rows], rows)
+
+    def _prefill_batch(self, chunks: list[Chunk]) -> tuple[PrefillBatch, list[Chunk | None]]:
+        """Host arrays of a prefill call, and the chunk of each row (None: padding). Rows are
+        bucketed to a power of two per replica (each replica's chunks in its share), lengths to
+        a power of two >= 16."""
+        dp = self.model.mesh.shape["dp"]
+        per = [[c for c in chunks if c.seq.replica == r] for r in range(dp)]
+        local = bucket(max(map(len, per)))
+        rows = [g[i] if i < len(g) else None for g in per for i in range(local)]
+        n, t = len(rows), bucket(max(c.length for c in chunks), 16)
+        tokens, targets = np.zeros((n, t), np.int32), np.zeros((n, t), np.int32)
+        starts, lens, prompt_lens = np.zeros(n, np.int32), np.ones(n, np.int32), np.zeros(n, np.int32)
+        table, slots, sample = np.zeros((n, self.width), np.int32), np.full(n, self.slots, np.int32), np.zeros(n, bool)
+        for i, c in enumerate(rows):
+            if c is None:
+                continue
+            ids = c.seq.ids(c.start, c.start + c.length + 1)
+            tokens[i, :c.length], targets[i, :len(ids) - 1] = ids[:c.length], ids[1:]
+            starts[i], lens[i], prompt_lens[i] = c.start, c.length, len(c.seq.prompt)
+            table[i, :len(c.seq.pages)] = c.seq.pages
+            slots[i], sample[i] = c.seq.slot, c.last
+        return PrefillBatch(tokens, starts, lens, table, slots, sample, prompt_lens, targets), rows
 
     def _set_rows(self, seqs: list[Sequence], slots: list[int]) -> None:
         """The new sequences' sampling constants into their slots (and penalty statistics for
@@ -364,22 +434,36 @@ class ModelRunner:
 
     def decode(self, columns: list[Sequence | None], steps: int) -> Pending:
         """Queue `steps` decode steps over every slot; columns[i] is slot i's sequence."""
+        if self.table is None:
+            self.table = self._put(self.host_table)
         cfg = StepConfig.for_group(self.model.ops, [s for s in columns if s is not None], steps=steps)
-        step, self.state, self.cache = decode(*self.model.step_args, self.cache, self.state, self.rows, cfg)
-        return Pending(step, None, list(columns), list(range(self.slots)))
+        step, self.state, self.cache = decode(*self.model.step_args, self.cache, self.state, self.rows,
+                                              self.table, cfg)
+        return Pending(step, None, list(columns), list(range(self.slots)),
+                       [-1 if s is None else s.runs for s in columns])
 
     def read(self, pending: list[Pending]) -> list[Column]:
-        """Wait for queued work (one fetch for all of it): each live sequence's share, in order."""
+        """Wait for queued work (one fetch for all of it): each live sequence's share, in order.
+        Work queued for a run of a sequence that has since been preempted is dropped."""
         out, vocab = [], self.model.config.vocab_size  # top-k past the vocabulary: padding, dropped
         for p, (step, prompt_lp) in zip(pending, distributed.fetch([(p.step, p.prompt_logprobs) for p in pending])):
-            for col, (seq, slot) in enumerate(zip(p.seqs, p.slots)):
-                if seq is None or seq.finished:
+            for col, (seq, slot, run) in enumerate(zip(p.seqs, p.slots, p.runs)):
+                if seq is None or seq.status is not Status.RUNNING or seq.runs != run:
                     continue
-                k, prompt = seq.params.logprobs, None
-                if prompt_lp is not None and seq.params.prompt_logprobs is not None:
-                    prompt = [_entry(prompt_lp, (col, j), min(seq.params.prompt_logprobs, vocab))
-                              for j in range(len(seq.prompt) - 1)]
-                at = np.nonzero(step.tokens[:, col] >= 0)[0]
+                chunk = None if p.chunks is None else p.chunks[col]
+                k, at = seq.params.logprobs, np.nonzero(step.tokens[:, col] >= 0)[0]
                 lps = [] if k is None else [_entry(step.logprobs, (j, col), min(k, vocab)) for j in at]
-                out.append(Column(seq, step.tokens[at, col].tolist(), lps, bool(step.done[slot]), prompt))
+                done = bool(step.done[slot]) if chunk is None or chunk.last else False
+                prompt = None if chunk is None else self._prompt_entries(prompt_lp, chunk, col)
+                out.append(Column(seq, step.tokens[at, col].tolist(), lps, done, prompt))
         return out
+
+    def _prompt_entries(self, prompt_lp, chunk: Chunk, row: int) -> list[tuple] | None:
+        """The prompt log-prob entries this chunk adds (positions the sequence lacks)."""
+        seq, k = chunk.seq, chunk.seq.params.prompt_logprobs
+        if prompt_lp is None or k is None:
+            return None
+        have = len(seq.prompt_logprobs or [])
+        end = min(chunk.start + chunk.length, len(seq.prompt) - 1)
+        return [_entry(prompt_lp, (row, j - chunk.start), min(k, self.model.config.vocab_size))
+                for j in range(max(have, chunk.start), end)]

@@ -1,48 +1,75 @@
-"""The scheduler: which sequences get cache slots, when a decode chunk is queued, and what each
-sequence's tokens and finish are (continuous batching). It decides; engine.runner executes.
+"""The scheduler: which sequences get decode slots and KV pages, which prompt chunks are
+prefilled each step, when a decode chunk is queued, and what each sequence's tokens and finish
+are (continuous batching with chunked prefill). It decides; engine.runner executes.
 
-Each step admits waiting sequences into free slots (one prefill), queues the next decode chunk
-over every slot, and only then reads the chunk queued by the step before: the device runs chunk
-after chunk while the host records tokens, frees slots and schedules. A queued chunk runs rows
-the host has not yet seen finish; they idle in place, and tokens of sequences finished
-meanwhile are dropped.
+Each step fills a token budget with prefill chunks (sequences part-way through their prompt
+first, then newly admitted ones), queues the next decode chunk over every slot, and only then
+reads the chunk queued by the step before: the device runs chunk after chunk while the host
+records tokens, frees pages and schedules. A long prompt is prefilled over several steps while
+the others keep decoding. When the pool has no page for the next decode chunk, the newest
+sequence is preempted: its pages are freed and it waits to be recomputed from its prompt and
+the tokens it has (vLLM's preemption by recompute), so nothing runs out of memory and nothing
+is lost.
 """
 from __future__ import annotations
 
 import collections
 
-from jaxtp.engine.runner import CACHE_BUCKET, Column, ModelRunner, Pending, bucket, round_up
+from jaxtp.engine.block_manager import BlockManager
+from jaxtp.engine.kv_cache import PAGE_SIZE
+from jaxtp.engine.runner import Chunk, Column, ModelRunner, Pending, bucket, round_up
 from jaxtp.engine.sequence import Sequence, Status
+
+MAX_SLOTS = 256                # concurrent sequences at most (vLLM's max_num_seqs); more queue
+MAX_BATCHED_TOKENS = 8192      # prefill tokens per step, padding included (max_num_batched_tokens)
+MIN_CHUNK = 16
 
 
 class Engine:
-    """Continuous batching over `slots` cache rows of `max_len` tokens each.
+    """Continuous batching over `max_num_seqs` decode slots and a pool of KV pages.
 
-    `add` queues a sequence; each `step` prefills waiting sequences into free slots (at most
-    `max_prefill_tokens` padded prompt tokens per prefill call) and queues one decode chunk of
-    `chunk` tokens, returning the sequences that got new tokens (from the chunk queued by the
-    step before, and this step's prefill). `abort` (a client went away) and `stop` (a stop
-    string matched) end a sequence from the host and free its slot. With data parallelism
-    `slots` must be a multiple of dp (each replica holds slots/dp of them).
+    The pool holds `max_kv_tokens` tokens per dp replica (default: the model's capacity from
+    its memory plan, at most what every slot could use at `max_model_len`). `add` queues a
+    sequence; each `step` prefills up to `max_num_batched_tokens` prompt tokens and queues one
+    decode chunk of `chunk` tokens per running sequence, returning the sequences that got new
+    tokens or finished. `abort` (a client went away) and `stop` (a stop string matched) end a
+    sequence from the host and free its slot and pages. With data parallelism `max_num_seqs`
+    must be a multiple of dp (each replica has max_num_seqs/dp slots and its own pages).
     """
 
-    def __init__(self, model, slots: int, max_len: int, chunk: int = 16, max_prefill_tokens: int = 8192):
+    def __init__(self, model, max_num_seqs: int = MAX_SLOTS, max_model_len: int | None = None, chunk: int = 16,
+                 max_num_batched_tokens: int = MAX_BATCHED_TOKENS, page_size: int = PAGE_SIZE,
+                 max_kv_tokens: int | None = None):
         dp = model.mesh.shape["dp"]
-        if slots % dp:
-            raise ValueError(f"slots={slots} must be a multiple of data_parallel_size={dp}")
-        self.runner = ModelRunner(model, slots, max_len)
-        self.slots, self.max_len = slots, self.runner.max_len
-        self.chunk, self.max_prefill_tokens = chunk, max_prefill_tokens
+        if max_num_seqs % dp:
+            raise ValueError(f"max_num_seqs={max_num_seqs} must be a multiple of data_parallel_size={dp}")
+        if max_num_batched_tokens < MIN_CHUNK:
+            raise ValueError(f"max_num_batched_tokens must be >= {MIN_CHUNK}, got {max_num_batched_tokens}")
+        self.max_model_len = max_model_len or model.max_model_len
+        slots_per_replica = max_num_seqs // dp
+        tokens = min(x for x in (max_kv_tokens, model.max_kv_tokens,
+                                 slots_per_replica * round_up(self.max_model_len, page_size)) if x)
+        self.blocks = BlockManager(tokens // page_size + 1, page_size, dp)  # + the scratch page
+        self.runner = ModelRunner(model, max_num_seqs, self.blocks.pages, page_size, self.max_model_len)
+        self.slots, self.chunk, self.max_num_batched_tokens = max_num_seqs, chunk, max_num_batched_tokens
         self.eos = list(model.config.eos_token_ids)
-        self.running: list[Sequence | None] = [None] * slots
+        self.running: list[Sequence | None] = [None] * max_num_seqs
         self.waiting: collections.deque[Sequence] = collections.deque()
+        self.admitted: list[Sequence] = []   # running sequences, oldest first
+        self.preemptions = 0
         self._freed: list[int] = []          # slots freed from the host since the last step
         self._ahead: Pending | None = None   # the decode chunk queued by the last step, unread
 
     def add(self, seq: Sequence) -> None:
-        if len(seq.prompt) + seq.params.max_tokens > self.max_len:
+        if seq.max_len > self.max_model_len:
             raise ValueError(f"prompt of {len(seq.prompt)} tokens + max_tokens={seq.params.max_tokens} "
-                             f"exceeds the engine's maximum length of {self.max_len} tokens")
+                             f"exceeds the engine's maximum length of {self.max_model_len} tokens")
+        pages = self.blocks.pages_for(seq.max_len)
+        if pages > self.blocks.capacity:
+            raise ValueError(f"prompt of {len(seq.prompt)} tokens + max_tokens={seq.params.max_tokens} needs "
+                             f"{pages} KV pages of {self.blocks.page_size} tokens, but the KV cache holds "
+                             f"{self.blocks.capacity} pages ({self.blocks.capacity * self.blocks.page_size} "
+                             f"tokens) per replica")
         seq.stop_ids = list(seq.params.stop_token_ids) + ([] if seq.params.ignore_eos else self.eos)
         self.runner.check(seq)
         seq.status = Status.WAITING
@@ -67,57 +94,124 @@ class Engine:
             self.waiting.remove(seq)
         elif seq.slot is not None:
             self._freed.append(seq.slot)
-            self.running[seq.slot] = None
+            self._release(seq)
         seq.finish(reason, stop_reason)
+
+    def _release(self, seq: Sequence) -> None:
+        """seq's slot and pages back to the pool (work already queued runs before any reuse)."""
+        self.running[seq.slot] = None
+        self.admitted.remove(seq)
+        self.blocks.release(seq.pages, seq.replica)
+        self.runner.set_table(seq.slot, [])
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.runner.stop([seq.slot])
+        self._release(seq)
+        seq.requeue()
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
 
     @property
     def kv_usage(self) -> float:
-        """Share of the cache's token capacity that running sequences hold."""
-        held = sum(len(s.prompt) + len(s.tokens) for s in self.running if s is not None)
-        return held / (self.slots * self.max_len)
+        """Share of the fullest replica's KV pages that running sequences hold."""
+        return self.blocks.usage()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.admitted)
 
     @property
     def has_unfinished(self) -> bool:
-        return bool(self.waiting) or any(s is not None for s in self.running)
+        return bool(self.waiting) or bool(self.admitted)
 
     def step(self) -> list[Sequence]:
-        """Admit waiting sequences, queue one decode chunk, and read the chunk queued by the call
-        before (and this call's prefill); returns the sequences that got tokens or finished."""
+        """Prefill one budget of prompt chunks, queue one decode chunk, and read the chunk
+        queued by the call before (and this call's prefill); returns the sequences that got
+        tokens or finished."""
         if self._freed:
             self.runner.stop(self._freed)
             self._freed = []
-        prefill = self._admit()
+        prefill = self._prefill()
         ready, self._ahead = self._ahead, self._launch(prefill)
         return self._collect([p for p in (ready, prefill) if p is not None])
 
-    def _admit(self) -> Pending | None:
-        """Prefill waiting sequences into free slots, as many as fit one prefill call's budget;
-        their first tokens are read with the next collect."""
-        free = [i for i, s in enumerate(self.running) if s is None]
-        group: list[Sequence] = []
-        while self.waiting and len(group) < len(free):
-            t = bucket(max(len(s.prompt) for s in group + [self.waiting[0]]), 16)
-            if group and bucket(len(group) + 1) * t > self.max_prefill_tokens:
+    def _prefill(self) -> Pending | None:
+        """Chunks of the running prompts (oldest first), then of newly admitted ones, as many as
+        one call's token budget holds (rows x length, padded to their buckets)."""
+        chunks: list[Chunk] = []
+        decoding = sum(not s.prefilling for s in self.admitted)
+        budget = max(MIN_CHUNK, self.max_num_batched_tokens - decoding)
+        for seq in [s for s in self.admitted if s.prefilling]:
+            if not self._add_chunk(chunks, seq, budget):
                 break
-            group.append(self.waiting.popleft())
-        if not group:
-            return None
-        for seq, slot in zip(group, free):
-            seq.run_in(slot)
-            self.running[slot] = seq
-        return self.runner.prefill(group, free[:len(group)])
+        while self.waiting and self._admit(self.waiting[0], chunks, budget, decoding):
+            self.waiting.popleft()
+        return self.runner.prefill(chunks) if chunks else None
+
+    def _room(self, chunks: list[Chunk], budget: int) -> int:
+        """The longest chunk one more row may have within the budget (0: none fits)."""
+        widest = bucket(max((c.length for c in chunks), default=1), MIN_CHUNK)
+        room = 1 << (budget // bucket(len(chunks) + 1)).bit_length() - 1  # a power of two
+        return room if room >= widest else 0
+
+    def _add_chunk(self, chunks: list[Chunk], seq: Sequence, budget: int) -> bool:
+        """seq's next chunk into the call, with its pages (preempting newer sequences if the
+        pool is short); False if it does not fit or seq itself had to be preempted."""
+        length = min(seq.target - seq.computed, self._room(chunks, budget))
+        if length <= 0 or not self._reserve(seq, seq.computed + length):
+            return False
+        chunks.append(Chunk(seq, seq.computed, length))
+        seq.computed += length
+        return True
+
+    def _admit(self, seq: Sequence, chunks: list[Chunk], budget: int, decoding: int) -> bool:
+        """Give `seq` a free slot and its first chunk, if a slot, the budget and pages allow
+        (keeping a page per decoding sequence for its growth)."""
+        free = [i for i, s in enumerate(self.running) if s is None]
+        per = self.slots // self.blocks.replicas
+        slot = max(free, key=lambda i: self.blocks.free_pages(i // per), default=None)
+        if slot is None or self._room(chunks, budget) == 0:
+            return False
+        replica = slot // per
+        length = min(len(seq.prompt) + len(seq.tokens), self._room(chunks, budget))
+        if self.blocks.free_pages(replica) - self.blocks.pages_for(length) < decoding // self.blocks.replicas:
+            return False
+        seq.run_in(min(i for i in free if i // per == replica), replica)
+        self.running[seq.slot] = seq
+        self.admitted.append(seq)
+        self.blocks.grow(seq.pages, replica, length)  # room and pages were checked
+        self.runner.set_table(seq.slot, seq.pages)
+        chunks.append(Chunk(seq, 0, length))
+        seq.computed = length
+        return True
 
     def _launch(self, prefill: Pending | None) -> Pending | None:
-        """Queue a decode chunk over every slot, unless each running sequence will have all its
-        tokens once the work already queued is read (and something is queued)."""
+        """Queue a decode chunk over every slot, with pages for it, unless each decoding
+        sequence will have all its tokens once the work already queued is read."""
         queued = collections.Counter()  # tokens per sequence in work the host has not read yet
         for p in (self._ahead, prefill):
-            for seq in p.seqs if p is not None else ():
-                queued[id(seq)] += p.step.tokens.shape[0]
-        active = [s for s in self.running if s is not None]
+            for col, seq in enumerate(p.seqs if p is not None else ()):
+                if p.chunks is None or (p.chunks[col] is not None and p.chunks[col].last):
+                    queued[id(seq)] += p.step.tokens.shape[0]
+        active = [s for s in self.admitted if not s.prefilling]
         if not active or (queued and all(len(s.tokens) + queued[id(s)] >= s.params.max_tokens for s in active)):
             return None
-        return self.runner.decode(self.running, self.chunk)
+        for seq in active:
+            if seq.status is Status.RUNNING:
+                need = min(seq.max_len, len(seq.prompt) + len(seq.tokens) + queued[id(seq)] + self.chunk)
+                self._reserve(seq, need)
+        columns = [s if s is not None and not s.prefilling else None for s in self.running]
+        return self.runner.decode(columns, self.chunk) if any(columns) else None
+
+    def _reserve(self, seq: Sequence, tokens: int) -> bool:
+        """Pages for `tokens` positions of seq, preempting the newest sequences of its replica
+        (seq itself last) until they fit; False if seq was preempted."""
+        while not self.blocks.grow(seq.pages, seq.replica, tokens):
+            self._preempt(next(s for s in reversed(self.admitted) if s.replica == seq.replica))
+            if seq.status is not Status.RUNNING:
+                return False
+        self.runner.set_table(seq.slot, seq.pages)
+        return True
 
     def _collect(self, pending: list[Pending]) -> list[Sequence]:
         """Read queued work and record each sequence's tokens in order."""
@@ -131,37 +225,26 @@ class Engine:
     def _record(self, col: Column) -> None:
         seq = col.seq
         if col.prompt_logprobs is not None:
-            seq.prompt_logprobs = col.prompt_logprobs
+            seq.prompt_logprobs = (seq.prompt_logprobs or []) + col.prompt_logprobs
         seq.tokens += col.tokens
         seq.logprobs += col.logprobs
         if col.done and not seq.finished:  # the device ended it: a stop token or max_tokens
             last = seq.tokens[-1]
             stopped = last in seq.stop_ids and len(seq.tokens) >= seq.params.min_tokens
-            self.running[seq.slot] = None
+            self._release(seq)
             seq.finish("stop" if stopped else "length", last if stopped and last not in self.eos else None)
-
-
-def slots_that_fit(model, slots: int, max_len: int) -> int:
-    """About `slots` cache rows of `max_len` tokens: a multiple of dp (each replica gets as many),
-    no more than the KV capacity sized at load holds (`Model.max_kv_tokens` per replica, from
-    memory_fraction), at least one per replica."""
-    dp = model.mesh.shape["dp"]
-    per_replica = -(-slots // dp)
-    capacity = getattr(model, "max_kv_tokens", None)
-    if capacity is not None:
-        per_replica = min(per_replica, capacity // round_up(max_len, CACHE_BUCKET))
-    return dp * max(1, per_replica)
-
-
-MAX_SLOTS = 256  # concurrent sequences at most (vLLM's max_num_seqs); more prompts queue
 
 
 def run(model, seqs: list[Sequence], chunk: int = 16, max_slots: int = MAX_SLOTS):
     """Generate `seqs` to completion; yields (engine, sequences that changed) after every engine
-    step, so callers can stream. The engine gets a slot per sequence where memory allows (up to
-    max_slots, vLLM's max_num_seqs); the rest wait for free slots."""
-    max_len = max(len(s.prompt) + s.params.max_tokens for s in seqs)
-    engine = Engine(model, slots_that_fit(model, min(bucket(len(seqs)), max_slots), max_len), max_len, chunk)
+    step, so callers can stream. The engine gets a slot per sequence (up to max_slots, vLLM's
+    max_num_seqs) and a pool sized to what they need, within the model's KV capacity; when the
+    pool runs short, sequences wait or are preempted and recomputed."""
+    dp = model.mesh.shape["dp"]
+    max_len = max(s.max_len for s in seqs)
+    slots = round_up(min(bucket(len(seqs)), max_slots), dp)
+    need = sum(round_up(s.max_len, PAGE_SIZE) for s in seqs[:slots])
+    engine = Engine(model, slots, max_len, chunk, max_kv_tokens=max(round_up(max_len, PAGE_SIZE), need))
     for s in seqs:
         engine.add(s)
     while engine.has_unfinished:

@@ -1,7 +1,7 @@
 """`AsyncLLM`: the engine behind the server. One background thread owns the `Engine` (and so
 the devices); coroutines submit requests and receive their deltas through asyncio queues.
 
-Between decode chunks the thread takes new requests into free cache slots and drops aborted
+Between decode chunks the thread takes new requests into free slots and drops aborted
 ones (a client that went away), so one slow or vanished client never holds up the others.
 """
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import AsyncIterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from jaxtp.engine import Engine, slots_that_fit
+from jaxtp.engine import Engine
+from jaxtp.engine.scheduler import MAX_BATCHED_TOKENS
 from jaxtp.engine.sampling import SamplingParams
 from jaxtp.entrypoints.outputs import Delta, Request
 
@@ -36,8 +37,12 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry):
         self.registry = registry
-        self.running = Gauge("jaxtp:num_requests_running", "Requests in cache slots", registry=registry)
-        self.waiting = Gauge("jaxtp:num_requests_waiting", "Requests waiting for a slot", registry=registry)
+        self.running = Gauge("jaxtp:num_requests_running", "Sequences holding a slot and KV pages",
+                             registry=registry)
+        self.waiting = Gauge("jaxtp:num_requests_waiting", "Sequences waiting for a slot or pages",
+                             registry=registry)
+        self.preemptions = Counter("jaxtp:num_preemptions", "Sequences preempted (their pages freed, to "
+                                   "be recomputed)", registry=registry)
         self.requests = Counter("jaxtp:request_success", "Finished requests", ["finish_reason"],
                                 registry=registry)
         self.prompt_tokens = Counter("jaxtp:prompt_tokens", "Prompt tokens processed", registry=registry)
@@ -46,8 +51,7 @@ class Metrics:
         self.itl = Histogram("jaxtp:inter_token_latency_seconds", "Time between a sequence's output tokens",
                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56),
                              registry=registry)
-        self.kv_usage = Gauge("jaxtp:kv_cache_usage_perc", "Share of the KV cache's token capacity in use "
-                              "(1 = full)", registry=registry)
+        self.kv_usage = Gauge("jaxtp:kv_cache_usage_perc", "Share of the KV cache's pages in use (1 = full)", registry=registry)
         self.e2e = Histogram("jaxtp:e2e_request_latency_seconds", "Request latency", registry=registry)
         self.errors = Counter("jaxtp:request_errors", "Requests answered with an error, by HTTP status",
                               ["status"], registry=registry)
@@ -95,8 +99,10 @@ class AsyncLLM:
     """
 
     def __init__(self, model, max_num_seqs: int = 64, max_model_len: int | None = None,
-                 max_queue: int = 512, chunk: int = 8, registry: CollectorRegistry | None = None):
-        for name, value in (("max_num_seqs", max_num_seqs), ("max_queue", max_queue), ("chunk", chunk)):
+                 max_queue: int = 512, chunk: int = 8, registry: CollectorRegistry | None = None,
+                 max_num_batched_tokens: int = MAX_BATCHED_TOKENS):
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_queue", max_queue), ("chunk", chunk),
+                            ("max_num_batched_tokens", max_num_batched_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if max_model_len is not None and not (isinstance(max_model_len, int)
@@ -105,12 +111,10 @@ class AsyncLLM:
                              f"max_position_embeddings), got {max_model_len!r}")
         self.model, self.max_queue = model, max_queue
         self.max_model_len = max_model_len or model.max_model_len
-        slots = slots_that_fit(model, max_num_seqs, self.max_model_len)
-        if slots < max_num_seqs:
-            log.warning("KV capacity (%s tokens) holds %d of max_num_seqs=%d sequences of %d tokens",
-                        model.max_kv_tokens, slots, max_num_seqs, self.max_model_len)
-        self._engine_args = (model, slots, self.max_model_len, chunk)
+        dp = model.mesh.shape["dp"]
+        self._engine_args = (model, -(-max_num_seqs // dp) * dp, self.max_model_len, chunk, max_num_batched_tokens)
         self.engine = Engine(*self._engine_args)
+        self._preempted = 0
         self.metrics = Metrics(registry or CollectorRegistry())
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._active: dict[int, tuple[Request, object, float]] = {}  # id(seq) -> (request, sink, start)
@@ -175,7 +179,7 @@ class AsyncLLM:
                     sink(EngineError(f"generation failed: {type(e).__name__}: {e}"))
                 self._active.clear()
                 self._last_token.clear()
-                self.engine = Engine(*self._engine_args)  # the donated cache may be gone
+                self.engine, self._preempted = Engine(*self._engine_args), 0  # the donated cache may be gone
                 continue
             now = time.perf_counter()
             for seq in changed:
@@ -239,6 +243,8 @@ class AsyncLLM:
         self.metrics.e2e.observe(now - start)
 
     def _gauges(self) -> None:
-        self.metrics.running.set(sum(s is not None for s in self.engine.running))
+        self.metrics.running.set(self.engine.num_running)
+        self.metrics.preemptions.inc(self.engine.preemptions - self._preempted)
+        self._preempted = self.engine.preemptions
         self.metrics.waiting.set(len(self.engine.waiting))
         self.metrics.kv_usage.set(self.engine.kv_usage)

@@ -18,6 +18,10 @@ class OpsConfig:
     all_reduce: str = "xla"
     kernels: str = "xla"
 
+    @property
+    def dp(self) -> int:
+        return self.mesh.shape["dp"]
+
     @classmethod
     def resolve(cls, mesh: Mesh, all_reduce: str = "auto", kernels: str = "auto") -> "OpsConfig":
         """The modes a model on `mesh` runs with ("auto" picks what applies here)."""

@@ -1,16 +1,16 @@
 """When a decode step's attention runs in the Pallas kernel, and how it runs on sharded arrays.
 
 kernels/decode_attention.py does one step of attention (rotary embedding, cache write, attention
-over the live positions) when each row brings one new token; everywhere else the model's XLA
-path runs. A Pallas call is opaque to XLA's SPMD partitioner (it would gather its operands to
+over the live positions) when each row brings one new token; kernels/prefill_attention.py is
+flash attention of prefill chunks over the pages. Elsewhere the model's XLA path runs. A Pallas call is opaque to XLA's SPMD partitioner (it would gather its operands to
 every device), so with tp > 1 it runs under `shard_map` on the device's own heads, as
 sharding.py's specs say.
 
 Modes (`jaxtp.load(..., kernels=...)`, kept in the model's OpsConfig):
 
   "xla"     XLA's own kernels everywhere.
-  "pallas"  the Pallas kernel for decode steps where the shapes allow (head_dim 32-256, see
-            decode_attention.supported), XLA's elsewhere (prefill). Off GPUs it runs in Pallas
+  "pallas"  the Pallas kernels for decode steps and prefill chunks where the shapes allow
+            (head_dim 32-256, pages of 16-256 tokens), XLA's elsewhere. Off GPUs it runs in Pallas
             interpret mode: slow, but the same code, which is how the CPU tests check it
             against transformers.
   "auto"    "pallas" on GPUs with pipeline_parallel_size = data_parallel_size = 1, else "xla".
@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jaxtp.ops.kernels import decode_attention
-from jaxtp.sharding import KV_CACHE_SPEC, QKV_SPEC
+from jaxtp.ops.kernels import decode_attention, prefill_attention
+from jaxtp.sharding import HEADS_SPEC, KV_CACHE_SPEC, QKV_SPEC
 
 if TYPE_CHECKING:
     from jaxtp.ops import OpsConfig
@@ -53,50 +53,63 @@ def _sharded(fn, mesh: Mesh, in_specs, out_specs):
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
-def applies(ops: "OpsConfig | None", k_cache, positions) -> bool:
+def applies(ops: "OpsConfig | None", k_pages, positions) -> bool:
     """Whether `decode` runs this step in the kernel (else it returns None)."""
     return (ops is not None and ops.kernels == "pallas" and positions.shape[1] == 1
-            and decode_attention.supported(k_cache.shape[2], k_cache.shape[3]))
+            and decode_attention.supported(k_pages.shape[2], k_pages.shape[3]))
 
 
-def qkv_splits(ops: "OpsConfig | None", rows: int, d_model: int, k_cache, positions) -> int | None:
+def qkv_splits(ops: "OpsConfig | None", rows: int, d_model: int, k_pages, positions) -> int | None:
     """How many ways QKVLinear should split its contraction for `decode` to sum (float32
     partials [S, ...]), or None: the qkv projection's own output then. XLA runs small-row
     projections as split-K GEMMs with a reduction kernel after; the decode kernel adds the
     partials itself instead (one kernel fewer per layer)."""
-    if rows > QKV_SPLIT_ROWS or d_model % (QKV_SPLIT * 16) or not applies(ops, k_cache, positions):
+    if rows > QKV_SPLIT_ROWS or d_model % (QKV_SPLIT * 16) or not applies(ops, k_pages, positions):
         return None
     return QKV_SPLIT
 
 
-def decode(ops: "OpsConfig | None", qkv, cos, sin, k_cache, v_cache, positions, window: int | None,
+def decode(ops: "OpsConfig | None", qkv, cos, sin, k_pages, v_pages, positions, table, window: int | None,
            num_heads: int, counters=None):
     """One decode step of attention (rope, cache write, attention) in the Pallas kernel, or None
     where it does not apply (then XLA's kernels run).
 
     qkv [R, 1, tp, q|k|v heads per device, D] (QKVLinear's output; R may count padding rows past
     the B = positions.shape[0] real ones), or float32 [S, R, ...] split-K partials (qkv_splits);
-    cos, sin [B, 1, D]; caches [B, KVH, S, D]; positions [B, 1]; counters: the kernel's arrival
-    counters as the previous layer handed them back (None: fresh zeros). Returns (out [R, 1,
-    KVH, G, D] in the caches' dtype, padding rows zero, k_cache, v_cache, counters) for the
-    next layer to take.
+    cos, sin [B, 1, D]; pages [P, KVH, page_size, D]; positions [B, 1]; table [B, W] (the block
+    tables); counters: the kernel's arrival counters as the previous layer handed them back
+    (None: fresh zeros). Returns (out [R, 1, KVH, G, D] in the pages' dtype, padding rows zero,
+    k_pages, v_pages, counters) for the next layer to take.
     """
-    if not applies(ops, k_cache, positions):
+    if not applies(ops, k_pages, positions):
         return None
-    d, mesh, pos = k_cache.shape[3], ops.mesh, positions[:, 0]
+    d, mesh, pos = k_pages.shape[3], ops.mesh, positions[:, 0]
     lo = jnp.zeros_like(pos) if window is None else jnp.maximum(pos + 1 - window, 0)
     heads = num_heads // mesh.shape["tp"]
     if counters is None:
-        counters = jnp.zeros(k_cache.shape[:2], jnp.int32)
+        counters = jnp.zeros((pos.shape[0], k_pages.shape[1]), jnp.int32)
     split = qkv.ndim == 6  # [S, R, 1, tp, heads, D] partials
 
-    def local(qkv, cos, sin, k_cache, v_cache, pos, lo, counters):
-        out, k_cache, v_cache, counters = decode_attention.attend(
-            qkv.reshape(*qkv.shape[:split + 1], -1, d), cos, sin, k_cache, v_cache, pos, lo, heads, counters)
-        return out[:, None], k_cache, v_cache, counters
+    def local(qkv, cos, sin, k_pages, v_pages, table, pos, lo, counters):
+        out, k_pages, v_pages, counters = decode_attention.attend(
+            qkv.reshape(*qkv.shape[:split + 1], -1, d), cos, sin, k_pages, v_pages, table, pos, lo, heads,
+            counters)
+        return out[:, None], k_pages, v_pages, counters
 
     out_spec, counter_spec = P(None, None, KV_CACHE_SPEC[1], None, None), P(*KV_CACHE_SPEC[:2])
     qkv_spec = P(None, *QKV_SPEC) if split else QKV_SPEC
-    run = _sharded(local, mesh, (qkv_spec, P(), P(), KV_CACHE_SPEC, KV_CACHE_SPEC, P(), P(), counter_spec),
+    run = _sharded(local, mesh, (qkv_spec, P(), P(), KV_CACHE_SPEC, KV_CACHE_SPEC, P(), P(), P(), counter_spec),
                    (out_spec, KV_CACHE_SPEC, KV_CACHE_SPEC, counter_spec))
-    return run(qkv, cos[:, 0], sin[:, 0], k_cache, v_cache, pos, lo, counters)
+    return run(qkv, cos[:, 0], sin[:, 0], k_pages, v_pages, table, pos, lo, counters)
+
+
+def prefill(ops: "OpsConfig | None", q, k_pages, v_pages, table, starts, window: int | None):
+    """Flash attention of prefill chunks q [B, T, H, D] (rotated, at positions starts[b] + t)
+    over the pages their keys and values are already in, in the Pallas kernel -> [B, T, H, D];
+    or None where it does not apply (then XLA's attention runs)."""
+    if (ops is None or ops.kernels != "pallas" or q.shape[1] == 1
+            or not prefill_attention.supported(k_pages.shape[2], k_pages.shape[3])):
+        return None
+    run = _sharded(lambda *a: prefill_attention.attend(*a, window=window), ops.mesh,
+                   (HEADS_SPEC, KV_CACHE_SPEC, KV_CACHE_SPEC, P(), P()), HEADS_SPEC)
+    return run(q, k_pages, v_pages, table, starts)

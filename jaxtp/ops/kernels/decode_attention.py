@@ -1,15 +1,16 @@
-"""A Pallas (Triton) decode step of attention: rotary embedding, cache write and attention of
-one new token per row, in one kernel.
+"""A Pallas (Triton) decode step of attention over the paged KV cache: rotary embedding, cache
+write and attention of one new token per row, in one kernel.
 
 XLA runs this step as a chain of small kernels (rope, a slice per cache write, scores over the
 whole cache, mask, softmax, probabilities times values, padding) that write and re-read
 intermediates and always cover the full cache length; at batch 1 each costs more in launch than
-in bytes. Here the grid is (row, KV head, split of the sequence), flash-decoding style. Each
-program rotates its query heads and its KV head's new key, streams its split of the cached keys
-and values once, only over the row's live positions, and keeps an online softmax in registers.
-The program whose split holds the new position writes the new key and value into the cache (in
-place: the caches are aliased to the outputs) and adds that token from registers, so no program
-reads a slot another one writes. The query heads sharing a KV head (GQA) are handled together,
+in bytes. Here the grid is (row, KV head, split of the sequence), flash-decoding style: each
+row's live positions are split evenly, so a short row and a long one both keep every split
+busy. Each program rotates its query heads and its KV head's new key, streams its split of the
+cached keys and values once, a page per loop step (the page ids read from the row's block
+table), and keeps an online softmax in registers. The program whose split holds the new
+position writes the new key and value into its page (in place: the pools are aliased to the
+outputs) and adds that token from registers, so no program reads a slot another one writes. The query heads sharing a KV head (GQA) are handled together,
 padded to 16 rows for the tensor cores; only the real rows are stored.
 
 With several splits, each program stores its partials (unnormalized output, running max and
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -37,25 +37,23 @@ from jax.experimental.pallas import triton as plt
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    block: int = 64        # keys per loop step, at most (a power of two dividing the cache length)
     programs: int = 128    # split the sequence until the grid has about this many (~1 per SM)
     min_blocks: int = 2    # ...but give each split at least this many blocks
     warps: int = 4
     stages: int = 3
 
 
-def supported(max_len: int, head_dim: int, config: Config = Config()) -> bool:
-    """Tensor-core dots need 16 rows of each half of the head (the rotary embedding's halves)."""
-    return math.gcd(max_len, config.block) >= 16 and head_dim in (32, 64, 128, 256)
+def supported(page_size: int, head_dim: int) -> bool:
+    """A page is one loop step: tensor-core dots need 16 of its keys, and 16 rows of each half
+    of the head (the rotary embedding's halves)."""
+    return 16 <= page_size <= 256 and page_size & (page_size - 1) == 0 and head_dim in (32, 64, 128, 256)
 
 
-def splits_for(rows: int, kv_heads: int, max_len: int, block: int, config: Config) -> tuple[int, int]:
-    """(splits, keys per split): enough programs to keep every SM streaming, each split a
-    multiple of `block` keys (the last one may be shorter: loops stop at the row's length)."""
+def splits_for(rows: int, kv_heads: int, max_len: int, block: int, config: Config) -> int:
+    """Splits per (row, KV head): enough programs to keep every SM streaming, but no more than
+    a row of `max_len` positions can give `config.min_blocks` pages each."""
     most = max(1, pl.cdiv(max_len, block * config.min_blocks))
-    splits = min(max(1, config.programs // (rows * kv_heads)), most)
-    chunk = pl.cdiv(pl.cdiv(max_len, splits), block) * block
-    return pl.cdiv(max_len, chunk), chunk
+    return min(max(1, config.programs // (rows * kv_heads)), most)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +68,7 @@ class _Plan:
     parts: int          # split-K partial sums in qkv (0: qkv is whole)
     num_heads: int
     splits: int         # sequence splits per (row, KV head)
-    chunk: int          # keys per split
-    block: int          # keys per loop step
+    block: int          # keys per loop step: one page
     dt: object          # the activations' dtype
     precision: tuple | None
     interpret: bool
@@ -85,29 +82,28 @@ class _Plan:
         return self.d ** -0.5
 
 
-def _plan(qkv, k_cache, num_heads: int, config: Config, interpret: bool | None) -> _Plan:
-    b, kvh, s, d = k_cache.shape
-    if not supported(s, d, config):
-        raise ValueError(f"decode attention: unsupported cache length {s} / head_dim {d} for {config}")
+def _plan(qkv, k_pages, table, num_heads: int, config: Config, interpret: bool | None) -> _Plan:
+    (_, kvh, block, d), (b, width) = k_pages.shape, table.shape
+    if not supported(block, d):
+        raise ValueError(f"decode attention: unsupported page size {block} / head_dim {d}")
     parts = qkv.shape[0] if qkv.ndim == 4 else 0  # split-K partial sums to add, if any
     r = qkv.shape[-3] if qkv.ndim in (3, 4) else 0
     if (qkv.ndim not in (3, 4) or qkv.shape[-2:] != (num_heads + 2 * kvh, d) or not b <= r <= 2 * b
             or (parts and qkv.dtype != jnp.float32)):
         raise ValueError(f"decode attention: qkv {qkv.shape} does not match {num_heads} query heads, "
-                         f"cache {k_cache.shape}")
-    block = math.gcd(s, config.block)
-    splits, chunk = splits_for(b, kvh, s, block, config)
+                         f"pages {k_pages.shape}, table {table.shape}")
+    splits = splits_for(b, kvh, width * block, block, config)
     # Triton multiplies float32 in TF32 unless told otherwise; follow jax's matmul precision
     # setting as XLA's dots do ("highest" / "float32": full float32).
     full = str(jax.config.jax_default_matmul_precision).lower() in ("highest", "float32")
     return _Plan(b, r, kvh, num_heads // kvh, d, max(16, pl.next_power_of_2(num_heads // kvh)), parts,
-                 num_heads, splits, chunk, block, k_cache.dtype if parts else qkv.dtype,
+                 num_heads, splits, block, k_pages.dtype if parts else qkv.dtype,
                  (jax.lax.Precision.HIGHEST,) * 2 if full else None,
                  jax.default_backend() != "gpu" if interpret is None else interpret)
 
 
-def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-           pos: jax.Array, lo: jax.Array, num_heads: int, counters: jax.Array | None = None,
+def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+           table: jax.Array, pos: jax.Array, lo: jax.Array, num_heads: int, counters: jax.Array | None = None,
            config: Config = Config(), interpret: bool | None = None):
     """One decode step of attention for rows b < B = pos.shape[0].
 
@@ -115,41 +111,42 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v
     token, before the rotary embedding (rows past B are padding), or [S, R, ...] float32: the
     projection's contraction split S ways, summed here and rounded to the caches' dtype in
     place of XLA's split-K reduction kernel; cos, sin [B, D] (float32, rope.cos_sin at pos);
-    caches [B, KVH, S, D]; pos [B]: the new token's position; lo [B]: the
-    first visible position (sliding windows); counters: int32 [B, KVH] zeros, the splits'
+    pages [P, KVH, page_size, D]; table [B, W]: row b's position p is at page table[b, p //
+    page_size]; pos [B]: the new token's position; lo [B]: the first visible position (sliding
+    windows); counters: int32 [B, KVH] zeros, the splits'
     arrival counters, or None for fresh ones. Every call hands them back zeroed (the last
     program of a row and head resets its own), so a step's layers can share one array instead
     of a memset each.
     Returns (out [R, KVH, G, D] in the caches' dtype: softmax(q k^T / sqrt(D)) v over positions
-    [lo, pos] for rows < B, zeros for the padding rows; k_cache, v_cache with the new key and
+    [lo, pos] for rows < B, zeros for the padding rows; k_pages, v_pages with the new key and
     value written at pos; counters, or the ones given where this call needed none).
     """
-    plan = _plan(qkv, k_cache, num_heads, config, interpret)
+    plan = _plan(qkv, k_pages, table, num_heads, config, interpret)
     b, kvh, d, f32 = plan.b, plan.kvh, plan.d, jnp.float32
     out_shape = [jax.ShapeDtypeStruct((plan.r, num_heads, d), plan.dt),
-                 jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-                 jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
-    args = [pos.astype(jnp.int32), lo.astype(jnp.int32), qkv, cos.astype(f32), sin.astype(f32),
-            k_cache, v_cache]
-    aliases = {5: 1, 6: 2}
+                 jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
+                 jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype)]
+    args = [pos.astype(jnp.int32), lo.astype(jnp.int32), table.astype(jnp.int32), qkv, cos.astype(f32),
+            sin.astype(f32), k_pages, v_pages]
+    aliases = {6: 1, 7: 2}
     if plan.splits > 1:  # outputs: + the partials and the counters
         out_shape += [jax.ShapeDtypeStruct((b, kvh, plan.splits, plan.rows, d), f32),
                       jax.ShapeDtypeStruct((b, kvh, plan.splits, plan.rows), f32),
                       jax.ShapeDtypeStruct((b, kvh, plan.splits, plan.rows), f32),
                       jax.ShapeDtypeStruct((b, kvh), jnp.int32)]
         args.append(jnp.zeros((b, kvh), jnp.int32) if counters is None else counters)
-        aliases[7] = 6
-    out, k_cache, v_cache, *split_out = pl.pallas_call(
+        aliases[8] = 6
+    out, k_pages, v_pages, *split_out = pl.pallas_call(
         functools.partial(_kernel, plan), grid=(b, kvh, plan.splits), interpret=plan.interpret,
         out_shape=tuple(out_shape), input_output_aliases=aliases,
         compiler_params=plt.CompilerParams(num_warps=config.warps, num_stages=config.stages),
     )(*args)
     if plan.splits > 1:
         counters = split_out[3]
-    return out.reshape(plan.r, kvh, plan.g, d), k_cache, v_cache, counters
+    return out.reshape(plan.r, kvh, plan.g, d), k_pages, v_pages, counters
 
 
-def _kernel(plan: _Plan, pos_ref, lo_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, *refs):
+def _kernel(plan: _Plan, pos_ref, lo_ref, table_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, *refs):
     """One program: row, KV head, split of the sequence."""
     out_ref, k_out, v_out, *split_refs = refs[-7:] if plan.splits > 1 else refs  # (counters in,) outputs
     row, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -159,14 +156,19 @@ def _kernel(plan: _Plan, pos_ref, lo_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_re
     real = jnp.arange(plan.rows) < plan.g
     q1, q2, k1, k2, v_new = _new_token(plan, qkv_ref, row, head, c, sn, real)
 
-    mine = now // plan.chunk == split  # this program holds the new position: it writes the slot
+    # The row's live positions [first page of start, now] in `splits` equal runs of whole pages.
+    origin = start // plan.block * plan.block
+    chunk = pl.cdiv(pl.cdiv(now + 1 - origin, plan.splits), plan.block) * plan.block
+    mine = (now - origin) // chunk == split  # this program holds the new position: it writes it
     @pl.when(mine)
     def _():
-        k_out[row, head, now, pl.ds(0, plan.half)] = k1.astype(k_out.dtype)
-        k_out[row, head, now, pl.ds(plan.half, plan.half)] = k2.astype(k_out.dtype)
-        v_out[row, head, now, :] = v_new.astype(v_out.dtype)
+        page, at = table_ref[row, now // plan.block], now % plan.block
+        k_out[page, head, at, pl.ds(0, plan.half)] = k1.astype(k_out.dtype)
+        k_out[page, head, at, pl.ds(plan.half, plan.half)] = k2.astype(k_out.dtype)
+        v_out[page, head, at, :] = v_new.astype(v_out.dtype)
 
-    m, l, acc = _attend_cached(plan, k_ref, v_ref, row, head, split * plan.chunk, start, now, q1, q2)
+    base = origin + split * chunk
+    m, l, acc = _attend_cached(plan, k_ref, v_ref, table_ref, row, head, base, base + chunk, start, now, q1, q2)
     m, l, acc = _attend_new(plan, m, l, acc, mine, q1, q2, k1, k2, v_new)
     if plan.splits == 1:
         return _store(plan, out_ref, row, head, acc, l, real)
@@ -205,27 +207,27 @@ def _new_token(plan: _Plan, qkv_ref, row, head, c, sn, real):
     return q1, q2, k1, k2, v_new
 
 
-def _attend_cached(plan: _Plan, k_ref, v_ref, row, head, base, start, now, q1, q2):
-    """Online softmax over this split's cached keys in [start, now): (max, sum, acc [rows, D])."""
-    block, half, per_chunk = plan.block, plan.half, plan.chunk // plan.block
+def _attend_cached(plan: _Plan, k_ref, v_ref, table_ref, row, head, base, end, start, now, q1, q2):
+    """Online softmax over the cached keys in [start, now) of this split's pages [base, end):
+    (max, sum, acc [rows, D])."""
+    block, half, keys = plan.block, plan.half, pl.ds(0, plan.block)
 
     def body(i, carry):
         m, l, acc = carry
-        at = base + i * block
-        keys = pl.ds(pl.multiple_of(at, block), block)
-        scores = (plt.dot(q1, k_ref[row, head, keys, pl.ds(0, half)].astype(plan.dt), trans_b=True,
+        page = table_ref[row, i]
+        scores = (plt.dot(q1, k_ref[page, head, keys, pl.ds(0, half)].astype(plan.dt), trans_b=True,
                           precision=plan.precision)
-                  + plt.dot(q2, k_ref[row, head, keys, pl.ds(half, half)].astype(plan.dt), trans_b=True,
+                  + plt.dot(q2, k_ref[page, head, keys, pl.ds(half, half)].astype(plan.dt), trans_b=True,
                             precision=plan.precision))
-        at_pos = at + jnp.arange(block)
+        at_pos = i * block + jnp.arange(block)
         scores = jnp.where((at_pos >= start) & (at_pos < now), scores * plan.scale, -jnp.inf)
         m_new, alpha, p = online(m, scores, axis=1)
-        vt = v_ref[row, head, keys, :]
+        vt = v_ref[page, head, keys, :]
         pv = plt.dot(p.astype(vt.dtype), vt, precision=plan.precision)
         return m_new, l * alpha + p.sum(axis=1), acc * alpha[:, None] + pv
 
-    first = jnp.clip((start - base) // block, 0, per_chunk)
-    last = jnp.clip(pl.cdiv(now - base, block), first, per_chunk)   # cached keys: before `now`
+    first = base // block
+    last = jnp.clip(pl.cdiv(jnp.minimum(now, end), block), first, end // block)  # cached keys: before `now`
     init = (jnp.full((plan.rows,), -jnp.inf, jnp.float32), jnp.zeros((plan.rows,), jnp.float32),
             jnp.zeros((plan.rows, plan.d), jnp.float32))
     return jax.lax.fori_loop(first, last, body, init)

@@ -1,0 +1,122 @@
+"""Offline throughput, shaped like vLLM's benchmark_throughput: N requests with given prompt and
+output lengths (ignore_eos) through the Engine at once; requests/s, output and total tokens/s.
+
+    python benchmarks/throughput.py --shape llama2-7b --num-prompts 1000 [--dataset sharegpt.json]
+
+Lengths come from a local ShareGPT-format JSON (the first human turn is the prompt, the first
+reply the output; lengths by whitespace words x 1.3 when there is no tokenizer), or else from
+synthetic log-normal distributions with a fixed seed, clipped to [--min-len, --max-*-len]
+(medians 188 / 149 tokens by default, as ShareGPT's are). Random weights on device; prompts are
+random token ids. It runs twice: the first pass includes compilation (reported, from jax's own
+compile-time events), the second is the measurement. Prints a table, optionally --json.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark import SHAPES, random_model  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="llama2-7b", help=f"{'|'.join(SHAPES)} or a config.json path")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--num-prompts", type=int, default=1000)
+    p.add_argument("--dataset", help="a ShareGPT-format JSON file (default: synthetic lengths)")
+    p.add_argument("--prompt-median", type=int, default=188)
+    p.add_argument("--output-median", type=int, default=149)
+    p.add_argument("--max-prompt-len", type=int, default=2048)
+    p.add_argument("--max-output-len", type=int, default=1024)
+    p.add_argument("--min-len", type=int, default=4)
+    p.add_argument("--sigma", type=float, default=0.9, help="log-normal spread of the synthetic lengths")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--chunk", type=int, default=16, help="decode steps per engine step")
+    p.add_argument("--memory-fraction", type=float, default=0.9)
+    p.add_argument("--passes", type=int, default=2)
+    p.add_argument("--json", help="write the summary here")
+    return p.parse_args(argv)
+
+
+def lengths(args) -> list[tuple[int, int]]:
+    import numpy as np
+    if args.dataset:
+        pairs = []
+        for conv in json.loads(Path(args.dataset).read_text()):
+            turns = conv.get("conversations", [])
+            if len(turns) >= 2:
+                pairs.append(tuple(max(args.min_len, int(len(t["value"].split()) * 1.3)) for t in turns[:2]))
+        pairs = [(min(p, args.max_prompt_len), min(o, args.max_output_len)) for p, o in pairs]
+        return pairs[:args.num_prompts]
+    rng = np.random.default_rng(args.seed)
+
+    def draw(median, most):
+        x = rng.lognormal(np.log(median), args.sigma, args.num_prompts)
+        return np.clip(x.round(), args.min_len, most).astype(int).tolist()
+    return list(zip(draw(args.prompt_median, args.max_prompt_len), draw(args.output_median, args.max_output_len)))
+
+
+def one_pass(model, pairs, args, vocab: int, seed: int) -> dict:
+    import numpy as np
+    from jaxtp import engine
+    from jaxtp.engine.sampling import SamplingParams
+    rng = np.random.default_rng(seed)
+    max_len = max(p + o for p, o in pairs)
+    eng = engine.Engine(model, args.max_num_seqs, max_len, args.chunk, args.max_num_batched_tokens,
+                        args.page_size)
+    seqs = [engine.Sequence(rng.integers(0, vocab, p).tolist(), SamplingParams(max_tokens=o, temperature=0.0,
+                                                                               ignore_eos=True), 0)
+            for p, o in pairs]
+    for s in seqs:
+        eng.add(s)
+    peak, t0 = 0, time.perf_counter()
+    while eng.has_unfinished:
+        eng.step()
+        peak = max(peak, eng.num_running)
+    elapsed = time.perf_counter() - t0
+    out = sum(len(s.tokens) for s in seqs)
+    assert out == sum(o for _, o in pairs), "every request must get all its tokens"
+    total = out + sum(p for p, _ in pairs)
+    return dict(elapsed_s=elapsed, requests_per_s=len(seqs) / elapsed, output_tokens_per_s=out / elapsed,
+                total_tokens_per_s=total / elapsed, peak_running=peak, preemptions=eng.preemptions,
+                kv_pages=eng.blocks.capacity, page_size=eng.blocks.page_size)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import jax
+    compiled = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: compiled.append(secs) if event == "/jax/core/compile/backend_compile_duration"
+        else None)
+    model = random_model(args.shape, args.tp, memory_fraction=args.memory_fraction)
+    pairs = lengths(args)
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: {args.shape} tp={args.tp}, {len(pairs)} requests, "
+          f"prompt median {statistics.median(p for p, _ in pairs)} / max {max(p for p, _ in pairs)}, output median "
+          f"{statistics.median(o for _, o in pairs)} / max {max(o for _, o in pairs)}", flush=True)
+    runs = []
+    for i in range(args.passes):
+        before = sum(compiled)
+        r = one_pass(model, pairs, args, model.config.vocab_size, args.seed + i)
+        r["compile_s"] = sum(compiled) - before
+        runs.append(r)
+        print(f"pass {i + 1}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in r.items()), flush=True)
+    last = runs[-1]
+    print("\n| pass | s | req/s | output tok/s | total tok/s | peak running | preemptions | compile s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for i, r in enumerate(runs):
+        print(f"| {i + 1} | {r['elapsed_s']:.1f} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.0f} | "
+              f"{r['total_tokens_per_s']:.0f} | {r['peak_running']} | {r['preemptions']} | {r['compile_s']:.1f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(args=vars(args), passes=runs, result=last), indent=1))
+
+
+if __name__ == "__main__":
+    main()

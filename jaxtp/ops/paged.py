@@ -1,0 +1,39 @@
+"""XLA's reads and writes of the paged KV cache: keys / values go into pages through a block
+table and come back out as each row's contiguous history. Rows and pages are split on dp, and
+each replica's table numbers its own pages from 0, so the work is mapped over replicas (a
+batched gather / scatter the SPMD partitioner keeps local to each replica)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+SCRATCH_PAGE = 0  # never handed out (engine.block_manager): idle and padding rows write here
+
+
+def _per_replica(fn, dp: int, *args):
+    """fn on each replica's share: every argument's leading axis split into [dp, n / dp]."""
+    if dp == 1:
+        return fn(*args)
+    out = jax.vmap(fn)(*(x.reshape(dp, x.shape[0] // dp, *x.shape[1:]) for x in args))
+    return out.reshape(-1, *out.shape[2:])
+
+
+def write(pages, new, table, pos, dp: int = 1):
+    """new [B, T, KVH, D] into pages [P, KVH, page_size, D] at positions pos [B, T], through
+    table [B, W]. Positions past the table (padding) go to the scratch page."""
+    def local(pages, new, table, pos):
+        size, width = pages.shape[2], table.shape[1]
+        index = pos // size
+        ids = jnp.where(index < width, jnp.take_along_axis(table, jnp.minimum(index, width - 1), axis=1),
+                        SCRATCH_PAGE)
+        return pages.at[ids, :, pos % size, :].set(new.astype(pages.dtype))
+    return _per_replica(local, dp, pages, new, table, pos)
+
+
+def gather(pages, table, dp: int = 1):
+    """Each row's pages in table order: [B, KVH, W * page_size, D]."""
+    def local(pages, table):
+        rows = pages[table]  # [B, W, KVH, page_size, D]
+        b, w, kvh, size, d = rows.shape
+        return rows.transpose(0, 2, 1, 3, 4).reshape(b, kvh, w * size, d)
+    return _per_replica(local, dp, pages, table)

@@ -1,0 +1,128 @@
+"""The paged KV cache and chunked prefill: sequences spanning many pages, prompts longer than a
+prefill chunk, preemption by recompute when the pool is short, the pool's limits."""
+import numpy as np
+import pytest
+
+import jaxtp
+from jaxtp import engine
+from jaxtp.engine.block_manager import SCRATCH_PAGE, BlockManager
+from helpers import drive, hf_greedy
+
+PROMPTS = [list(range(3, 40)), [5, 6, 7], list(range(100, 161)), [42, 43]]
+GREEDY_IGNORE = dict(temperature=0.0, ignore_eos=True)
+
+
+def seqs(params, prompts=PROMPTS):
+    return [engine.Sequence(list(p), params, seed=i) for i, p in enumerate(prompts)]
+
+
+@pytest.mark.parametrize("tp,dp,pp", [(1, 1, 1), (2, 1, 1), (4, 1, 1), (8, 1, 1), (2, 2, 1), (2, 1, 2)])
+def test_small_pages_and_chunks_match_transformers(checkpoint, tp, dp, pp):
+    """16-token pages and 32-token prefill chunks: every sequence spans several pages and the
+    long prompts are prefilled over several steps, interleaved with the others' decoding."""
+    path, ref = checkpoint("llama")
+    model = jaxtp.load(path, tp=tp, dp=dp, pp=pp, dtype="float32")
+    eng = engine.Engine(model, max_num_seqs=4, max_model_len=128, chunk=4, max_num_batched_tokens=32,
+                        page_size=16)
+    got = drive(eng, seqs(jaxtp.SamplingParams(max_tokens=20, **GREEDY_IGNORE)))
+    for prompt, tokens in zip(PROMPTS, got):
+        assert tokens == hf_greedy(ref, prompt, 20)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(checkpoint):
+    path, ref = checkpoint("llama")
+    model = jaxtp.load(path, dtype="float32")
+    eng = engine.Engine(model, max_num_seqs=2, max_model_len=256, chunk=2, max_num_batched_tokens=32,
+                        page_size=16)
+    params = jaxtp.SamplingParams(max_tokens=12, **GREEDY_IGNORE)
+    short, long = engine.Sequence([5, 6, 7], params, 0), engine.Sequence(list(range(1, 181)), params, 0)
+    eng.add(short)
+    eng.step()
+    eng.add(long)
+    progress = []
+    while long.prefilling or long.status is engine.Status.WAITING:
+        eng.step()
+        progress.append((long.computed, len(short.tokens)))
+    assert len(progress) >= 180 // 32 and progress[0][0] < progress[-1][0]
+    assert progress[-1][1] > progress[0][1]  # the short one kept decoding meanwhile
+    drive(eng, [])
+    assert long.tokens == hf_greedy(ref, list(range(1, 181)), 12)
+    assert short.tokens == hf_greedy(ref, [5, 6, 7], 12)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_preemption_gives_the_outputs_of_an_unconstrained_run(checkpoint, temperature):
+    """A pool of 10 pages of 16 tokens for four sequences that grow to 4-6 pages each: the
+    newest are preempted and recomputed, and every output is what a large pool gives."""
+    model = jaxtp.load(checkpoint("llama")[0], dtype="float32")
+    params = jaxtp.SamplingParams(max_tokens=40, temperature=temperature, ignore_eos=True,
+                                  repetition_penalty=1.3, frequency_penalty=0.5)
+    small = engine.Engine(model, max_num_seqs=4, max_model_len=128, chunk=4, page_size=16, max_kv_tokens=160)
+    large = engine.Engine(model, max_num_seqs=4, max_model_len=128, chunk=4, page_size=16)
+    constrained = drive(small, seqs(params))
+    assert small.preemptions > 0
+    assert constrained == drive(large, seqs(params))
+    assert large.preemptions == 0
+    assert small.kv_usage == 0 and small.num_running == 0 and not small.waiting
+
+
+def test_chunked_prompt_logprobs_equal_whole_ones(checkpoint):
+    model = jaxtp.load(checkpoint("llama")[0], dtype="float32")
+    params = jaxtp.SamplingParams(max_tokens=3, prompt_logprobs=2, logprobs=1, **GREEDY_IGNORE)
+    runs = []
+    for budget in (16, 1024):
+        eng = engine.Engine(model, max_num_seqs=2, max_model_len=128, max_num_batched_tokens=budget, page_size=16)
+        s = seqs(params, PROMPTS[:2])
+        drive(eng, s)
+        runs.append([(x.prompt_logprobs, x.tokens) for x in s])
+    for (lp_a, tok_a), (lp_b, tok_b) in zip(*runs):
+        assert tok_a == tok_b and len(lp_a) == len(lp_b)
+        for a, b in zip(lp_a, lp_b):
+            np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-6)
+            assert a[2] == b[2]
+
+
+def test_a_sequence_larger_than_the_pool_is_rejected_with_the_numbers(checkpoint):
+    model = jaxtp.load(checkpoint("llama")[0], dtype="float32")
+    eng = engine.Engine(model, max_num_seqs=2, max_model_len=256, page_size=16, max_kv_tokens=64)
+    with pytest.raises(ValueError, match=r"needs 7 KV pages of 16 tokens, but the KV cache holds 4 pages"):
+        eng.add(engine.Sequence(list(range(1, 90)), jaxtp.SamplingParams(max_tokens=10), 0))
+    with pytest.raises(ValueError, match="max_num_batched_tokens must be >= 16"):
+        engine.Engine(model, max_num_batched_tokens=8)
+
+
+def test_block_manager_counts_and_never_hands_out_scratch():
+    blocks = BlockManager(pages=5, page_size=4, replicas=2)
+    held = []
+    assert blocks.grow(held, 1, 13) and len(held) == 4 and SCRATCH_PAGE not in held
+    assert blocks.free_pages(1) == 0 and blocks.free_pages(0) == 4 and blocks.usage() == 1.0
+    assert not blocks.grow(held, 1, 17) and len(held) == 4  # nothing taken on failure
+    blocks.release(held, 1)
+    assert held == [] and blocks.free_pages(1) == 4 and blocks.usage() == 0.0
+    with pytest.raises(ValueError, match="at least 2 pages"):
+        BlockManager(pages=1, page_size=4)
+
+
+LONG_PROMPT = """
+import resource, sys
+import jaxtp
+model = jaxtp.load(sys.argv[1], dtype="float32")
+out = jaxtp.generate(model, [[(7 * i) % 190 + 3 for i in range(32768)]],
+                     jaxtp.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+print(len(out[0].token_ids), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_a_32k_prompt_runs_in_bounded_memory(tmp_path):
+    """Prefilled in 8k chunks against the pages, attention in 512-query blocks: no [T, T]
+    scores (whole, they would be 16 GiB here)."""
+    import subprocess
+    import sys
+    from helpers import make_checkpoint
+    make_checkpoint("llama", tmp_path, max_position_embeddings=32800, num_hidden_layers=1, num_attention_heads=2,
+                    num_key_value_heads=1, hidden_size=32)
+    run = subprocess.run([sys.executable, "-c", LONG_PROMPT, str(tmp_path)], capture_output=True, text=True,
+                         timeout=600, env={**__import__("os").environ, "XLA_FLAGS": ""})
+    assert run.returncode == 0, run.stderr[-2000:]
+    tokens, rss_kib = map(int, run.stdout.split()[-2:])
+    assert tokens == 4 and rss_kib < 8 * 2 ** 20, rss_kib
