@@ -107,7 +107,8 @@ def prefill(ops: "OpsConfig | None", q, k_pages, v_pages, table, starts, window:
     """Flash attention of prefill chunks q [B, T, H, D] (rotated, at positions starts[b] + t)
     over the pages their keys and values are already in, in the Pallas kernel -> [B, T, H, D];
     or None where it does not apply (then XLA's attention runs)."""
-    if (ops is None or ops.kernels != "pallas" or q.shape[1] == 1
+    t = q.shape[1]
+    if (ops is None or ops.kernels != "pallas" or t == 1 or t & (t - 1)  # the engine's chunks: powers of 2
             or not prefill_attention.supported(k_pages.shape[2], k_pages.shape[3])):
         return None
     run = _sharded(lambda *a: prefill_attention.attend(*a, window=window), ops.mesh,
