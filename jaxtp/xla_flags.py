@@ -21,6 +21,9 @@ DEFAULTS = ("--xla_gpu_disable_async_collectives=ALLREDUCE,ALLGATHER",
 
 
 def apply() -> None:
+    # jax's GPU allocator takes 75% of a device unless told; jaxtp's memory_fraction (vLLM's
+    # gpu_memory_utilization) is a share of the whole device, the KV pool's room.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
     current = os.environ.get("XLA_FLAGS", "")
     missing = [f for f in DEFAULTS if f.split("=")[0] not in current]
     if missing:

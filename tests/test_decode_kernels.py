@@ -174,8 +174,8 @@ def test_kernel_lowers_to_triton_for_cuda(groups, head_dim, max_len, rows, dtype
         lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("window", [None, 20])
-def test_prefill_kernel_matches_a_plain_softmax(window):
+@pytest.mark.parametrize("window,pages", [(None, 1), (20, 1), (None, 2)])
+def test_prefill_kernel_matches_a_plain_softmax(window, pages):
     """Two chunks of 32 queries, one starting a prompt and one at position 40 (attending to the
     40 earlier positions in shuffled pages and causally to itself)."""
     b, t, kvh, groups, d, size, width = 2, 32, 2, 2, 32, 16, 6
@@ -186,7 +186,7 @@ def test_prefill_kernel_matches_a_plain_softmax(window):
     (k_pages, table), (v_pages, _) = to_pages(k_cache, size), to_pages(v_cache, size)
     starts = jnp.array([0, 40])
     got = prefill_attention.attend(q, k_pages, v_pages, table, starts, window,
-                                   config=prefill_attention.Config(block_q=16))
+                                   config=prefill_attention.Config(block_q=16, pages=pages))
     q_pos, k_pos = starts[:, None] + jnp.arange(t), jnp.arange(width * size)
     visible = k_pos[None, None] <= q_pos[:, :, None]
     if window is not None:

@@ -136,50 +136,51 @@ class Engine:
         return self._collect([p for p in (ready, prefill) if p is not None])
 
     def _prefill(self) -> Pending | None:
-        """Chunks of the running prompts (oldest first), then of newly admitted ones, as many as
-        one call's token budget holds (rows x length, padded to their buckets)."""
-        chunks: list[Chunk] = []
+        """Chunks of the running prompts (oldest first), then of newly admitted ones, in one call
+        of rows x length within the token budget (padding included)."""
         decoding = sum(not s.prefilling for s in self.admitted)
         budget = max(MIN_CHUNK, self.max_num_batched_tokens - decoding)
-        for seq in [s for s in self.admitted if s.prefilling]:
-            if not self._add_chunk(chunks, seq, budget):
+        going = [s for s in self.admitted if s.prefilling]
+        free = self.running.count(None)
+        ahead = [s.target - s.computed for s in going] + [len(s.prompt) + len(s.tokens)
+                                                           for s in list(self.waiting)[:free]]
+        if not ahead:
+            return None
+        length, rows = chunk_shape(ahead, budget)
+        chunks: list[Chunk] = []
+        for seq in going[:rows]:
+            if not self._add_chunk(chunks, seq, length):
                 break
-        while self.waiting and self._admit(self.waiting[0], chunks, budget, decoding):
+        while self.waiting and len(chunks) < rows and self._admit(self.waiting[0], chunks, length, decoding):
             self.waiting.popleft()
         return self.runner.prefill(chunks) if chunks else None
 
-    def _room(self, chunks: list[Chunk], budget: int) -> int:
-        """The longest chunk one more row may have within the budget (0: none fits)."""
-        widest = bucket(max((c.length for c in chunks), default=1), MIN_CHUNK)
-        room = 1 << (budget // bucket(len(chunks) + 1)).bit_length() - 1  # a power of two
-        return room if room >= widest else 0
-
-    def _add_chunk(self, chunks: list[Chunk], seq: Sequence, budget: int) -> bool:
-        """seq's next chunk into the call, with its pages (preempting newer sequences if the
-        pool is short); False if it does not fit or seq itself had to be preempted."""
-        length = min(seq.target - seq.computed, self._room(chunks, budget))
-        if length <= 0 or not self._reserve(seq, seq.computed + length):
+    def _add_chunk(self, chunks: list[Chunk], seq: Sequence, length: int) -> bool:
+        """seq's next chunk (at most `length` tokens) into the call, with its pages (preempting
+        newer sequences if the pool is short); False if seq itself had to be preempted."""
+        length = min(seq.target - seq.computed, length)
+        if not self._reserve(seq, seq.computed + length):
             return False
         chunks.append(Chunk(seq, seq.computed, length))
         seq.computed += length
         return True
 
-    def _admit(self, seq: Sequence, chunks: list[Chunk], budget: int, decoding: int) -> bool:
-        """Give `seq` a free slot and its first chunk, if a slot, the budget and pages allow
-        (keeping a page per decoding sequence for its growth)."""
+    def _admit(self, seq: Sequence, chunks: list[Chunk], length: int, decoding: int) -> bool:
+        """Give `seq` a free slot and its first chunk, if a slot and pages allow (keeping a page
+        per decoding sequence for its growth)."""
         free = [i for i, s in enumerate(self.running) if s is None]
         per = self.slots // self.blocks.replicas
         slot = max(free, key=lambda i: self.blocks.free_pages(i // per), default=None)
-        if slot is None or self._room(chunks, budget) == 0:
+        if slot is None:
             return False
         replica = slot // per
-        length = min(len(seq.prompt) + len(seq.tokens), self._room(chunks, budget))
+        length = min(len(seq.prompt) + len(seq.tokens), length)
         if self.blocks.free_pages(replica) - self.blocks.pages_for(length) < decoding // self.blocks.replicas:
             return False
         seq.run_in(min(i for i in free if i // per == replica), replica)
         self.running[seq.slot] = seq
         self.admitted.append(seq)
-        self.blocks.grow(seq.pages, replica, length)  # room and pages were checked
+        self.blocks.grow(seq.pages, replica, length)  # the pages were checked
         self.runner.set_table(seq.slot, seq.pages)
         chunks.append(Chunk(seq, 0, length))
         seq.computed = length
@@ -233,6 +234,21 @@ class Engine:
             stopped = last in seq.stop_ids and len(seq.tokens) >= seq.params.min_tokens
             self._release(seq)
             seq.finish("stop" if stopped else "length", last if stopped and last not in self.eos else None)
+
+
+def chunk_shape(ahead: list[int], budget: int) -> tuple[int, int]:
+    """(chunk length, rows) of a prefill call for prompts with `ahead` tokens left, in order:
+    the power-of-two length whose rows (a power of two, length x rows <= budget) prefill the
+    most tokens, a longer prompt being cut to the length (the rest comes in later calls)."""
+    best = (0, MIN_CHUNK, 1)
+    length = MIN_CHUNK
+    while length <= budget:
+        rows = 1 << (budget // length).bit_length() - 1
+        done = sum(min(n, length) for n in ahead[:rows])
+        if done > best[0]:
+            best = (done, length, rows)
+        length *= 2
+    return best[1], best[2]
 
 
 def run(model, seqs: list[Sequence], chunk: int = 16, max_slots: int = MAX_SLOTS):

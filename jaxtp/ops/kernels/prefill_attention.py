@@ -19,14 +19,17 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from jaxtp.ops.kernels.decode_attention import online
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     block_q: int = 128   # queries per program, at most (the chunk length if shorter)
-    warps: int = 8
+    pages: int = 1       # pages per loop step
+    warps: int = 4       # 443 TFLOP/s at 128k on an H200, against 294 with 8 (docs/performance.md)
     stages: int = 3
+
+
+LOG2E = 1.4426950408889634
 
 
 def supported(page_size: int, head_dim: int) -> bool:
@@ -44,8 +47,8 @@ def attend(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Arra
     block_q = min(config.block_q, t)
     full = str(jax.config.jax_default_matmul_precision).lower() in ("highest", "float32")
     kernel = functools.partial(_kernel, block_q=block_q, size=size, width=table.shape[1], group=h // kvh,
-                               scale=d ** -0.5,
-                               window=window, precision=(jax.lax.Precision.HIGHEST,) * 2 if full else None)
+                               scale=d ** -0.5 * LOG2E, window=window, pages=config.pages,
+                               precision=(jax.lax.Precision.HIGHEST,) * 2 if full else None)
     return pl.pallas_call(
         kernel, grid=(b, h, t // block_q), out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         interpret=jax.default_backend() != "gpu" if interpret is None else interpret,
@@ -54,7 +57,9 @@ def attend(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Arra
 
 
 def _kernel(start_ref, table_ref, q_ref, k_ref, v_ref, out_ref, *, block_q, size, width, group, scale, window,
-            precision):
+            pages, precision):
+    """One program: row, query head, block of queries. Scores are kept in base 2 (scale carries
+    log2 e), so the softmax's exponentials are exp2."""
     row, head, blk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     kv, queries = head // group, pl.ds(blk * block_q, block_q)
     q = q_ref[row, queries, head, :]
@@ -62,21 +67,29 @@ def _kernel(start_ref, table_ref, q_ref, k_ref, v_ref, out_ref, *, block_q, size
     q_pos = q0 + jnp.arange(block_q)
     keys = pl.ds(0, size)
 
-    def body(j, carry):
+    def page_step(j, carry):  # the keys of table entry j (past the table: masked, entry clipped)
         m, l, acc = carry
-        page = table_ref[row, j]
+        page = table_ref[row, jnp.minimum(j, width - 1)]
         scores = plt.dot(q, k_ref[page, kv, keys, :].astype(q.dtype), trans_b=True, precision=precision) * scale
         k_pos = j * size + jnp.arange(size)
         visible = k_pos[None, :] <= q_pos[:, None]
         if window is not None:
             visible &= k_pos[None, :] > q_pos[:, None] - window
-        m_new, alpha, p = online(m, jnp.where(visible, scores, -jnp.inf), axis=1)
+        scores = jnp.where(visible, scores, -jnp.inf)
+        m_new = jnp.maximum(m, scores.max(axis=1))
+        safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha, p = jnp.exp2(m - safe), jnp.exp2(scores - safe[:, None])
         pv = plt.dot(p.astype(q.dtype), v_ref[page, kv, keys, :].astype(q.dtype), precision=precision)
         return m_new, l * alpha + p.sum(axis=1), acc * alpha[:, None] + pv
 
-    last = q0 + block_q - 1
+    def body(i, carry):
+        for j in range(pages):
+            carry = page_step(i * pages + j, carry)
+        return carry
+
+    last = jnp.minimum((q0 + block_q - 1) // size + 1, width)  # table entries up to the causal bound
     first = 0 if window is None else jnp.maximum(q0 - window + 1, 0) // size
     init = (jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32),
             jnp.zeros((block_q, q.shape[-1]), jnp.float32))
-    m, l, acc = jax.lax.fori_loop(first, jnp.minimum(last // size + 1, width), body, init)  # padding: clipped
+    m, l, acc = jax.lax.fori_loop(first // pages, pl.cdiv(last, pages), body, init)
     out_ref[row, queries, head, :] = (acc / l[:, None]).astype(out_ref.dtype)
