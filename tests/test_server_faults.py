@@ -379,3 +379,24 @@ def test_echoed_prompt_logprobs_score_choices_as_transformers_does(model):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
     accuracy = [np.mean([np.argmax(row) == gold for row, (_, _, gold) in zip(rows, MC)]) for rows in (got, want)]
     assert accuracy[0] == accuracy[1]
+
+
+def test_preempted_requests_finish_whole_and_are_counted(model):
+    """A pool of 3 pages of 16 tokens for 3 requests that grow to 3 pages each: some are preempted
+    and recomputed; each still gets offline generate's tokens, and /metrics counts it."""
+    prompts = ["17+25=", "408+199=", "3+999="]
+
+    async def test(client, llm):
+        async def one(p):
+            r = await client.post("/v1/completions", json={"model": NAME, "prompt": p, "max_tokens": 36,
+                                                           "ignore_eos": True, "temperature": 0})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+        texts = await asyncio.gather(*map(one, prompts))
+        return texts, (await client.get("/metrics")).text
+
+    texts, text = serve(model, test, page_size=16, max_kv_tokens=48)
+    params = jaxtp.SamplingParams(max_tokens=36, ignore_eos=True, temperature=0)
+    assert texts == [o.text for o in jaxtp.generate(model, prompts, params)]
+    assert metric(text, "jaxtp:num_preemptions_total") > 0
+    assert metric(text, "jaxtp:num_requests_running") == 0

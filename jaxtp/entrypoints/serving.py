@@ -17,6 +17,7 @@ from typing import AsyncIterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from jaxtp.engine import Engine
+from jaxtp.engine.kv_cache import PAGE_SIZE
 from jaxtp.engine.scheduler import MAX_BATCHED_TOKENS
 from jaxtp.engine.sampling import SamplingParams
 from jaxtp.entrypoints.outputs import Delta, Request
@@ -95,12 +96,14 @@ class AsyncLLM:
 
     max_queue bounds the requests in flight (running + waiting); beyond it `generate` raises
     QueueFull. chunk: tokens per decode dispatch (smaller: finer streaming and faster admission
-    of new requests; larger: less host overhead).
+    of new requests; larger: less host overhead). max_num_batched_tokens, page_size and
+    max_kv_tokens (a smaller KV pool than memory allows) go to the Engine.
     """
 
     def __init__(self, model, max_num_seqs: int = 64, max_model_len: int | None = None,
                  max_queue: int = 512, chunk: int = 8, registry: CollectorRegistry | None = None,
-                 max_num_batched_tokens: int = MAX_BATCHED_TOKENS):
+                 max_num_batched_tokens: int = MAX_BATCHED_TOKENS, page_size: int = PAGE_SIZE,
+                 max_kv_tokens: int | None = None):
         for name, value in (("max_num_seqs", max_num_seqs), ("max_queue", max_queue), ("chunk", chunk),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             if not isinstance(value, int) or value < 1:
@@ -112,7 +115,8 @@ class AsyncLLM:
         self.model, self.max_queue = model, max_queue
         self.max_model_len = max_model_len or model.max_model_len
         dp = model.mesh.shape["dp"]
-        self._engine_args = (model, -(-max_num_seqs // dp) * dp, self.max_model_len, chunk, max_num_batched_tokens)
+        self._engine_args = (model, -(-max_num_seqs // dp) * dp, self.max_model_len, chunk, max_num_batched_tokens,
+                             page_size, max_kv_tokens)
         self.engine = Engine(*self._engine_args)
         self._preempted = 0
         self.metrics = Metrics(registry or CollectorRegistry())
