@@ -11,7 +11,7 @@ from jaxtp.ops import attention
 from jaxtp.ops.kernels import decode_attention, prefill_attention
 from jaxtp.sharding import make_mesh
 from jaxtp import engine
-from helpers import GREEDY, drive, hf_greedy, make_checkpoint
+from helpers import GREEDY, drive, hf_greedy, make_checkpoint, script
 
 
 def reference_step(qkv, cos, sin, k_cache, v_cache, pos, lo, num_heads):
@@ -28,19 +28,8 @@ def reference_step(qkv, cos, sin, k_cache, v_cache, pos, lo, num_heads):
     return jnp.einsum("bkgs,bksd->bkgd", probs, v_cache), k_cache, v_cache
 
 
-def to_pages(cache, size: int, seed: int = 0):
-    """A contiguous cache [B, KVH, S, D] as a pool of `size`-token pages in shuffled order (page
-    0 left as scratch) and its block table [B, S / size]."""
-    b, kvh, s, d = cache.shape
-    w = s // size
-    table = jnp.asarray(np.random.default_rng(seed).permutation(b * w).reshape(b, w) + 1, jnp.int32)
-    blocks = cache.reshape(b, kvh, w, size, d).transpose(0, 2, 1, 3, 4).reshape(b * w, kvh, size, d)
-    return jnp.zeros((b * w + 1, kvh, size, d), cache.dtype).at[table.reshape(-1)].set(blocks), table
-
-
-def from_pages(pages, table):
-    b, w = table.shape
-    return pages[table].transpose(0, 2, 1, 3, 4).reshape(b, pages.shape[1], w * pages.shape[2], -1)
+_check = script("benchmarks/pallas_check.py")  # its paging helpers
+to_pages, from_pages = _check.to_pages, _check.from_pages
 
 
 @pytest.mark.parametrize("groups,max_len,head_dim,page,config", [

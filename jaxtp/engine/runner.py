@@ -407,9 +407,13 @@ class ModelRunner:
         local = bucket(max(map(len, per)))
         rows = [g[i] if i < len(g) else None for g in per for i in range(local)]
         n, t = len(rows), bucket(max(c.length for c in chunks), 16)
+        # XLA's attention reads the whole table: give it the pages this call reaches (a power of
+        # two); the Pallas kernel stops at each query's position, so it keeps one shape.
+        width = self.width if self.model.ops.kernels == "pallas" else min(
+            self.width, bucket(max(len(c.seq.pages) for c in chunks)))
         tokens, targets = np.zeros((n, t), np.int32), np.zeros((n, t), np.int32)
         starts, lens, prompt_lens = np.zeros(n, np.int32), np.ones(n, np.int32), np.zeros(n, np.int32)
-        table, slots, sample = np.zeros((n, self.width), np.int32), np.full(n, self.slots, np.int32), np.zeros(n, bool)
+        table, slots, sample = np.zeros((n, width), np.int32), np.full(n, self.slots, np.int32), np.zeros(n, bool)
         for i, c in enumerate(rows):
             if c is None:
                 continue

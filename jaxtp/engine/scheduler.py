@@ -139,7 +139,7 @@ class Engine:
         """Chunks of the running prompts (oldest first), then of newly admitted ones, in one call
         of rows x length within the token budget (padding included)."""
         decoding = sum(not s.prefilling for s in self.admitted)
-        budget = max(MIN_CHUNK, self.max_num_batched_tokens - decoding)
+        budget = self.max_num_batched_tokens  # decode runs in its own call: the whole budget
         going = [s for s in self.admitted if s.prefilling]
         free = self.running.count(None)
         ahead = [s.target - s.computed for s in going] + [len(s.prompt) + len(s.tokens)
