@@ -345,7 +345,7 @@ class ModelRunner:
 
     def __init__(self, model, slots: int, pages: int, page_size: int, max_len: int):
         cfg, self.model, dp = model.config, model, model.mesh.shape["dp"]
-        self.slots, self.page_size = slots, page_size
+        self.slots = slots
         self.width = -(-max_len // page_size)  # block-table entries per sequence
         self.cache = kv_cache.init(cfg.num_layers, pages * dp, model.kv_heads, page_size, cfg.head_dim,
                                    model.dtype, model.mesh)

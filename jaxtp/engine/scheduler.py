@@ -170,6 +170,7 @@ class Engine:
         per decoding sequence for its growth)."""
         free = [i for i, s in enumerate(self.running) if s is None]
         per = self.slots // self.blocks.replicas
+        # the lowest free slot of the replica with the most free pages (max keeps the first)
         slot = max(free, key=lambda i: self.blocks.free_pages(i // per), default=None)
         if slot is None:
             return False
@@ -177,14 +178,10 @@ class Engine:
         length = min(len(seq.prompt) + len(seq.tokens), length)
         if self.blocks.free_pages(replica) - self.blocks.pages_for(length) < decoding // self.blocks.replicas:
             return False
-        seq.run_in(min(i for i in free if i // per == replica), replica)
+        seq.run_in(slot, replica)
         self.running[seq.slot] = seq
         self.admitted.append(seq)
-        self.blocks.grow(seq.pages, replica, length)  # the pages were checked
-        self.runner.set_table(seq.slot, seq.pages)
-        chunks.append(Chunk(seq, 0, length))
-        seq.computed = length
-        return True
+        return self._add_chunk(chunks, seq, length)  # the pages were checked: nothing is preempted
 
     def _launch(self, prefill: Pending | None) -> Pending | None:
         """Queue a decode chunk over every slot, with pages for it, unless each decoding

@@ -2,9 +2,9 @@
 
 kernels/decode_attention.py does one step of attention (rotary embedding, cache write, attention
 over the live positions) when each row brings one new token; kernels/prefill_attention.py is
-flash attention of prefill chunks over the pages. Elsewhere the model's XLA path runs. A Pallas call is opaque to XLA's SPMD partitioner (it would gather its operands to
-every device), so with tp > 1 it runs under `shard_map` on the device's own heads, as
-sharding.py's specs say.
+flash attention of prefill chunks over the pages. Elsewhere the model's XLA path runs. A Pallas
+call is opaque to XLA's SPMD partitioner (it would gather its operands to every device), so
+with tp > 1 it runs under `shard_map` on the device's own heads, as sharding.py's specs say.
 
 Modes (`jaxtp.load(..., kernels=...)`, kept in the model's OpsConfig):
 
@@ -109,7 +109,7 @@ def prefill(ops: "OpsConfig | None", q, k_pages, v_pages, table, starts, window:
     or None where it does not apply (then XLA's attention runs)."""
     t = q.shape[1]
     if (ops is None or ops.kernels != "pallas" or t == 1 or t & (t - 1)  # the engine's chunks: powers of 2
-            or not prefill_attention.supported(k_pages.shape[2], k_pages.shape[3])):
+            or not decode_attention.supported(k_pages.shape[2], k_pages.shape[3])):
         return None
     run = _sharded(lambda *a: prefill_attention.attend(*a, window=window), ops.mesh,
                    (HEADS_SPEC, KV_CACHE_SPEC, KV_CACHE_SPEC, P(), P()), HEADS_SPEC)

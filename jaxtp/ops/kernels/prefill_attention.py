@@ -19,6 +19,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from jaxtp.ops.kernels.decode_attention import supported  # the same pages and heads
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,10 +32,6 @@ class Config:
 
 
 LOG2E = 1.4426950408889634
-
-
-def supported(page_size: int, head_dim: int) -> bool:
-    return 16 <= page_size <= 256 and page_size & (page_size - 1) == 0 and head_dim in (32, 64, 128, 256)
 
 
 def attend(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Array, starts: jax.Array,
