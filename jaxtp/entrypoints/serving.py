@@ -52,7 +52,8 @@ class Metrics:
         self.itl = Histogram("jaxtp:inter_token_latency_seconds", "Time between a sequence's output tokens",
                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56),
                              registry=registry)
-        self.kv_usage = Gauge("jaxtp:kv_cache_usage_perc", "Share of the KV cache's pages in use (1 = full)", registry=registry)
+        self.kv_usage = Gauge("jaxtp:kv_cache_usage_perc", "Share of the KV cache's pages in use (1 = full)",
+                              registry=registry)
         self.e2e = Histogram("jaxtp:e2e_request_latency_seconds", "Request latency", registry=registry)
         self.errors = Counter("jaxtp:request_errors", "Requests answered with an error, by HTTP status",
                               ["status"], registry=registry)
@@ -186,12 +187,14 @@ class AsyncLLM:
                 self.engine, self._preempted = Engine(*self._engine_args), 0  # the donated cache may be gone
                 continue
             now = time.perf_counter()
-            for seq in changed:
-                self._deliver(seq, now)
-            self._gauges()
+            out = [self._deliver(seq, now) for seq in changed]
+            self._gauges()  # before the deltas go out: a client with its answer sees the gauges after it
+            for sink, delta in out:
+                sink(delta)
 
-    def _deliver(self, seq, now: float) -> None:
-        """seq's new tokens to its request's stream, with their metrics."""
+    def _deliver(self, seq, now: float):
+        """seq's new tokens as a delta for its request's stream, with their metrics; returns
+        (sink, delta) for the caller to send."""
         req, sink, start = self._active[id(seq)]
         delta = req.update(seq)
         if delta.stop_str is not None:
@@ -207,7 +210,7 @@ class AsyncLLM:
         self.metrics.generation_tokens.inc(len(delta.token_ids))
         if delta.finish_reason is not None:
             self._done(seq, delta.finish_reason, now)
-        sink(delta)
+        return sink, delta
 
     def _drain(self, block: bool) -> None:
         try:
