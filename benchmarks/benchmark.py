@@ -209,7 +209,7 @@ def run_one(cfg, tp: int, batch: int, args, all_reduce: str = "auto",
     zeros, full = np.zeros(batch, np.int32), np.full(batch, ctx, np.int32)
     prompts = put(runner.PrefillBatch(tokens, zeros, full, table, np.arange(batch, dtype=np.int32),
                                       np.ones(batch, bool), full, np.zeros_like(tokens)))
-    rows, table = put(rows), put(table)
+    rows, table, live = put(rows), put(table), put(np.arange(batch, dtype=np.int32))
     new_cache = lambda: kv_cache.init(cfg.num_layers, batch * width + 1, model.kv_heads, size,  # noqa
                                       cfg.head_dim, dtype, mesh)
     idle = lambda: put(runner.DecodeState.idle(batch))  # noqa: E731
@@ -238,7 +238,7 @@ def run_one(cfg, tp: int, batch: int, args, all_reduce: str = "auto",
     static = runner.StepConfig(ops, steps=steps)  # the decode program timed
 
     def do_decode(cache):
-        out, _, cache = runner.decode(*step_args, cache, copy(first), rows, table, static)
+        out, _, cache = runner.decode(*step_args, cache, copy(first), rows, table, live, static)
         return out.tokens, cache
 
     t0 = time.perf_counter()
@@ -261,7 +261,7 @@ def run_one(cfg, tp: int, batch: int, args, all_reduce: str = "auto",
         where = Path(args.trace) / f"tp{tp}_b{batch}_{mode}_{kmode}"
         with jax.profiler.trace(str(where)):
             timed()
-        hlo = runner.decode.lower(*step_args, holder[0], first, rows, table, static).compile().as_text()
+        hlo = runner.decode.lower(*step_args, holder[0], first, rows, table, live, static).compile().as_text()
         (where / "decode.hlo.txt").write_text(hlo)
         trace_summary.summarize(where, steps, hlo=hlo)
     engine_ms = None

@@ -7,10 +7,13 @@ Lengths come from a local ShareGPT-format JSON (the first human turn is the prom
 reply the output; lengths by whitespace words x 1.3 when there is no tokenizer), or else from
 synthetic log-normal distributions with a fixed seed, clipped to [--min-len, --max-*-len]
 (medians 188 / 149 tokens by default, as ShareGPT's are). Random weights on device; prompts are
-random token ids. It runs twice: the first pass includes compilation (reported, from jax's own
-compile-time events), the second is the measurement. Prints a table, optionally --json.
+random token ids. Each pass first warms the engine up (Engine.warmup compiles its programs; the
+first pass's warm-up is the compile time, from jax's own compile-time events); the second pass
+is the measurement. Prints a table, optionally --json.
 """
 import argparse
+import collections
+import contextlib
 import json
 import statistics
 import sys
@@ -40,7 +43,11 @@ def parse_args(argv=None):
     p.add_argument("--chunk", type=int, default=16, help="decode steps per engine step")
     p.add_argument("--memory-fraction", type=float, default=0.9)
     p.add_argument("--passes", type=int, default=2)
+    p.add_argument("--no-warmup", action="store_true", help="compile on first use, inside the pass")
     p.add_argument("--json", help="write the summary here")
+    p.add_argument("--trace", help="profile engine steps --trace-steps of the last pass into this directory and "
+                   "print a per-kernel summary (trace_summary.py)")
+    p.add_argument("--trace-steps", type=int, nargs=2, default=(20, 24), metavar=("FIRST", "END"))
     return p.parse_args(argv)
 
 
@@ -62,7 +69,55 @@ def lengths(args) -> list[tuple[int, int]]:
     return list(zip(draw(args.prompt_median, args.max_prompt_len), draw(args.output_median, args.max_output_len)))
 
 
-def one_pass(model, pairs, args, vocab: int, seed: int) -> dict:
+class Calls(collections.Counter):
+    """What the engine asked of the device: calls by kind and shape, prefill tokens real and
+    padded, decode rows live and run, and the host's seconds waiting for results."""
+
+
+def watch(runner) -> Calls:
+    calls, prefill, decode, read = Calls(), runner.prefill, runner.decode, runner.read
+
+    def on_prefill(chunks):
+        p = prefill(chunks)
+        n, t = p.step.tokens.shape[1], runner.prefill_row
+        calls[f"prefill {n}x{t}"] += 1
+        calls["prefill tokens"] += sum(c.length for c in chunks)
+        calls["prefill padded"] += n * t
+        return p
+
+    def on_decode(columns, steps):
+        p = decode(columns, steps)
+        calls["decode calls"] += 1
+        calls["decode rows live"] += sum(c is not None for c in columns)
+        calls["decode rows run"] += len(p.seqs)
+        return p
+
+    def on_read(pending):
+        t0 = time.perf_counter()
+        out = read(pending)
+        calls["read wait s"] += time.perf_counter() - t0
+        return out
+    runner.prefill, runner.decode, runner.read = on_prefill, on_decode, on_read
+    return calls
+
+
+@contextlib.contextmanager
+def profiled(args, step: int, trace: bool):
+    first, end = args.trace_steps
+    if not (trace and args.trace and first <= step < end):
+        yield
+        return
+    import jax
+    if step == first:
+        jax.profiler.start_trace(args.trace)
+    yield
+    if step == end - 1:
+        jax.profiler.stop_trace()
+        import trace_summary
+        trace_summary.summarize(args.trace, end - first)
+
+
+def one_pass(model, pairs, args, vocab: int, seed: int, compiled: list, trace: bool = False) -> dict:
     import numpy as np
     from jaxtp import engine
     from jaxtp.engine.sampling import SamplingParams
@@ -73,19 +128,30 @@ def one_pass(model, pairs, args, vocab: int, seed: int) -> dict:
     seqs = [engine.Sequence(rng.integers(0, vocab, p).tolist(), SamplingParams(max_tokens=o, temperature=0.0,
                                                                                ignore_eos=True), 0)
             for p, o in pairs]
+    warm, before = time.perf_counter(), sum(compiled)
+    if not args.no_warmup:
+        eng.warmup(lambda i, n, what: print(f"   warmup {i}/{n}: {what} at {time.perf_counter() - warm:.1f} s",
+                                            flush=True))
+    warm, warm_compile = time.perf_counter() - warm, sum(compiled) - before
     for s in seqs:
         eng.add(s)
-    peak, t0 = 0, time.perf_counter()
+    calls = watch(eng.runner)
+    before = sum(compiled)
+    peak, steps, t0 = 0, 0, time.perf_counter()
     while eng.has_unfinished:
-        eng.step()
-        peak = max(peak, eng.num_running)
+        with profiled(args, steps, trace):
+            eng.step()
+        peak, steps = max(peak, eng.num_running), steps + 1
     elapsed = time.perf_counter() - t0
+    compile_s = sum(compiled) - before
     out = sum(len(s.tokens) for s in seqs)
     assert out == sum(o for _, o in pairs), "every request must get all its tokens"
     total = out + sum(p for p, _ in pairs)
     return dict(elapsed_s=elapsed, requests_per_s=len(seqs) / elapsed, output_tokens_per_s=out / elapsed,
                 total_tokens_per_s=total / elapsed, peak_running=peak, preemptions=eng.preemptions,
-                kv_pages=eng.blocks.capacity, page_size=eng.blocks.page_size)
+                kv_pages=eng.blocks.capacity, page_size=eng.blocks.page_size, engine_steps=steps,
+                warmup_s=warm, warmup_compile_s=warm_compile, compile_s=compile_s,
+                calls=dict(calls))
 
 
 def main(argv=None):
@@ -102,18 +168,19 @@ def main(argv=None):
           f"{statistics.median(o for _, o in pairs)} / max {max(o for _, o in pairs)}", flush=True)
     runs = []
     for i in range(args.passes):
-        before = sum(compiled)
-        r = one_pass(model, pairs, args, model.config.vocab_size, args.seed + i)
-        r["compile_s"] = sum(compiled) - before
+        r = one_pass(model, pairs, args, model.config.vocab_size, args.seed + i, compiled, trace=i == args.passes - 1)
         runs.append(r)
         print(f"pass {i + 1}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                           for k, v in r.items()), flush=True)
+                                           for k, v in r.items() if k != "calls"), flush=True)
+        print("   " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(r["calls"].items())), flush=True)
     last = runs[-1]
-    print("\n| pass | s | req/s | output tok/s | total tok/s | peak running | preemptions | compile s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| pass | s | req/s | output tok/s | total tok/s | peak running | preemptions | warm-up s (compile) "
+          "| compile s in the pass |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for i, r in enumerate(runs):
         print(f"| {i + 1} | {r['elapsed_s']:.1f} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.0f} | "
-              f"{r['total_tokens_per_s']:.0f} | {r['peak_running']} | {r['preemptions']} | {r['compile_s']:.1f} |")
+              f"{r['total_tokens_per_s']:.0f} | {r['peak_running']} | {r['preemptions']} | {r['warmup_s']:.1f} "
+              f"({r['warmup_compile_s']:.1f}) | {r['compile_s']:.1f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(args=vars(args), passes=runs, result=last), indent=1))
 

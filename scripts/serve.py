@@ -52,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--max-model-len", type=positive, default=None, help="tokens per sequence (default: the model's)")
     p.add_argument("--max-queue", type=positive, default=512, help="requests in flight before answering 503")
     p.add_argument("--decode-chunk", type=positive, default=8, help="tokens per decode dispatch")
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile the prefill and decode programs before /health says ready (greedy and sampled; "
+                        "log-probs, min_tokens and penalties compile on first use)")
     p.add_argument("--max-body-bytes", type=positive, default=8 << 20, help="larger request bodies get a 413")
     p.add_argument("--max-prompts-per-request", type=positive, default=256,
                    help="prompts one /v1/completions request may hold")
@@ -94,6 +97,11 @@ def chat_template(value: str | None) -> str | None:
     return Path(value).read_text() if value and Path(value).is_file() else value
 
 
+def warmup_progress(done: int, total: int, what: str) -> None:
+    if done == 1 or done == total or done % 4 == 0:
+        print(f"compiling {done}/{total}: {what}", flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -112,7 +120,8 @@ def main(argv=None):
                            memory_fraction=args.gpu_memory_utilization, **model_options.load_kwargs(args))
         llm = AsyncLLM(model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                        max_queue=args.max_queue, chunk=args.decode_chunk,
-                       max_num_batched_tokens=args.max_num_batched_tokens)
+                       max_num_batched_tokens=args.max_num_batched_tokens,
+                       warmup=warmup_progress if args.warmup else None)
         app = build_app(llm, args.served_model_name or args.model, args.api_key, chat_template(args.chat_template),
                         args.max_body_bytes, args.max_prompts_per_request)
     except (ValueError, TypeError, KeyError, OSError) as e:

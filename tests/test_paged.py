@@ -83,6 +83,61 @@ def test_chunked_prompt_logprobs_equal_whole_ones(checkpoint):
             assert a[2] == b[2]
 
 
+@pytest.mark.parametrize("dp", [1, 2])
+def test_a_chunk_cut_into_many_prefill_rows_gives_the_same_outputs(checkpoint, monkeypatch, dp):
+    """Prefill rows of 16 tokens and a 64-token budget cut each chunk into up to four rows that
+    write and read the same sequence's pages in one call; tokens (sampled, with penalties that
+    count every row's tokens), prompt log-probs and finishes equal one-row chunks'."""
+    model = jaxtp.load(checkpoint("llama")[0], dtype="float32", dp=dp)
+    params = jaxtp.SamplingParams(max_tokens=10, temperature=0.8, ignore_eos=True, prompt_logprobs=1,
+                                  repetition_penalty=1.5, presence_penalty=0.7)
+    runs = []
+    for row, budget in ((128, 1024), (16, 64)):
+        monkeypatch.setattr(engine.scheduler, "PREFILL_ROW", row)
+        eng = engine.Engine(model, max_num_seqs=4, max_model_len=128, max_num_batched_tokens=budget, page_size=16)
+        s = seqs(params)
+        runs.append((drive(eng, s), [x.prompt_logprobs for x in s]))
+    assert runs[0][0] == runs[1][0]
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert [x[2] for x in a] == [x[2] for x in b]
+        np.testing.assert_allclose([x[0] for x in a[1:]], [x[0] for x in b[1:]], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dp", [1, 2])
+def test_decode_runs_only_the_live_slots(checkpoint, monkeypatch, dp):
+    """Of 64 slots, decode runs a bucket of the occupied ones (powers of four, per replica), and
+    the tokens are transformers' whatever the rows' order."""
+    path, ref = checkpoint("llama")
+    model = jaxtp.load(path, dtype="float32", dp=dp)
+    shapes, real = [], engine.runner.decode
+    monkeypatch.setattr(engine.runner, "decode", lambda *a, **k: shapes.append(a[6].shape[0]) or real(*a, **k))
+    eng = engine.Engine(model, max_num_seqs=64, max_model_len=128, chunk=4, page_size=16)
+    params = jaxtp.SamplingParams(max_tokens=8, **GREEDY_IGNORE)
+    prompts = PROMPTS[:dp]
+    assert drive(eng, seqs(params, prompts)) == [hf_greedy(ref, p, 8) for p in prompts]
+    assert set(shapes) == {dp}
+    assert [engine.runner.bucket4(n, 128) for n in (1, 2, 4, 5, 16, 17, 65, 200)] == [1, 4, 4, 16, 16, 64, 128, 128]
+
+
+def test_after_warmup_nothing_compiles(checkpoint):
+    """warmup() runs every prefill and decode program (rows in powers of four, greedy and
+    sampled) with idle rows: requests after it, at any count, trace nothing new, and their
+    tokens are unchanged by it (idle rows write only to the scratch page)."""
+    path, ref = checkpoint("llama")
+    model = jaxtp.load(path, dtype="float32")
+    eng = engine.Engine(model, max_num_seqs=8, max_model_len=64, chunk=4, max_num_batched_tokens=256, page_size=16)
+    done = []
+    assert eng.warmup(lambda i, n, what: done.append(what)) == len(done) == 2 * (2 + 3)  # rows 1, 2 / 1, 4, 8
+    before = dict(engine.TRACES)
+    for count, temperature in ((1, 0.0), (3, 0.7), (6, 0.0), (8, 0.9)):
+        params = jaxtp.SamplingParams(max_tokens=6, temperature=temperature, ignore_eos=True)
+        prompts = [[3 + i, 5, 7 + i] for i in range(count)]
+        got = drive(eng, seqs(params, prompts))
+        if temperature == 0.0:
+            assert got == [hf_greedy(ref, p, 6) for p in prompts]
+    assert dict(engine.TRACES) == before
+
+
 def test_a_sequence_larger_than_the_pool_is_rejected_with_the_numbers(checkpoint):
     model = jaxtp.load(checkpoint("llama")[0], dtype="float32")
     eng = engine.Engine(model, max_num_seqs=2, max_model_len=256, page_size=16, max_kv_tokens=64)

@@ -249,7 +249,7 @@ def test_full_queue_refuses_new_requests(offline):
 
 
 def test_full_queue_is_a_503_with_an_openai_error_body(long_model):
-    for url in _serve(long_model, "--max-num-seqs", "1", "--max-queue", "1", "--decode-chunk", "2"):
+    for url in _serve(long_model, "--max-num-seqs", "1", "--max-queue", "1", "--decode-chunk", "2", "--no-warmup"):
         with httpx2.stream("POST", url + "/v1/completions", timeout=60,
                            json={"model": NAME, "prompt": "1+1=", "max_tokens": 900, "temperature": 0,
                                  "ignore_eos": True, "stream": True}) as busy:
@@ -301,7 +301,7 @@ def test_help_shows_the_vllm_flags_and_their_defaults():
 
 def test_sigterm_drains_within_its_timeout_and_exits_0(long_model):
     port = free_port()
-    proc = SERVER.start(long_model, port, "--served-model-name", NAME, "--shutdown-timeout", "2", "--decode-chunk", "1",
+    proc = SERVER.start(long_model, port, "--served-model-name", NAME, "--shutdown-timeout", "2", "--decode-chunk", "1", "--no-warmup",
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -35,6 +35,7 @@ from jaxtp.engine.sampling import (MAX_LOGPROBS, Penalties, SamplerArrays, Sampl
                                    sample, token_logprobs)
 from jaxtp.engine.sequence import Sequence, Status
 from jaxtp.ops import OpsConfig
+from jaxtp.ops import paged
 from jaxtp.ops.paged import SCRATCH_PAGE
 from jaxtp.sharding import ROWS_SPEC
 
@@ -49,6 +50,18 @@ def bucket(n: int, minimum: int = 1) -> int:
 
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def bucket4(n: int, most: int) -> int:
+    """Next power of four >= n, at most `most`: the row counts of the prefill and decode programs.
+    Few programs compile, and a padding row costs little: it reads no KV, and up to ~64 rows a
+    projection costs what one does (it reads the weights)."""
+    return min(most, 1 << 2 * -(-max(0, n - 1).bit_length() // 2))
+
+
+def _powers_of_four(most: int) -> list[int]:
+    """Every value bucket4 takes up to `most`."""
+    return sorted({bucket4(4 ** i, most) for i in range(most.bit_length())})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,17 +184,19 @@ def _logprobs(logits, tok, k):
     return None if k is None else token_logprobs(logits, tok, k)
 
 
-def _chunk_penalties(old: Penalties, batch: PrefillBatch, slot) -> Penalties:
-    """The penalties' statistics of each row's sequence after its chunk: a first chunk starts
-    them afresh, a later one adds to its slot's (prompt tokens are seen, later ones counted)."""
-    n, t = batch.tokens.shape
-    rows, pos = jnp.arange(n)[:, None], batch.starts[:, None] + jnp.arange(t)[None, :]
+def _chunk_penalties(old: Penalties, batch: PrefillBatch) -> Penalties:
+    """Every slot's penalty statistics after this call's chunks: a sequence's first chunk starts
+    them afresh; prompt tokens are seen, later ones (a recomputed sequence's) counted. A
+    sequence's chunk may span several rows, so the rows add into their slot."""
+    b, (n, t) = old.counts.shape[0], batch.tokens.shape
+    pos = batch.starts[:, None] + jnp.arange(t)[None, :]
     valid = jnp.arange(t)[None, :] < batch.lens[:, None]
     in_prompt = valid & (pos < batch.prompt_lens[:, None])
-    fresh = (batch.starts == 0)[:, None]
-    seen = jnp.where(fresh, 0, old.in_prompt[slot].astype(jnp.int32))
-    seen = seen.at[rows, batch.tokens].add(in_prompt.astype(jnp.int32)) > 0
-    counts = jnp.where(fresh, 0, old.counts[slot]).at[rows, batch.tokens].add((valid & ~in_prompt).astype(jnp.int32))
+    fresh = jnp.zeros(b, bool).at[jnp.where(batch.starts == 0, batch.slots, b)].set(True, mode="drop")
+    slot = jnp.broadcast_to(batch.slots[:, None], (n, t))
+    seen = (old.in_prompt & ~fresh[:, None]).at[jnp.where(in_prompt, slot, b), batch.tokens].set(True, mode="drop")
+    counts = jnp.where(fresh[:, None], 0, old.counts).at[jnp.where(valid & ~in_prompt, slot, b), batch.tokens].add(
+        1, mode="drop")
     return Penalties(seen, counts)
 
 
@@ -201,13 +216,13 @@ def prefill(model_def: ModelDef, weights, cache: KVCache, state: DecodeState, ro
     slot = jnp.minimum(batch.slots, b - 1)
     r = jax.tree.map(lambda x: x[slot], rows)
     logits = model.logits(h[jnp.arange(n), batch.lens - 1])
-    penalties = None if state.penalties is None else _chunk_penalties(state.penalties, batch, slot)
+    penalties = None if state.penalties is None else _chunk_penalties(state.penalties, batch)
     generated = batch.starts + batch.lens - batch.prompt_lens  # before this token (recomputed: > 0)
-    tok = sample(logits, r.sampler, generated, model.vocab_size, cfg.greedy, penalties, cfg.min_tokens)
+    tok = sample(logits, r.sampler, generated, model.vocab_size, cfg.greedy,
+                 None if penalties is None else jax.tree.map(lambda x: x[slot], penalties), cfg.min_tokens)
     if penalties is not None:
-        penalties = penalties._replace(counts=penalties.counts.at[jnp.arange(n), tok].add(batch.sample))
-        state = state._replace(penalties=jax.tree.map(lambda old, x: old.at[batch.slots].set(x, mode="drop"),
-                                                      state.penalties, penalties))
+        counts = penalties.counts.at[jnp.where(batch.sample, batch.slots, b), tok].add(1, mode="drop")
+        state = state._replace(penalties=penalties._replace(counts=counts))
     prompt_lp = None
     if cfg.prompt_logprobs is not None:
         prompt_lp = token_logprobs(model.logits(h), batch.targets, cfg.prompt_logprobs)
@@ -245,21 +260,40 @@ def _decode_step(model, rows: Rows, table, cfg: StepConfig, i, carry):
     return _constrain_cache(cache, cfg.ops.mesh), nxt, out.at[i].set(tok), lp_out
 
 
+def _take(tree, live, dp: int, fills=None):
+    """Rows `live` [n] (each replica's own slot numbers; out of range: a padding row, given the
+    `fills` values, default 0) of per-slot arrays [slots, ...]."""
+    fills = jax.tree.map(lambda _: 0, tree) if fills is None else fills
+    return jax.tree.map(lambda x, f: paged.per_replica(lambda a, i: a.at[i].get(mode="fill", fill_value=f),
+                                                       dp, x, live), tree, fills)
+
+
+def _put_back(tree, sub, live, dp: int):
+    """`sub` (rows `live` of `tree`) written back into their slots; padding rows are dropped."""
+    return jax.tree.map(lambda x, y: paged.per_replica(lambda a, i, v: a.at[i].set(v, mode="drop"), dp, x, live, y),
+                        tree, sub)
+
+
 @functools.partial(jax.jit, static_argnames=("model_def", "cfg"), donate_argnames=("cache", "state"))
-def decode(model_def: ModelDef, weights, cache: KVCache, state: DecodeState, rows: Rows, table,
+def decode(model_def: ModelDef, weights, cache: KVCache, state: DecodeState, rows: Rows, table, live,
            cfg: StepConfig):
-    """`cfg.steps` decode steps for every slot on device, slot b's keys and values in the pages
-    of table[b] -> (Step [steps, B], state, cache)."""
+    """`cfg.steps` decode steps for the slots `live` [n] (each replica's own slot numbers, out
+    of range for padding), slot b's keys and values in the pages of table[b] -> (Step [steps, n],
+    state, cache). Only the live rows run: idle slots cost nothing."""
     TRACES["decode"] += 1
-    model = model_def.merge(weights)
-    b, steps = state.tokens.shape[0], cfg.steps
-    out = jnp.full((steps, b), -1, jnp.int32)
+    model, dp = model_def.merge(weights), cfg.ops.dp
+    idle = DecodeState(0, 0, 0, True, None if state.penalties is None else Penalties(False, 0))
+    s = _take(state, live, dp, idle)
+    r, tab = _take(rows, live, dp), _take(table, live, dp, SCRATCH_PAGE)
+    n, steps = live.shape[0], cfg.steps
+    out = jnp.full((steps, n), -1, jnp.int32)
     k = cfg.logprobs or 0
-    lp_out = TokenLogprobs(jnp.zeros((steps, b)), jnp.zeros((steps, b), jnp.int32),
-                           jnp.zeros((steps, b, k), jnp.int32), jnp.zeros((steps, b, k)))
-    body = functools.partial(_decode_step, model, rows, table, cfg)
+    lp_out = TokenLogprobs(jnp.zeros((steps, n)), jnp.zeros((steps, n), jnp.int32),
+                           jnp.zeros((steps, n, k), jnp.int32), jnp.zeros((steps, n, k)))
+    body = functools.partial(_decode_step, model, r, tab, cfg)
     # A fixed trip count: no per-step predicate copy to the host; the host checks `done` per chunk.
-    cache, state, out, lp_out = jax.lax.fori_loop(0, steps, body, (cache, state, out, lp_out))
+    cache, s, out, lp_out = jax.lax.fori_loop(0, steps, body, (cache, s, out, lp_out))
+    state = _put_back(state, s, live, dp)
     return Step(out, lp_out if cfg.logprobs is not None else None, state.done), state, cache
 
 
@@ -341,11 +375,14 @@ def _set_rows(all_rows: np.ndarray, slots: list[int], new: np.ndarray) -> np.nda
 class ModelRunner:
     """The device state: the KV page pool (`pages` pages of `page_size` tokens per dp replica),
     the decode state and sampling constants of `slots` decode rows, and each slot's block table
-    (up to `max_len` positions). It is told which chunks and slots run and decides nothing."""
+    (up to `max_len` positions). Prefill calls are rows of `prefill_row` tokens, at most
+    `prefill_rows` per replica. It is told which
+    chunks and slots run and decides nothing."""
 
-    def __init__(self, model, slots: int, pages: int, page_size: int, max_len: int):
+    def __init__(self, model, slots: int, pages: int, page_size: int, max_len: int, prefill_row: int,
+                 prefill_rows: int):
         cfg, self.model, dp = model.config, model, model.mesh.shape["dp"]
-        self.slots = slots
+        self.slots, self.prefill_row, self.prefill_rows = slots, prefill_row, prefill_rows
         self.width = -(-max_len // page_size)  # block-table entries per sequence
         self.cache = kv_cache.init(cfg.num_layers, pages * dp, model.kv_heads, page_size, cfg.head_dim,
                                    model.dtype, model.mesh)
@@ -399,14 +436,17 @@ class ModelRunner:
                        [c.seq.runs if c else -1 for c in rows], rows)
 
     def _prefill_batch(self, chunks: list[Chunk]) -> tuple[PrefillBatch, list[Chunk | None]]:
-        """Host arrays of a prefill call, and the chunk of each row (None: padding). Rows are
-        bucketed to a power of two per replica (each replica's chunks in its share), lengths to
-        a power of two >= 16."""
+        """Host arrays of a prefill call, and the chunk each row holds (None: padding). Chunks are
+        cut into rows of `prefill_row` tokens (a row's queries attend to the pages its sequence's
+        earlier rows write in the same call), so a call pads only each chunk's last row; rows are
+        bucketed per replica (bucket4; each replica's chunks in its share)."""
         dp = self.model.mesh.shape["dp"]
-        per = [[c for c in chunks if c.seq.replica == r] for r in range(dp)]
-        local = bucket(max(map(len, per)))
+        cut = [Chunk(c.seq, at, min(self.prefill_row, c.start + c.length - at))
+               for c in chunks for at in range(c.start, c.start + c.length, self.prefill_row)]
+        per = [[c for c in cut if c.seq.replica == r] for r in range(dp)]
+        local = bucket4(max(map(len, per)), self.prefill_rows)
         rows = [g[i] if i < len(g) else None for g in per for i in range(local)]
-        n, t = len(rows), bucket(max(c.length for c in chunks), 16)
+        n, t = len(rows), self.prefill_row
         # XLA's attention reads the whole table: give it the pages this call reaches (a power of
         # two); the Pallas kernel stops at each query's position, so it keeps one shape.
         width = self.width if self.model.ops.kernels == "pallas" else min(
@@ -437,14 +477,53 @@ class ModelRunner:
                 Penalties(np.zeros((self.slots, v), bool), np.zeros((self.slots, v), np.int32))))
 
     def decode(self, columns: list[Sequence | None], steps: int) -> Pending:
-        """Queue `steps` decode steps over every slot; columns[i] is slot i's sequence."""
+        """Queue `steps` decode steps over the slots that hold a sequence; columns[i] is slot i's."""
         if self.table is None:
             self.table = self._put(self.host_table)
+        live, where = self._live([i for i, s in enumerate(columns) if s is not None])
         cfg = StepConfig.for_group(self.model.ops, [s for s in columns if s is not None], steps=steps)
         step, self.state, self.cache = decode(*self.model.step_args, self.cache, self.state, self.rows,
-                                              self.table, cfg)
-        return Pending(step, None, list(columns), list(range(self.slots)),
-                       [-1 if s is None else s.runs for s in columns])
+                                              self.table, self._put(live), cfg)
+        seqs = [None if w is None else columns[w] for w in where]
+        return Pending(step, None, seqs, [w or 0 for w in where], [-1 if s is None else s.runs for s in seqs])
+
+    def _live(self, slots: list[int]) -> tuple[np.ndarray, list[int | None]]:
+        """Decode rows for these slots: each replica's own slot numbers (out of range: padding),
+        as many per replica (a bucket), and each row's slot (None: padding)."""
+        dp = self.model.mesh.shape["dp"]
+        per = self.slots // dp
+        groups = [[s - r * per for s in slots if s // per == r] for r in range(dp)]
+        live = np.full((dp, bucket4(max(map(len, groups)), per)), per, np.int32)
+        for r, g in enumerate(groups):
+            live[r, :len(g)] = g
+        return live.reshape(-1), [r * per + int(i) if i < per else None for r in range(dp) for i in live[r]]
+
+    def warmup(self, steps: int, progress=None) -> int:
+        """Run every prefill and decode program this runner can call with idle rows (they write
+        only to the scratch page), greedy and sampled, so none compiles later; returns how many.
+        Variants with log-probs, min_tokens or penalties still compile on first use."""
+        dp, per = self.model.mesh.shape["dp"], self.slots // self.model.mesh.shape["dp"]
+        width = self.width if self.model.ops.kernels == "pallas" else 1
+        shapes = [("prefill", n) for n in _powers_of_four(self.prefill_rows)] + \
+                 [("decode", n) for n in _powers_of_four(per)]
+        self.stop([])
+        for i, (greedy, (kind, n)) in enumerate((g, x) for g in (True, False) for x in shapes):
+            cfg = StepConfig(self.model.ops, greedy=greedy, steps=steps if kind == "decode" else 1)
+            if kind == "prefill":
+                z, t = np.zeros((dp * n, self.prefill_row), np.int32), np.zeros(dp * n, np.int32)
+                batch = PrefillBatch(z, t, t + 1, np.zeros((dp * n, width), np.int32), t + self.slots,
+                                     np.zeros(dp * n, bool), t, z)
+                _, _, self.state, self.cache = prefill(*self.model.step_args, self.cache, self.state, self.rows,
+                                                       self._put(batch), cfg)
+            else:
+                if self.table is None:
+                    self.table = self._put(self.host_table)
+                _, self.state, self.cache = decode(*self.model.step_args, self.cache, self.state, self.rows,
+                                                   self.table, self._put(np.full(dp * n, per, np.int32)), cfg)
+            jax.block_until_ready(self.cache)
+            if progress:
+                progress(i + 1, 2 * len(shapes), f"{kind} x{n}{'' if greedy else ' sampled'}")
+        return 2 * len(shapes)
 
     def read(self, pending: list[Pending]) -> list[Column]:
         """Wait for queued work (one fetch for all of it): each live sequence's share, in order.

@@ -23,6 +23,7 @@ from jaxtp.engine.sequence import Sequence, Status
 MAX_SLOTS = 256                # concurrent sequences at most (vLLM's max_num_seqs); more queue
 MAX_BATCHED_TOKENS = 8192      # prefill tokens per step, padding included (max_num_batched_tokens)
 MIN_CHUNK = 16
+PREFILL_ROW = 128              # prefill tokens per row: the prefill kernel's query block
 
 
 class Engine:
@@ -50,7 +51,9 @@ class Engine:
         tokens = min(x for x in (max_kv_tokens, model.max_kv_tokens,
                                  slots_per_replica * round_up(self.max_model_len, page_size)) if x)
         self.blocks = BlockManager(tokens // page_size + 1, page_size, dp)  # + the scratch page
-        self.runner = ModelRunner(model, max_num_seqs, self.blocks.pages, page_size, self.max_model_len)
+        row = min(PREFILL_ROW, 1 << max_num_batched_tokens.bit_length() - 1)
+        self.runner = ModelRunner(model, max_num_seqs, self.blocks.pages, page_size, self.max_model_len, row,
+                                  max_num_batched_tokens // row)
         self.slots, self.chunk, self.max_num_batched_tokens = max_num_seqs, chunk, max_num_batched_tokens
         self.eos = list(model.config.eos_token_ids)
         self.running: list[Sequence | None] = [None] * max_num_seqs
@@ -111,6 +114,11 @@ class Engine:
         self.waiting.appendleft(seq)
         self.preemptions += 1
 
+    def warmup(self, progress=None) -> int:
+        """Compile the engine's programs now (ModelRunner.warmup), not when requests come;
+        progress(done, total, what) after each. Returns how many ran."""
+        return self.runner.warmup(self.chunk, progress)
+
     @property
     def kv_usage(self) -> float:
         """Share of the fullest replica's KV pages that running sequences hold."""
@@ -137,22 +145,22 @@ class Engine:
 
     def _prefill(self) -> Pending | None:
         """Chunks of the running prompts (oldest first), then of newly admitted ones, in one call
-        of rows x length within the token budget (padding included)."""
+        of rows of `prefill_row` tokens within the token budget (padding included)."""
         decoding = sum(not s.prefilling for s in self.admitted)
-        budget = self.max_num_batched_tokens  # decode runs in its own call: the whole budget
-        going = [s for s in self.admitted if s.prefilling]
-        free = self.running.count(None)
-        ahead = [s.target - s.computed for s in going] + [len(s.prompt) + len(s.tokens)
-                                                           for s in list(self.waiting)[:free]]
-        if not ahead:
-            return None
-        length, rows = chunk_shape(ahead, budget)
+        row = self.runner.prefill_row
+        left = self.max_num_batched_tokens // row * row  # decode runs in its own call: the whole budget
         chunks: list[Chunk] = []
-        for seq in going[:rows]:
-            if not self._add_chunk(chunks, seq, length):
+        for seq in [s for s in self.admitted if s.prefilling]:
+            if left < row:
                 break
-        while self.waiting and len(chunks) < rows and self._admit(self.waiting[0], chunks, length, decoding):
+            if seq.status is not Status.RUNNING:  # preempted for an older one's pages
+                continue
+            if not self._add_chunk(chunks, seq, left):
+                break
+            left -= round_up(chunks[-1].length, row)
+        while self.waiting and left >= row and self._admit(self.waiting[0], chunks, left, decoding):
             self.waiting.popleft()
+            left -= round_up(chunks[-1].length, row)
         return self.runner.prefill(chunks) if chunks else None
 
     def _add_chunk(self, chunks: list[Chunk], seq: Sequence, length: int) -> bool:
@@ -231,21 +239,6 @@ class Engine:
             stopped = last in seq.stop_ids and len(seq.tokens) >= seq.params.min_tokens
             self._release(seq)
             seq.finish("stop" if stopped else "length", last if stopped and last not in self.eos else None)
-
-
-def chunk_shape(ahead: list[int], budget: int) -> tuple[int, int]:
-    """(chunk length, rows) of a prefill call for prompts with `ahead` tokens left, in order:
-    the power-of-two length whose rows (a power of two, length x rows <= budget) prefill the
-    most tokens, a longer prompt being cut to the length (the rest comes in later calls)."""
-    best = (0, MIN_CHUNK, 1)
-    length = MIN_CHUNK
-    while length <= budget:
-        rows = 1 << (budget // length).bit_length() - 1
-        done = sum(min(n, length) for n in ahead[:rows])
-        if done > best[0]:
-            best = (done, length, rows)
-        length *= 2
-    return best[1], best[2]
 
 
 def run(model, seqs: list[Sequence], chunk: int = 16, max_slots: int = MAX_SLOTS):

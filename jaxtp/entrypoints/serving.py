@@ -98,13 +98,15 @@ class AsyncLLM:
     max_queue bounds the requests in flight (running + waiting); beyond it `generate` raises
     QueueFull. chunk: tokens per decode dispatch (smaller: finer streaming and faster admission
     of new requests; larger: less host overhead). max_num_batched_tokens, page_size and
-    max_kv_tokens (a smaller KV pool than memory allows) go to the Engine.
+    max_kv_tokens (a smaller KV pool than memory allows) go to the Engine. warmup: a callable
+    progress(done, total, what) to compile the engine's programs before serving (Engine.warmup),
+    so no request waits on a compile; None compiles them on first use.
     """
 
     def __init__(self, model, max_num_seqs: int = 64, max_model_len: int | None = None,
                  max_queue: int = 512, chunk: int = 8, registry: CollectorRegistry | None = None,
                  max_num_batched_tokens: int = MAX_BATCHED_TOKENS, page_size: int = PAGE_SIZE,
-                 max_kv_tokens: int | None = None):
+                 max_kv_tokens: int | None = None, warmup=None):
         for name, value in (("max_num_seqs", max_num_seqs), ("max_queue", max_queue), ("chunk", chunk),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             if not isinstance(value, int) or value < 1:
@@ -119,6 +121,8 @@ class AsyncLLM:
         self._engine_args = (model, -(-max_num_seqs // dp) * dp, self.max_model_len, chunk, max_num_batched_tokens,
                              page_size, max_kv_tokens)
         self.engine = Engine(*self._engine_args)
+        if warmup is not None:
+            self.engine.warmup(warmup)
         self._preempted = 0
         self.metrics = Metrics(registry or CollectorRegistry())
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()

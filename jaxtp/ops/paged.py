@@ -10,7 +10,7 @@ import jax.numpy as jnp
 SCRATCH_PAGE = 0  # never handed out (engine.block_manager): idle and padding rows write here
 
 
-def _per_replica(fn, dp: int, *args):
+def per_replica(fn, dp: int, *args):
     """fn on each replica's share: every argument's leading axis split into [dp, n / dp]."""
     if dp == 1:
         return fn(*args)
@@ -27,7 +27,7 @@ def write(pages, new, table, pos, dp: int = 1):
         ids = jnp.where(index < width, jnp.take_along_axis(table, jnp.minimum(index, width - 1), axis=1),
                         SCRATCH_PAGE)
         return pages.at[ids, :, pos % size, :].set(new.astype(pages.dtype))
-    return _per_replica(local, dp, pages, new, table, pos)
+    return per_replica(local, dp, pages, new, table, pos)
 
 
 def gather(pages, table, dp: int = 1):
@@ -36,4 +36,4 @@ def gather(pages, table, dp: int = 1):
         rows = pages[table]  # [B, W, KVH, page_size, D]
         b, w, kvh, size, d = rows.shape
         return rows.transpose(0, 2, 1, 3, 4).reshape(b, kvh, w * size, d)
-    return _per_replica(local, dp, pages, table)
+    return per_replica(local, dp, pages, table)
