@@ -14,6 +14,7 @@ is the measurement. Prints a table, optionally --json.
 import argparse
 import collections
 import contextlib
+import gc
 import json
 import statistics
 import sys
@@ -121,6 +122,7 @@ def one_pass(model, pairs, args, vocab: int, seed: int, compiled: list, trace: b
     import numpy as np
     from jaxtp import engine
     from jaxtp.engine.sampling import SamplingParams
+    gc.collect()  # the last pass's engine (its KV pool) must be gone before this one's is made
     rng = np.random.default_rng(seed)
     max_len = max(p + o for p, o in pairs)
     eng = engine.Engine(model, args.max_num_seqs, max_len, args.chunk, args.max_num_batched_tokens,
@@ -131,7 +133,7 @@ def one_pass(model, pairs, args, vocab: int, seed: int, compiled: list, trace: b
     warm, before = time.perf_counter(), sum(compiled)
     if not args.no_warmup:
         eng.warmup(lambda i, n, what: print(f"   warmup {i}/{n}: {what} at {time.perf_counter() - warm:.1f} s",
-                                            flush=True))
+                                            flush=True), sampled=False)  # the requests are greedy
     warm, warm_compile = time.perf_counter() - warm, sum(compiled) - before
     for s in seqs:
         eng.add(s)

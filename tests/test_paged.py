@@ -105,8 +105,8 @@ def test_a_chunk_cut_into_many_prefill_rows_gives_the_same_outputs(checkpoint, m
 
 @pytest.mark.parametrize("dp", [1, 2])
 def test_decode_runs_only_the_live_slots(checkpoint, monkeypatch, dp):
-    """Of 64 slots, decode runs a bucket of the occupied ones (powers of four, per replica), and
-    the tokens are transformers' whatever the rows' order."""
+    """Of 64 slots, decode runs a bucket of the occupied ones (row_bucket, per replica), and the
+    tokens are transformers' whatever the rows' order."""
     path, ref = checkpoint("llama")
     model = jaxtp.load(path, dtype="float32", dp=dp)
     shapes, real = [], engine.runner.decode
@@ -116,12 +116,13 @@ def test_decode_runs_only_the_live_slots(checkpoint, monkeypatch, dp):
     prompts = PROMPTS[:dp]
     assert drive(eng, seqs(params, prompts)) == [hf_greedy(ref, p, 8) for p in prompts]
     assert set(shapes) == {dp}
-    assert [engine.runner.bucket4(n, 128) for n in (1, 2, 4, 5, 16, 17, 65, 200)] == [1, 4, 4, 16, 16, 64, 128, 128]
+    assert [engine.runner.row_bucket(n, 160) for n in (1, 2, 4, 5, 16, 17, 33, 65, 129, 200)] == \
+        [1, 4, 4, 16, 16, 32, 48, 128, 160, 160]
 
 
 def test_after_warmup_nothing_compiles(checkpoint):
-    """warmup() runs every prefill and decode program (rows in powers of four, greedy and
-    sampled) with idle rows: requests after it, at any count, trace nothing new, and their
+    """warmup() runs every prefill and decode program (row_bucket's rows, greedy and sampled)
+    with idle rows: requests after it, at any count, trace nothing new, and their
     tokens are unchanged by it (idle rows write only to the scratch page)."""
     path, ref = checkpoint("llama")
     model = jaxtp.load(path, dtype="float32")

@@ -301,7 +301,8 @@ def test_help_shows_the_vllm_flags_and_their_defaults():
 
 def test_sigterm_drains_within_its_timeout_and_exits_0(long_model):
     port = free_port()
-    proc = SERVER.start(long_model, port, "--served-model-name", NAME, "--shutdown-timeout", "2", "--decode-chunk", "1", "--no-warmup",
+    proc = SERVER.start(long_model, port, "--served-model-name", NAME, "--shutdown-timeout", "2", "--decode-chunk", "1",
+                        "--no-warmup",
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

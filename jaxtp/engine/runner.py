@@ -52,16 +52,17 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def bucket4(n: int, most: int) -> int:
-    """Next power of four >= n, at most `most`: the row counts of the prefill and decode programs.
-    Few programs compile, and a padding row costs little: it reads no KV, and up to ~64 rows a
-    projection costs what one does (it reads the weights)."""
-    return min(most, 1 << 2 * -(-max(0, n - 1).bit_length() // 2))
+def row_bucket(n: int, most: int) -> int:
+    """Rows of the prefill or decode program for n rows of work, at most `most`: 1, 4, 16, then
+    multiples of 16 to 64 and of 64 beyond. A padding row costs little (it reads no KV, and up
+    to ~64 rows a projection costs what one does: it reads the weights), so few programs compile."""
+    granule = 1 if n <= 1 else 4 if n <= 4 else 16 if n <= 64 else 64
+    return min(most, round_up(max(n, 1), granule))
 
 
-def _powers_of_four(most: int) -> list[int]:
-    """Every value bucket4 takes up to `most`."""
-    return sorted({bucket4(4 ** i, most) for i in range(most.bit_length())})
+def row_buckets(most: int) -> list[int]:
+    """Every value row_bucket takes up to `most`."""
+    return sorted({row_bucket(n, most) for n in range(1, most + 1)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -439,12 +440,12 @@ class ModelRunner:
         """Host arrays of a prefill call, and the chunk each row holds (None: padding). Chunks are
         cut into rows of `prefill_row` tokens (a row's queries attend to the pages its sequence's
         earlier rows write in the same call), so a call pads only each chunk's last row; rows are
-        bucketed per replica (bucket4; each replica's chunks in its share)."""
+        bucketed per replica (row_bucket; each replica's chunks in its share)."""
         dp = self.model.mesh.shape["dp"]
         cut = [Chunk(c.seq, at, min(self.prefill_row, c.start + c.length - at))
                for c in chunks for at in range(c.start, c.start + c.length, self.prefill_row)]
         per = [[c for c in cut if c.seq.replica == r] for r in range(dp)]
-        local = bucket4(max(map(len, per)), self.prefill_rows)
+        local = row_bucket(max(map(len, per)), self.prefill_rows)
         rows = [g[i] if i < len(g) else None for g in per for i in range(local)]
         n, t = len(rows), self.prefill_row
         # XLA's attention reads the whole table: give it the pages this call reaches (a power of
@@ -493,21 +494,21 @@ class ModelRunner:
         dp = self.model.mesh.shape["dp"]
         per = self.slots // dp
         groups = [[s - r * per for s in slots if s // per == r] for r in range(dp)]
-        live = np.full((dp, bucket4(max(map(len, groups)), per)), per, np.int32)
+        live = np.full((dp, row_bucket(max(map(len, groups)), per)), per, np.int32)
         for r, g in enumerate(groups):
             live[r, :len(g)] = g
         return live.reshape(-1), [r * per + int(i) if i < per else None for r in range(dp) for i in live[r]]
 
-    def warmup(self, steps: int, progress=None) -> int:
+    def warmup(self, steps: int, progress=None, sampled: bool = True) -> int:
         """Run every prefill and decode program this runner can call with idle rows (they write
-        only to the scratch page), greedy and sampled, so none compiles later; returns how many.
-        Variants with log-probs, min_tokens or penalties still compile on first use."""
+        only to the scratch page), greedy and (if `sampled`) sampled, so none compiles later;
+        returns how many. Variants with log-probs, min_tokens or penalties compile on first use."""
         dp, per = self.model.mesh.shape["dp"], self.slots // self.model.mesh.shape["dp"]
         width = self.width if self.model.ops.kernels == "pallas" else 1
-        shapes = [("prefill", n) for n in _powers_of_four(self.prefill_rows)] + \
-                 [("decode", n) for n in _powers_of_four(per)]
+        shapes = [("prefill", n) for n in row_buckets(self.prefill_rows)] + [("decode", n) for n in row_buckets(per)]
+        variants = [(g, x) for g in (True, False)[:1 + sampled] for x in shapes]
         self.stop([])
-        for i, (greedy, (kind, n)) in enumerate((g, x) for g in (True, False) for x in shapes):
+        for i, (greedy, (kind, n)) in enumerate(variants):
             cfg = StepConfig(self.model.ops, greedy=greedy, steps=steps if kind == "decode" else 1)
             if kind == "prefill":
                 z, t = np.zeros((dp * n, self.prefill_row), np.int32), np.zeros(dp * n, np.int32)
@@ -522,8 +523,8 @@ class ModelRunner:
                                                    self.table, self._put(np.full(dp * n, per, np.int32)), cfg)
             jax.block_until_ready(self.cache)
             if progress:
-                progress(i + 1, 2 * len(shapes), f"{kind} x{n}{'' if greedy else ' sampled'}")
-        return 2 * len(shapes)
+                progress(i + 1, len(variants), f"{kind} x{n}{'' if greedy else ' sampled'}")
+        return len(variants)
 
     def read(self, pending: list[Pending]) -> list[Column]:
         """Wait for queued work (one fetch for all of it): each live sequence's share, in order.
