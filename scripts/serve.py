@@ -52,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--max-model-len", type=positive, default=None, help="tokens per sequence (default: the model's)")
     p.add_argument("--max-queue", type=positive, default=512, help="requests in flight before answering 503")
     p.add_argument("--decode-chunk", type=positive, default=8, help="tokens per decode dispatch")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="compute a prompt prefix seen before once and share its KV pages (automatic prefix caching)")
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="compile the prefill and decode programs before /health says ready (greedy and sampled; "
                         "log-probs, min_tokens and penalties compile on first use)")
@@ -117,7 +119,8 @@ def main(argv=None):
 
     try:
         model = jaxtp.load(args.model, tp=args.tp, dp=args.dp, pp=args.pp,
-                           memory_fraction=args.gpu_memory_utilization, **model_options.load_kwargs(args))
+                           memory_fraction=args.gpu_memory_utilization, enable_prefix_caching=args.enable_prefix_caching,
+                           **model_options.load_kwargs(args))
         llm = AsyncLLM(model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                        max_queue=args.max_queue, chunk=args.decode_chunk,
                        max_num_batched_tokens=args.max_num_batched_tokens,

@@ -422,8 +422,9 @@ class ModelRunner:
         self.state = stop_rows(self.state, self._put(mask))
 
     def prefill(self, chunks: list[Chunk]) -> Pending:
-        """Queue one prefill call over `chunks` (first chunks also set their slots' rows)."""
-        firsts = [c.seq for c in chunks if c.start == 0]
+        """Queue one prefill call over `chunks` (a run's first chunks, after any cached prefix,
+        also set their slots' rows)."""
+        firsts = [c.seq for c in chunks if c.start == c.seq.cached]
         if firsts:
             self._set_rows(firsts, [s.slot for s in firsts])
         batch, rows = self._prefill_batch(chunks)

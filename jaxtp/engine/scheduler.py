@@ -40,7 +40,7 @@ class Engine:
 
     def __init__(self, model, max_num_seqs: int = MAX_SLOTS, max_model_len: int | None = None, chunk: int = 16,
                  max_num_batched_tokens: int = MAX_BATCHED_TOKENS, page_size: int = PAGE_SIZE,
-                 max_kv_tokens: int | None = None):
+                 max_kv_tokens: int | None = None, enable_prefix_caching: bool | None = None):
         dp = model.mesh.shape["dp"]
         if max_num_seqs % dp:
             raise ValueError(f"max_num_seqs={max_num_seqs} must be a multiple of data_parallel_size={dp}")
@@ -50,7 +50,9 @@ class Engine:
         slots_per_replica = max_num_seqs // dp
         tokens = min(x for x in (max_kv_tokens, model.max_kv_tokens,
                                  slots_per_replica * round_up(self.max_model_len, page_size)) if x)
-        self.blocks = BlockManager(tokens // page_size + 1, page_size, dp)  # + the scratch page
+        caching = getattr(model, "enable_prefix_caching", True) if enable_prefix_caching is None \
+            else enable_prefix_caching
+        self.blocks = BlockManager(tokens // page_size + 1, page_size, dp, caching)  # + the scratch page
         row = min(PREFILL_ROW, 1 << max_num_batched_tokens.bit_length() - 1)
         self.runner = ModelRunner(model, max_num_seqs, self.blocks.pages, page_size, self.max_model_len, row,
                                   max_num_batched_tokens // row)
@@ -60,6 +62,7 @@ class Engine:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.admitted: list[Sequence] = []   # running sequences, oldest first
         self.preemptions = 0
+        self.prefix_queries = self.prefix_hits = 0  # prompt tokens looked up in the prefix cache / found
         self._freed: list[int] = []          # slots freed from the host since the last step
         self._ahead: Pending | None = None   # the decode chunk queued by the last step, unread
 
@@ -101,9 +104,12 @@ class Engine:
         seq.finish(reason, stop_reason)
 
     def _release(self, seq: Sequence) -> None:
-        """seq's slot and pages back to the pool (work already queued runs before any reuse)."""
+        """seq's slot and pages back to the pool (work already queued runs before any reuse),
+        its full pages of written keys and values known to the prefix cache."""
         self.running[seq.slot] = None
         self.admitted.remove(seq)
+        written = seq.computed if seq.prefilling else len(seq.prompt) + len(seq.tokens) - 1
+        self.blocks.publish(seq.pages, seq.replica, seq.ids(0, written))
         self.blocks.release(seq.pages, seq.replica)
         self.runner.set_table(seq.slot, [])
 
@@ -165,28 +171,39 @@ class Engine:
 
     def _add_chunk(self, chunks: list[Chunk], seq: Sequence, length: int) -> bool:
         """seq's next chunk (at most `length` tokens) into the call, with its pages (preempting
-        newer sequences if the pool is short); False if seq itself had to be preempted."""
+        newer sequences if the pool is short); False if seq itself had to be preempted. Its full
+        pages are known to the prefix cache at once: a later row of the same call may read them."""
         length = min(seq.target - seq.computed, length)
         if not self._reserve(seq, seq.computed + length):
             return False
         chunks.append(Chunk(seq, seq.computed, length))
         seq.computed += length
+        self.blocks.publish(seq.pages, seq.replica, seq.ids(0, seq.computed))
         return True
 
     def _admit(self, seq: Sequence, chunks: list[Chunk], length: int, decoding: int) -> bool:
-        """Give `seq` a free slot and its first chunk, if a slot and pages allow (keeping a page
-        per decoding sequence for its growth)."""
+        """Give `seq` a free slot, the cached pages of its longest known prefix and its first
+        chunk, if a slot and pages allow (keeping a page per decoding sequence for its growth)."""
         free = [i for i, s in enumerate(self.running) if s is None]
         per = self.slots // self.blocks.replicas
         # the lowest free slot of the replica with the most free pages (max keeps the first)
         slot = max(free, key=lambda i: self.blocks.free_pages(i // per), default=None)
         if slot is None:
             return False
-        replica = slot // per
-        length = min(len(seq.prompt) + len(seq.tokens), length)
-        if self.blocks.free_pages(replica) - self.blocks.pages_for(length) < decoding // self.blocks.replicas:
+        replica, target = slot // per, len(seq.prompt) + len(seq.tokens)
+        # Prompt log-probs need the whole prompt computed, and the penalties' statistics are made
+        # from the prefilled tokens: such requests take nothing from the prefix cache.
+        cacheable = seq.params.prompt_logprobs is None and not seq.params.penalized
+        pages = self.blocks.match(replica, seq.ids(0, target)) if cacheable else []
+        cached = len(pages) * self.blocks.page_size
+        length = min(target - cached, length)
+        if self.blocks.free_pages(replica) - self.blocks.needed(pages, cached + length) < \
+                decoding // self.blocks.replicas:
+            self.blocks.release(pages, replica)
             return False
-        seq.run_in(slot, replica)
+        seq.run_in(slot, replica, pages, cached)
+        self.prefix_queries += target
+        self.prefix_hits += cached
         self.running[seq.slot] = seq
         self.admitted.append(seq)
         return self._add_chunk(chunks, seq, length)  # the pages were checked: nothing is preempted

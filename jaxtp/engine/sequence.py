@@ -21,8 +21,9 @@ class Sequence:
     (and `logprobs`) and finishes it with a reason ("stop" | "length" | "abort").
 
     While running: `pages` are its KV pages (in `replica`'s pool), `computed` counts the
-    positions whose keys and values they hold, and `target` the positions to prefill (the
-    prompt, plus the tokens generated before a preemption). `runs` counts admissions, so work
+    positions whose keys and values they hold, `cached` those found in the prefix cache at
+    admission, and `target` the positions to prefill (the prompt, plus the tokens generated
+    before a preemption). `runs` counts admissions, so work
     queued before a preemption is recognised and dropped."""
     prompt: list[int]
     params: SamplingParams
@@ -40,6 +41,7 @@ class Sequence:
     pages: list[int] = dataclasses.field(default_factory=list)
     computed: int = 0
     target: int = 0
+    cached: int = 0
     runs: int = 0
 
     @property
@@ -59,9 +61,12 @@ class Sequence:
         """Token ids at positions [start, end) of prompt + generated tokens."""
         return (self.prompt + self.tokens)[start:end]
 
-    def run_in(self, slot: int, replica: int) -> None:
+    def run_in(self, slot: int, replica: int, pages: list[int] | None = None, cached: int = 0) -> None:
+        """Running in `slot` of `replica`, holding `pages` whose first `cached` positions are a
+        known prefix (from the prefix cache) to begin with."""
         self.status, self.slot, self.replica, self.runs = Status.RUNNING, slot, replica, self.runs + 1
-        self.computed, self.target = 0, len(self.prompt) + len(self.tokens)
+        self.pages, self.computed, self.cached = [] if pages is None else pages, cached, cached
+        self.target = len(self.prompt) + len(self.tokens)
 
     def requeue(self) -> None:
         """Preempted: back to waiting, to be recomputed from its prompt and tokens."""

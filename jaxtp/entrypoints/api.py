@@ -46,6 +46,7 @@ its ops run on the mesh (`ops`: the all-reduce and decode-kernel modes, see jaxt
     path: Path
     memory: MemoryPlan | None = None
     ops: OpsConfig | None = None  # None: XLA's all-reduce and kernels on `mesh`
+    enable_prefix_caching: bool = True  # engines on this model reuse the KV pages of known prefixes
     _step_args: tuple | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -102,7 +103,8 @@ its ops run on the mesh (`ops`: the all-reduce and decode-kernel modes, see jaxt
 
 def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, devices=None,
          pp: int = 1, memory_fraction: float = 0.9, device_memory_bytes: int | None = None,
-         quantization: str | None = None, all_reduce: str = "auto", kernels: str = "auto") -> Model:
+         quantization: str | None = None, all_reduce: str = "auto", kernels: str = "auto",
+         enable_prefix_caching: bool = True) -> Model:
     """Load a Hugging Face checkpoint (local dir or hub id), or a directory made by
     scripts/convert.py (orbax, any tp), sharded over a (pp, dp, tp) mesh: tp-way tensor parallel,
     dp data-parallel replicas (splitting the batch), pp pipeline stages (splitting the layers). In
@@ -120,6 +122,8 @@ def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, d
     "xla", "custom" or "shard_map"; see jaxtp/ops/allreduce.py.
     kernels: "auto" (the Pallas decode kernels on GPUs where they apply, else XLA's), "xla" or
     "pallas"; see jaxtp/ops/attention.py.
+    enable_prefix_caching: engines on the model compute a prompt prefix they have seen once and
+    share its KV pages (vLLM's automatic prefix caching; engine/block_manager.py).
     """
     if dtype not in (*DTYPES, "auto"):
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or 'auto', got {dtype!r}")
@@ -146,7 +150,7 @@ def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, d
         graphdef, params = quantize.int8(graphdef, params, mesh)  # then size the cache anew
         plan = memory.plan(cfg, tp, DTYPES[dtype], memory.array_bytes(params), memory_fraction, mesh,
                            device_memory_bytes)
-    return Model(cfg, mesh, _tokenizer(path), graphdef, params, DTYPES[dtype], path, plan, ops)
+    return Model(cfg, mesh, _tokenizer(path), graphdef, params, DTYPES[dtype], path, plan, ops, enable_prefix_caching)
 
 
 def _tokenizer(path: Path):
@@ -230,14 +234,15 @@ class LLM:
     def __init__(self, model: str, tensor_parallel_size: int = 1, dtype: str = "auto",
                  seed: int | None = None, data_parallel_size: int = 1, pipeline_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.9, quantization: str | None = None,
-                 disable_custom_all_reduce: bool = False, **kwargs):
+                 disable_custom_all_reduce: bool = False, enable_prefix_caching: bool = True, **kwargs):
         if kwargs:
             raise TypeError(f"unsupported LLM argument(s): {', '.join(sorted(kwargs))}")
         if seed is not None:
             random.seed(seed)
         self.model = load(model, tp=tensor_parallel_size, dtype=dtype, dp=data_parallel_size,
                           pp=pipeline_parallel_size, memory_fraction=gpu_memory_utilization,
-                          quantization=quantization, all_reduce="xla" if disable_custom_all_reduce else "auto")
+                          quantization=quantization, all_reduce="xla" if disable_custom_all_reduce else "auto",
+                          enable_prefix_caching=enable_prefix_caching)
 
     def get_tokenizer(self):
         return self.model.tokenizer

@@ -44,6 +44,10 @@ class Metrics:
                              registry=registry)
         self.preemptions = Counter("jaxtp:num_preemptions", "Sequences preempted (their pages freed, to "
                                    "be recomputed)", registry=registry)
+        self.prefix_queries = Counter("jaxtp:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      registry=registry)
+        self.prefix_hits = Counter("jaxtp:prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                                   registry=registry)
         self.requests = Counter("jaxtp:request_success", "Finished requests", ["finish_reason"],
                                 registry=registry)
         self.prompt_tokens = Counter("jaxtp:prompt_tokens", "Prompt tokens processed", registry=registry)
@@ -123,7 +127,7 @@ class AsyncLLM:
         self.engine = Engine(*self._engine_args)
         if warmup is not None:
             self.engine.warmup(warmup)
-        self._preempted = 0
+        self._seen = (0, 0, 0)  # the engine's preemptions and prefix-cache tokens counted so far
         self.metrics = Metrics(registry or CollectorRegistry())
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._active: dict[int, tuple[Request, object, float]] = {}  # id(seq) -> (request, sink, start)
@@ -188,7 +192,7 @@ class AsyncLLM:
                     sink(EngineError(f"generation failed: {type(e).__name__}: {e}"))
                 self._active.clear()
                 self._last_token.clear()
-                self.engine, self._preempted = Engine(*self._engine_args), 0  # the donated cache may be gone
+                self.engine, self._seen = Engine(*self._engine_args), (0, 0, 0)  # the donated cache may be gone
                 continue
             now = time.perf_counter()
             out = [self._deliver(seq, now) for seq in changed]
@@ -255,7 +259,10 @@ class AsyncLLM:
 
     def _gauges(self) -> None:
         self.metrics.running.set(self.engine.num_running)
-        self.metrics.preemptions.inc(self.engine.preemptions - self._preempted)
-        self._preempted = self.engine.preemptions
+        seen = (self.engine.preemptions, self.engine.prefix_queries, self.engine.prefix_hits)
+        for counter, now, before in zip((self.metrics.preemptions, self.metrics.prefix_queries,
+                                         self.metrics.prefix_hits), seen, self._seen):
+            counter.inc(now - before)
+        self._seen = seen
         self.metrics.waiting.set(len(self.engine.waiting))
         self.metrics.kv_usage.set(self.engine.kv_usage)
