@@ -34,13 +34,13 @@ def run(model, params, suffixes, caching: bool, waves: int = 2, **kw):
 SUFFIXES = [[70, 71, 72], [70, 71, 90, 91], [100] * 20, [70, 71, 72], list(range(200, 230)), [5]]
 
 
-@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("tp,dp", [(1, 1), (2, 1), (4, 1), (2, 2)])
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
-def test_outputs_with_and_without_prefix_caching_are_identical(checkpoint, tp, temperature):
+def test_outputs_with_and_without_prefix_caching_are_identical(checkpoint, tp, dp, temperature):
     """Requests share a system prompt, some share more and diverge, one repeats another: with
-    caching the later ones reuse the earlier pages (the hits are counted) and every output is
-    the one computed without it."""
-    model = jaxtp.load(checkpoint("llama")[0], tp=tp, dtype="float32")
+    caching the later ones reuse the earlier pages (the hits are counted; with dp, each replica
+    its own) and every output is the one computed without it."""
+    model = jaxtp.load(checkpoint("llama")[0], tp=tp, dp=dp, dtype="float32")
     params = jaxtp.SamplingParams(max_tokens=10, temperature=temperature, ignore_eos=True)
     with_cache, on = run(model, params, SUFFIXES, True)
     without, off = run(model, params, SUFFIXES, False)
@@ -130,3 +130,21 @@ def test_freed_pages_stay_cached_until_the_pool_needs_them():
     c = []
     assert blocks.grow(c, 0, 4)  # the least recently freed go first: the tail pages
     assert kept[0] not in c and blocks.match(0, [1, 2, 3]) == kept[:1]
+
+
+def test_with_data_parallelism_a_request_goes_to_the_replica_that_knows_its_prefix(checkpoint):
+    """Replica 0 computed the system prompt, so it is chosen for the next request though replica 1
+    has more free pages; a request without that prefix goes to the emptier replica."""
+    model = jaxtp.load(checkpoint("llama")[0], dp=2, dtype="float32")
+    eng = engine.Engine(model, max_num_seqs=4, max_model_len=128, chunk=4, page_size=16)
+    params = jaxtp.SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    first, again = requests(params, [[7, 8], [9, 10]])
+    other = engine.Sequence(list(range(60, 90)), params, 0)
+    eng.add(first)
+    eng.step()
+    eng.add(again)
+    eng.add(other)
+    eng.step()
+    assert (first.replica, again.replica, other.replica) == (0, 0, 1)
+    assert again.cached == 48 and other.cached == 0
+    drive(eng, [])

@@ -400,3 +400,21 @@ def test_preempted_requests_finish_whole_and_are_counted(model):
     assert texts == [o.text for o in jaxtp.generate(model, prompts, params)]
     assert metric(text, "jaxtp:num_preemptions_total") > 0
     assert metric(text, "jaxtp:num_requests_running") == 0
+
+
+def test_a_repeated_prompt_hits_the_prefix_cache_and_metrics_count_it(model):
+    prompt = "12+34=46\n" * 4 + "17+25="  # 42 tokens: two full 16-token pages
+
+    async def test(client, llm):
+        texts = []
+        for _ in range(2):
+            r = await client.post("/v1/completions", json={"model": NAME, "prompt": prompt, "max_tokens": 6,
+                                                           "temperature": 0})
+            texts.append(r.json()["choices"][0]["text"])
+        return texts, (await client.get("/metrics")).text
+
+    texts, text = serve(model, test, page_size=16)
+    assert texts[0] == texts[1] == jaxtp.generate(model, [prompt], jaxtp.SamplingParams(max_tokens=6,
+                                                                                        temperature=0))[0].text
+    queries, hits = metric(text, "jaxtp:prefix_cache_queries_total"), metric(text, "jaxtp:prefix_cache_hits_total")
+    assert hits >= 32 and queries >= 2 * hits

@@ -95,9 +95,9 @@ class BlockManager:
             h = page_hash(h, page_tokens)
             yield h, page_tokens
 
-    def match(self, replica: int, tokens: list[int]) -> list[int]:
-        """The pages holding the longest known prefix of `tokens` (full pages, leaving at least
-        one token to compute), taken: the caller holds them like grown ones."""
+    def known_prefix(self, replica: int, tokens: list[int]) -> list[int]:
+        """The pages holding the longest known prefix of `tokens` in `replica` (full pages,
+        leaving at least one token to compute); nothing is taken."""
         if not self.caching:
             return []
         found, parent = [], None
@@ -107,10 +107,18 @@ class BlockManager:
                 break
             found.append(page)
             parent = (page, self._uses[replica][page])
-        for page in found:
+        return found
+
+    def take(self, replica: int, pages: list[int]) -> list[int]:
+        """Hold `pages` (a known prefix) as well: their references go up, none is evicted."""
+        for page in pages:
             self._refs[replica][page] += 1
             self._free[replica].pop(page, None)
-        return found
+        return pages
+
+    def match(self, replica: int, tokens: list[int]) -> list[int]:
+        """known_prefix, taken: the caller holds its pages like grown ones."""
+        return self.take(replica, self.known_prefix(replica, tokens))
 
     def publish(self, held: list[int], replica: int, tokens: list[int]) -> None:
         """Make `held`'s full pages of `tokens` (positions whose keys and values are written, or

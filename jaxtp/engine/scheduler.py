@@ -184,17 +184,18 @@ class Engine:
     def _admit(self, seq: Sequence, chunks: list[Chunk], length: int, decoding: int) -> bool:
         """Give `seq` a free slot, the cached pages of its longest known prefix and its first
         chunk, if a slot and pages allow (keeping a page per decoding sequence for its growth)."""
-        free = [i for i, s in enumerate(self.running) if s is None]
-        per = self.slots // self.blocks.replicas
-        # the lowest free slot of the replica with the most free pages (max keeps the first)
-        slot = max(free, key=lambda i: self.blocks.free_pages(i // per), default=None)
-        if slot is None:
+        per, target = self.slots // self.blocks.replicas, len(seq.prompt) + len(seq.tokens)
+        replicas = sorted({i // per for i, s in enumerate(self.running) if s is None})
+        if not replicas:
             return False
-        replica, target = slot // per, len(seq.prompt) + len(seq.tokens)
         # Prompt log-probs need the whole prompt computed, and the penalties' statistics are made
         # from the prefilled tokens: such requests take nothing from the prefix cache.
         cacheable = seq.params.prompt_logprobs is None and not seq.params.penalized
-        pages = self.blocks.match(replica, seq.ids(0, target)) if cacheable else []
+        known = {r: self.blocks.known_prefix(r, seq.ids(0, target)) if cacheable else [] for r in replicas}
+        # the replica that knows the longest prefix, then the one with the most free pages
+        replica = max(replicas, key=lambda r: (len(known[r]), self.blocks.free_pages(r)))
+        slot = self.running.index(None, replica * per)
+        pages = self.blocks.take(replica, known[replica])
         cached = len(pages) * self.blocks.page_size
         length = min(target - cached, length)
         if self.blocks.free_pages(replica) - self.blocks.needed(pages, cached + length) < \
