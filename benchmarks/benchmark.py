@@ -54,7 +54,8 @@ def parse_args(argv=None):
                         "(time between chunk ends); sync: dispatch, wait, repeat (host time per chunk counts)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--no-prefill", action="store_true", help="skip timing prefill")
-    p.add_argument("--quantization", choices=["int8"], default=None, help="int8 weight-only projections")
+    p.add_argument("--quantization", choices=["int8", "fp8", "fp8_weight_only"], default=None,
+                   help="8-bit projections (jaxtp/quantize.py)")
     p.add_argument("--all-reduce", nargs="+", default=["auto"], choices=allreduce.MODES,
                    help="all-reduce modes to time at tp > 1 (jaxtp/ops/allreduce.py); each is checked to "
                    "give the same greedy tokens")
@@ -191,9 +192,9 @@ def run_one(cfg, tp: int, batch: int, args, all_reduce: str = "auto",
     ops = OpsConfig.resolve(mesh, all_reduce, kernels)
     mode, kmode = ops.all_reduce, ops.kernels
     graphdef, params = random_state(cfg, mesh, dtype)
-    if args.quantization == "int8":
+    if args.quantization:
         from jaxtp import quantize
-        graphdef, params = quantize.int8(graphdef, params, mesh)
+        graphdef, params = quantize.quantize(graphdef, params, mesh, args.quantization)
     model = Model(cfg, mesh, None, graphdef, params, dtype, Path("random"), ops=ops)
     step_args = model.step_args  # what the engine passes its jitted steps
     weight_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(params))

@@ -59,35 +59,41 @@ def _value(param):
     return None if param is None else param[...]
 
 
-def matmul(spec: str, x, weight, scale):
-    """einsum of activations x [B, T, ...] with a weight that is either plain or int8 with a
-    per-output-channel `scale` (weight-only quantization, see quantize.py): the int8 ->
-    activation-dtype convert is left for XLA to fuse into the matmul, so HBM traffic is the int8
-    bytes.
+def matmul(spec: str, x, weight, scale, w8a8: bool = False):
+    """einsum of activations x [B, T, ..., in] with a weight that is plain, or int8 / fp8 with a
+    per-output-channel `scale` (quantize.py). Weight-only: the convert to the activation dtype is
+    left for XLA to fuse into the matmul, so HBM traffic is the 8-bit bytes. w8a8 (fp8): the
+    activations are quantized too, with a scale per token, and the product runs in fp8.
 
     A single row (batch-1 decode) is multiplied as two, the second zero: XLA rewrites a one-row
     product with a small weight (o_proj's block at tp=2) as a slow multiply and reduction, and
     its one-row GEMMs are slower than its two-row ones (docs/performance.md)."""
     if x.ndim > 1 and x.shape[0] * x.shape[1] == 1:
-        return matmul(spec, jnp.concatenate([x, jnp.zeros_like(x)]), weight, scale)[:1]
+        return matmul(spec, jnp.concatenate([x, jnp.zeros_like(x)]), weight, scale, w8a8)[:1]
     if scale is None:
         return jnp.einsum(spec, x, weight)
-    return jnp.einsum(spec, x, weight.astype(x.dtype)) * scale.astype(x.dtype)
+    if not w8a8:
+        return jnp.einsum(spec, x, weight.astype(x.dtype)) * scale.astype(x.dtype)
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True)
+    x_scale = jnp.where(amax > 0, amax / float(jnp.finfo(weight.dtype).max), 1.0)
+    y = jnp.einsum(spec, (x / x_scale).astype(weight.dtype), weight, preferred_element_type=jnp.float32)
+    x_scale = x_scale.reshape(*x_scale.shape[:-1], *(1,) * (y.ndim - x_scale.ndim + 1))
+    return (y * x_scale * scale.astype(jnp.float32)).astype(x.dtype)
 
 
 class Linear(nnx.Module):
     def __init__(self, d_in: int, d_out: int, dtype, bias: bool = False):
         self.weight = _param((d_in, d_out), dtype)
         self.bias = _param((d_out,), dtype) if bias else None
-        self.scale = nnx.data(None)  # an int8 weight's per-output-channel scale (quantize.py)
+        self.scale = nnx.data(None)  # a quantized weight's per-output-channel scale (quantize.py)
+        self.w8a8 = False             # fp8 activations too (quantize.py)
 
     def __call__(self, x):
-        y = matmul("...i,io->...o", x, self.weight[...], _value(self.scale))
+        y = matmul("...i,io->...o", x, self.weight[...], _value(self.scale), self.w8a8)
         return y if self.bias is None else y + self.bias[...]
 
-
-def _row_matmul(x, w, scale):
-    return matmul("...i,io->...o", x, w, scale)
+    def _row_matmul(self, x, w, scale):
+        return matmul("...i,io->...o", x, w, scale, self.w8a8)
 
 
 class RowLinear(Linear):
@@ -95,14 +101,14 @@ class RowLinear(Linear):
     each device's product is a partial sum; allreduce.row_parallel says how they are added."""
 
     def __call__(self, x, ops=None):
-        return allreduce.row_parallel(ops, _row_matmul, x, self.weight[...], _value(self.scale))
+        return allreduce.row_parallel(ops, self._row_matmul, x, self.weight[...], _value(self.scale))
 
     def add_norm(self, x, residual, norm: "RMSNorm | None", ops=None):
         """(residual + self(x), norm(that)): the decoder's residual add and the RMSNorm after it,
         done with the sum over tp (one kernel in allreduce's custom mode). norm=None: no norm."""
         if norm is None:
             return residual + self(x, ops), None
-        return allreduce.row_parallel_add_norm(ops, _row_matmul, x, self.weight[...], _value(self.scale),
+        return allreduce.row_parallel_add_norm(ops, self._row_matmul, x, self.weight[...], _value(self.scale),
                                                residual, norm.weight[...], norm.eps, rms_norm)
 
 
@@ -132,11 +138,12 @@ class QKVLinear(nnx.Module):
         width = sum(self.local) * head_dim
         self.weight = _param((d, tp, width), dtype)
         self.bias = _param((tp, width), dtype) if bias else None
-        self.scale = nnx.data(None)  # an int8 weight's per-output-channel scale (quantize.py)
+        self.scale = nnx.data(None)  # a quantized weight's per-output-channel scale (quantize.py)
+        self.w8a8 = False
 
     def __call__(self, x):
         """x [B, T, d] -> [B, T, tp, q|k|v heads per device, head_dim]."""
-        y = matmul("btd,dpw->btpw", x, self.weight[...], _value(self.scale))
+        y = matmul("btd,dpw->btpw", x, self.weight[...], _value(self.scale), self.w8a8)
         if self.bias is not None:
             y = y + self.bias[...]
         return y.reshape(*y.shape[:3], -1, self.head_dim)
@@ -232,10 +239,11 @@ class GateUpLinear(nnx.Module):
 
     def __init__(self, d: int, inter: int, dtype):
         self.weight = _param((d, 2, inter), dtype)
-        self.scale = nnx.data(None)  # an int8 weight's per-output-channel scale (quantize.py)
+        self.scale = nnx.data(None)  # a quantized weight's per-output-channel scale (quantize.py)
+        self.w8a8 = False
 
     def __call__(self, x):
-        gate_up = matmul("btd,dki->btki", x, self.weight[...], _value(self.scale))
+        gate_up = matmul("btd,dki->btki", x, self.weight[...], _value(self.scale), self.w8a8)
         return gate_up[:, :, 0], gate_up[:, :, 1]
 
 

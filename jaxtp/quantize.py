@@ -1,8 +1,10 @@
-"""int8 weight-only quantization (an option: `jaxtp.load(..., quantization="int8")`).
+"""Weight quantization at load (`jaxtp.load(..., quantization=...)`): "int8" (weight-only),
+"fp8_weight_only" (e4m3 weights), "fp8" (e4m3 weights and activations, W8A8: each token's
+activations get their own scale as they enter a projection, as vLLM's dynamic fp8 does).
 
 Decode reads every weight once per token, so halving weight bytes is the largest lever left
 once a step is bandwidth-bound. The four projection weights of every layer (q|k|v, o,
-gate|up, down) become int8 with one bf16/f32 scale per output channel (symmetric absmax,
+gate|up, down) become 8-bit with one bf16/f32 scale per output channel (symmetric absmax,
 as in vLLM's and TensorRT-LLM's weight-only int8); embedding, LM head and norms stay as loaded.
 Scales are taken over the whole input axis, also when tp splits it (o, down), so a quantized
 model gives the same logits at every tp. Quantizing happens after the weights are on the
@@ -19,21 +21,29 @@ from flax import nnx
 from jaxtp.model import GateUpLinear, Linear, QKVLinear
 from jaxtp.sharding import named, spec_for
 
-METHODS = ("int8",)
+METHODS = ("int8", "fp8", "fp8_weight_only")
 TARGETS = (QKVLinear, GateUpLinear)  # and every Linear except the LM head
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "q_sharding", "s_sharding"))
-def _int8(w, *, axis, q_sharding, s_sharding):
+@functools.partial(jax.jit, static_argnames=("axis", "dtype", "q_sharding", "s_sharding"))
+def _quantize(w, *, axis, dtype, q_sharding, s_sharding):
+    """w -> (q, scale) with q * scale ~ w: symmetric, the scale the absmax over `axis` / the
+    dtype's largest value (int8: rounded to the nearest integer; fp8: e4m3's own rounding)."""
+    top = 127.0 if dtype == jnp.int8 else float(jnp.finfo(dtype).max)
     amax = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=axis)
-    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    q = jnp.clip(jnp.round(w.astype(jnp.float32) / jnp.expand_dims(scale, axis)), -127, 127)
-    return (jax.lax.with_sharding_constraint(q.astype(jnp.int8), q_sharding),
+    scale = jnp.where(amax > 0, amax / top, 1.0)
+    q = jnp.clip(w.astype(jnp.float32) / jnp.expand_dims(scale, axis), -top, top)
+    q = jnp.round(q) if dtype == jnp.int8 else q
+    return (jax.lax.with_sharding_constraint(q.astype(dtype), q_sharding),
             jax.lax.with_sharding_constraint(scale.astype(w.dtype), s_sharding))
 
 
-def int8(graphdef: nnx.GraphDef, params: nnx.State, mesh) -> tuple[nnx.GraphDef, nnx.State]:
-    """Quantize a loaded model's projection weights in place of the originals."""
+def quantize(graphdef: nnx.GraphDef, params: nnx.State, mesh, method: str) -> tuple[nnx.GraphDef, nnx.State]:
+    """Quantize a loaded model's projection weights (`method`: one of METHODS) in place of the
+    originals."""
+    if method not in METHODS:
+        raise ValueError(f"quantization must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+    dtype = jnp.int8 if method == "int8" else jnp.float8_e4m3fn
     model = nnx.merge(graphdef, params)
     pp = mesh.shape.get("pp", 1)
     for path, module in nnx.iter_graph(model):
@@ -43,8 +53,10 @@ def int8(graphdef: nnx.GraphDef, params: nnx.State, mesh) -> tuple[nnx.GraphDef,
         w = module.weight[...]
         base = 2 if isinstance(module, Linear) else 3           # [in, out] / [in, tp|2, w]
         axis = w.ndim - base                                    # the input axis (after a pp axis)
-        q, s = _int8(w, axis=axis, q_sharding=named(mesh, spec_for(f"{name}.weight", pp)),
-                     s_sharding=named(mesh, spec_for(f"{name}.scale", pp)))
+        q, s = _quantize(w, axis=axis, dtype=dtype, q_sharding=named(mesh, spec_for(f"{name}.weight", pp)),
+                         s_sharding=named(mesh, spec_for(f"{name}.scale", pp)))
         module.weight = nnx.Param(q)
         module.scale = nnx.Param(s)
+        module.w8a8 = method == "fp8"
     return nnx.split(model)
+

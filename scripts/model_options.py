@@ -13,7 +13,8 @@ KERNEL_MODES = ("auto", "xla", "pallas")                    # jaxtp/ops/attentio
 def add(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="HF model directory or hub id")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--quantization", choices=["int8"], default=None, help="int8 weight-only projections")
+    p.add_argument("--quantization", choices=["int8", "fp8", "fp8_weight_only"], default=None,
+                   help="8-bit projections: int8 or fp8 weights, fp8 also fp8 activations (jaxtp/quantize.py)")
     p.add_argument("--all-reduce", choices=ALL_REDUCE_MODES, default="auto",
                    help="how tensor-parallel partial sums are added: auto = the one-shot NVLink kernel on "
                    "CUDA GPUs, else XLA's all-reduce (jaxtp/ops/allreduce.py)")

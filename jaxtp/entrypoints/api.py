@@ -116,8 +116,9 @@ def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, d
     gpu_memory_utilization); the KV capacity is `Model.max_kv_tokens`. Raises if it cannot fit.
     device_memory_bytes: overrides each device's memory (CPU reports none: there the default is
     the host's available memory shared by the mesh's devices).
-    quantization: None, or "int8" for int8 weight-only projections (quantize.py; dtype stays the
-    activation and scale dtype).
+    quantization: None, "int8" (weight-only), "fp8_weight_only" or "fp8" (e4m3 weights and
+    per-token activations) for 8-bit projections (quantize.py; dtype stays the activation and
+    scale dtype).
     all_reduce: "auto" (the one-shot NVLink kernel on CUDA GPUs where it applies, else XLA's),
     "xla", "custom" or "shard_map"; see jaxtp/ops/allreduce.py.
     kernels: "auto" (the Pallas decode kernels on GPUs where they apply, else XLA's), "xla" or
@@ -146,8 +147,8 @@ def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, d
     weights = memory.weight_bytes(param_shapes(cfg, mesh, DTYPES[dtype]), DTYPES[dtype])
     plan = memory.plan(cfg, tp, DTYPES[dtype], weights, memory_fraction, mesh, device_memory_bytes)
     graphdef, params = (checkpoint.restore if orbax else load_state)(path, cfg, mesh, DTYPES[dtype])
-    if quantization == "int8":
-        graphdef, params = quantize.int8(graphdef, params, mesh)  # then size the cache anew
+    if quantization is not None:
+        graphdef, params = quantize.quantize(graphdef, params, mesh, quantization)  # then size the cache anew
         plan = memory.plan(cfg, tp, DTYPES[dtype], memory.array_bytes(params), memory_fraction, mesh,
                            device_memory_bytes)
     return Model(cfg, mesh, _tokenizer(path), graphdef, params, DTYPES[dtype], path, plan, ops, enable_prefix_caching)
