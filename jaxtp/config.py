@@ -44,6 +44,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     pad_token_id: int | None = None
     torch_dtype: str | None = None  # the checkpoint's own dtype, for dtype="auto"
+    quantization: str | None = None  # a pre-quantized checkpoint's quantize.METHODS entry
 
     @property
     def rope_scaling_dict(self) -> dict:
@@ -106,6 +107,7 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             pad_token_id=hf.get("pad_token_id"),
             torch_dtype=hf.get("dtype") or hf.get("torch_dtype"),
+            quantization=checkpoint_method(hf),
         )
         cfg.rope_inv_freq()  # fail now, not inside jit, on an unsupported rope type
         return cfg
@@ -124,3 +126,38 @@ def _ids(value) -> tuple[int, ...]:
     if value is None:
         return ()
     return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
+def checkpoint_method(hf: dict) -> str | None:
+    """The METHODS entry a pre-quantized Hugging Face checkpoint's `quantization_config` stands
+    for (None: not quantized), as vLLM reads them: "fp8" (per-tensor scales, dynamic
+    activations) and "compressed-tensors" float8 (per-tensor or per-channel weight scales;
+    dynamic per-token activations, or none: weight-only). Anything else is refused by name."""
+    q = hf.get("quantization_config")
+    if not q:
+        return None
+    kind = q.get("quant_method")
+    if kind == "fp8":
+        if q.get("weight_block_size"):
+            raise ValueError("fp8 checkpoints with block-wise scales (weight_block_size) are not supported")
+        if q.get("activation_scheme", "dynamic") != "dynamic":
+            raise ValueError(f"fp8 activation_scheme {q['activation_scheme']!r} is not supported (only 'dynamic')")
+        return "fp8"
+    if kind != "compressed-tensors":
+        raise ValueError(f"checkpoint quantization {kind!r} is not supported (fp8 or compressed-tensors float8)")
+    methods = {_compressed_group(g) for g in q.get("config_groups", {}).values()}
+    if len(methods) != 1:
+        raise ValueError(f"compressed-tensors checkpoints need one quantization scheme, got {len(methods)}")
+    return methods.pop()
+
+
+def _compressed_group(group: dict) -> str:
+    w, a = group.get("weights") or {}, group.get("input_activations")
+    if (w.get("num_bits"), w.get("type"), w.get("strategy")) not in ((8, "float", "tensor"), (8, "float", "channel")):
+        raise ValueError(f"compressed-tensors weights {w} are not supported (8-bit float, per tensor or channel)")
+    if a is None:
+        return "fp8_weight_only"
+    if (a.get("num_bits"), a.get("type"), a.get("dynamic"), a.get("strategy")) != (8, "float", True, "token"):
+        raise ValueError(f"compressed-tensors input_activations {a} are not supported (8-bit float, dynamic, "
+                         f"per token)")
+    return "fp8"

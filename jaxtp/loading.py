@@ -84,15 +84,32 @@ def out_map(name: str, cfg: ModelConfig, tp: int) -> np.ndarray:
     return np.arange(n)
 
 
-def gather(src: np.ndarray, rows: np.ndarray, cols: slice | None, dtype) -> np.ndarray:
-    """src[rows, cols] (row -1 -> zeros) as a fresh array of `dtype`. Runs of consecutive rows
-    are copied as slices, so only their bytes of the mmap are read, cast in that same copy."""
+def gather(src: np.ndarray, rows: np.ndarray, cols: slice | None, dtype, scale: np.ndarray | None = None
+           ) -> np.ndarray:
+    """src[rows, cols] (row -1 -> zeros) as a fresh array of `dtype`, each row times scale[row]
+    if given (a pre-quantized weight). Runs of consecutive rows are copied as slices, so only
+    their bytes of the mmap are read, cast in that same copy."""
     sub = src[:, cols] if src.ndim == 2 else src
     out = np.zeros((len(rows), *sub.shape[1:]), dtype)
     br = np.flatnonzero((np.diff(rows) != 1) & ~((rows[:-1] < 0) & (rows[1:] < 0))) + 1
     for i, j in zip([0, *br], [*br, len(rows)]):
         if rows[i] >= 0:
-            out[i:j] = sub[rows[i]: rows[i] + j - i]
+            run = sub[rows[i]: rows[i] + j - i]
+            out[i:j] = run if scale is None else run.astype(np.float32) * scale[rows[i]: rows[i] + j - i, None]
+    return out
+
+
+SCALE = ".weight_scale"  # a pre-quantized weight's scale: per tensor ([] or [1]) or per row ([out, 1])
+
+
+def row_scales(tensors: dict[str, st.TensorInfo], names: list[str]) -> dict[str, np.ndarray]:
+    """For the fp8 weights among `names`, their scale for each row (output feature), float32."""
+    out = {}
+    for name in names:
+        info = tensors.get(name.removesuffix(".weight") + SCALE)
+        if info is not None:
+            rows = tensors[name].shape[0]
+            out[name] = np.broadcast_to(np.asarray(info.mmap(), np.float32).reshape(-1, 1)[:, 0], (rows,)).copy()
     return out
 
 
@@ -106,22 +123,24 @@ def hf_order(name: str, ndim: int) -> tuple[int, ...]:
 
 
 def param_slice(name: str, idx: tuple, srcs: dict[str, np.ndarray], cfg: ModelConfig, tp: int,
-                dtype) -> np.ndarray:
+                dtype, scales: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """Device slice `idx` of jaxtp parameter `name` in HF orientation (see hf_order), read from
     its memory-mapped HF tensors: qkv_proj [tp, q|k|v of that device, d] (bias [tp, q|k|v]),
-    gate_up_proj [2, I, d], other linear weights [out, in], embedding [vocab, d], norms [d]."""
-    parts = sources(name)
+    gate_up_proj [2, I, d], other linear weights [out, in], embedding [vocab, d], norms [d].
+    `scales`: the row scales of pre-quantized sources, applied as they are read."""
+    parts, scales = sources(name), scales or {}
     if ".qkv_proj." in name:
         p_sl, w_sl, *cols = idx
         return np.stack([np.concatenate([gather(srcs[s], out_map(s, cfg, tp).reshape(tp, -1)[p],
-                                                *(cols or [None]), dtype) for s in parts])[w_sl]
+                                                *(cols or [None]), dtype, scales.get(s)) for s in parts])[w_sl]
                          for p in range(tp)[p_sl]])
     if ".gate_up_proj." in name:
         k_sl, i_sl, d_sl = idx
-        return np.stack([gather(srcs[s], out_map(s, cfg, tp)[i_sl], d_sl, dtype)
+        return np.stack([gather(srcs[s], out_map(s, cfg, tp)[i_sl], d_sl, dtype, scales.get(s))
                          for s in np.array(parts)[k_sl]])
     (src,) = parts
-    return gather(srcs[src], out_map(src, cfg, tp)[idx[0]], idx[1] if len(idx) > 1 else None, dtype)
+    return gather(srcs[src], out_map(src, cfg, tp)[idx[0]], idx[1] if len(idx) > 1 else None, dtype,
+                  scales.get(src))
 
 
 @functools.lru_cache(maxsize=None)
@@ -181,6 +200,13 @@ def check_tensors(tensors: dict[str, st.TensorInfo], needed: list[str], cfg: Mod
             raise ValueError(f"tensor {name!r} in {t.file} has shape {t.shape}, but config.json "
                              f"implies {hf_shape(name, cfg)}")
         t.dtype  # raises, naming tensor and file, for non-float tensors
+    for name in needed:
+        scale = tensors.get(name.removesuffix(".weight") + SCALE)
+        if scale is not None and scale.shape not in ((), (1,), (hf_shape(name, cfg)[0], 1)):
+            raise ValueError(f"tensor {scale.name!r} in {scale.file} has shape {scale.shape}: a weight scale is "
+                             f"per tensor ([] or [1]) or per output feature ([{hf_shape(name, cfg)[0]}, 1])")
+    needed = needed + [n.removesuffix(".weight") + SCALE for n in needed
+                       if n.removesuffix(".weight") + SCALE in tensors]
     extra = [n for n in tensors if n not in set(needed) and not IGNORED.search(n)
              and not (n == "lm_head.weight" and cfg.tie_word_embeddings)]
     if extra:
@@ -211,12 +237,13 @@ def load_state(path: Path, cfg: ModelConfig, mesh, dtype) -> tuple[nnx.GraphDef,
         per_layer = layers(name)
         stacked = pp > 1 and name.startswith("model.layers.")
         srcs = {s: tensors[s].mmap() for h in per_layer for s in sources(h)}
+        scales = row_scales(tensors, list(srcs))
 
-        def read(idx, per_layer=per_layer, stacked=stacked, srcs=srcs):
+        def read(idx, per_layer=per_layer, stacked=stacked, srcs=srcs, scales=scales):
             try:
                 if not stacked:
-                    return param_slice(per_layer[0], idx, srcs, cfg, tp, np_dtype)
-                return np.stack([param_slice(per_layer[s], idx[1:], srcs, cfg, tp, np_dtype)
+                    return param_slice(per_layer[0], idx, srcs, cfg, tp, np_dtype, scales)
+                return np.stack([param_slice(per_layer[s], idx[1:], srcs, cfg, tp, np_dtype, scales)
                                  for s in range(pp)[idx[0]]])
             except OSError as e:
                 raise ValueError(f"cannot read {', '.join(map(repr, srcs))} from "

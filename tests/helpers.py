@@ -49,6 +49,30 @@ def make_checkpoint(family: str, path, **overrides):
     return model
 
 
+FP8_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def fp8_checkpoint(src, dst, strategy: str, quantization_config: dict):
+    """A copy of checkpoint `src` in Hugging Face's pre-quantized fp8 layout: every projection
+    weight e4m3 with its `weight_scale` (absmax / 448 per output row, or per tensor), and
+    `quantization_config` in config.json. Written with torch, as quantization tools do."""
+    import json
+    from safetensors.torch import load_file as load_torch, save_file as save_torch
+    shutil.copytree(src, dst)
+    (file,) = Path(dst).glob("*.safetensors")
+    tensors = load_torch(str(file))
+    for name in [n for n in tensors if n.split(".")[-2] in FP8_PROJECTIONS and n.endswith(".weight")]:
+        w = tensors[name].float()
+        amax = w.abs().amax(dim=1, keepdim=True) if strategy == "channel" else w.abs().max()
+        scale = amax / 448.0
+        tensors[name] = (w / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+        tensors[name.removesuffix(".weight") + ".weight_scale"] = scale.float().contiguous()
+    save_torch(tensors, str(file), metadata={"format": "pt"})
+    cfg = json.loads((Path(dst) / "config.json").read_text())
+    (Path(dst) / "config.json").write_text(json.dumps({**cfg, "quantization_config": quantization_config}))
+    return dst
+
+
 GREEDY = jaxtp.SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
 
 

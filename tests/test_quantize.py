@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import jaxtp
+from helpers import fp8_checkpoint
 
 DEFAULT = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-arith"
 IDS = [[1, 5, 14, 6, 15, 7, 8, 3, 2, 9]]
@@ -70,3 +71,54 @@ def test_unknown_quantization_is_refused(checkpoint):
     with pytest.raises(ValueError, match=r"quantization must be None or one of 'int8', 'fp8', 'fp8_weight_only', "
                                          r"got 'int4'"):
         jaxtp.load(checkpoint("llama")[0], quantization="int4")
+
+
+COMPRESSED = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+              "config_groups": {"group_0": {"targets": ["Linear"],
+                                            "weights": {"num_bits": 8, "type": "float", "strategy": "channel",
+                                                        "symmetric": True, "dynamic": False},
+                                            "input_activations": {"num_bits": 8, "type": "float",
+                                                                  "strategy": "token", "dynamic": True}}}}
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_prequantized_fp8_checkpoint_loads_as_quantizing_at_load_does(checkpoint, tmp_path, tp):
+    """compressed-tensors float8 with per-channel scales and dynamic per-token activations (as
+    llm-compressor writes it): the same weights, scales and logits as quantization="fp8" at load."""
+    path, _ = checkpoint("llama")
+    fp8 = fp8_checkpoint(path, tmp_path / "fp8", "channel", COMPRESSED)
+    pre = jaxtp.load(fp8, tp=tp, dtype="float32")
+    at_load = jaxtp.load(path, tp=tp, dtype="float32", quantization="fp8")
+    a, b = _by_name(pre), _by_name(at_load)
+    name = "model.layers.1.self_attn.qkv_proj"
+    assert a[name + ".weight"].dtype == jnp.float8_e4m3fn
+    np.testing.assert_array_equal(np.asarray(a[name + ".weight"], np.float32), np.asarray(b[name + ".weight"], np.float32))
+    np.testing.assert_allclose(a[name + ".scale"], b[name + ".scale"], rtol=1e-6)
+    np.testing.assert_allclose(pre.logits(IDS), at_load.logits(IDS), rtol=1e-5, atol=1e-5)
+
+
+def test_a_per_tensor_fp8_checkpoint_loads_close_to_the_original(checkpoint, tmp_path):
+    """quant_method "fp8" (one scale per tensor, dynamic activations: vLLM's fp8 checkpoints):
+    read dequantized, quantized again per channel; logits within fp8's bound of the original."""
+    path, _ = checkpoint("llama")
+    fp8 = fp8_checkpoint(path, tmp_path / "fp8", "tensor", {"quant_method": "fp8", "activation_scheme": "dynamic"})
+    base = jaxtp.load(path, dtype="float32").logits(IDS)
+    got = jaxtp.load(fp8, dtype="float32").logits(IDS)
+    assert 0 < np.abs(got - base).max() / np.abs(base).max() < 0.1
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "block-wise scales"),
+    ({"quant_method": "fp8", "activation_scheme": "static"}, "activation_scheme 'static' is not supported"),
+    ({"quant_method": "awq", "bits": 4}, "checkpoint quantization 'awq' is not supported"),
+])
+def test_unsupported_checkpoint_quantization_is_named(checkpoint, tmp_path, config, message):
+    fp8 = fp8_checkpoint(checkpoint("llama")[0], tmp_path / "q", "tensor", config)
+    with pytest.raises(ValueError, match=message):
+        jaxtp.load(fp8, dtype="float32")
+
+
+def test_a_prequantized_checkpoint_refuses_another_quantization(checkpoint, tmp_path):
+    fp8 = fp8_checkpoint(checkpoint("llama")[0], tmp_path / "fp8", "channel", COMPRESSED)
+    with pytest.raises(ValueError, match="holds fp8 weights; quantization='int8' cannot be applied"):
+        jaxtp.load(fp8, dtype="float32", quantization="int8")

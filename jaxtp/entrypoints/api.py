@@ -118,7 +118,8 @@ def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, d
     the host's available memory shared by the mesh's devices).
     quantization: None, "int8" (weight-only), "fp8_weight_only" or "fp8" (e4m3 weights and
     per-token activations) for 8-bit projections (quantize.py; dtype stays the activation and
-    scale dtype).
+    scale dtype). A checkpoint quantized to fp8 ("fp8" or compressed-tensors float8 in its
+    quantization_config, as vLLM reads them) loads as its method says.
     all_reduce: "auto" (the one-shot NVLink kernel on CUDA GPUs where it applies, else XLA's),
     "xla", "custom" or "shard_map"; see jaxtp/ops/allreduce.py.
     kernels: "auto" (the Pallas decode kernels on GPUs where they apply, else XLA's), "xla" or
@@ -133,6 +134,11 @@ def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, d
                          f"got {quantization!r}")
     path = resolve(model)
     cfg = ModelConfig.from_dir(path)
+    if cfg.quantization is not None:  # a pre-quantized checkpoint: read dequantized, quantized again per channel
+        if quantization not in (None, cfg.quantization):
+            raise ValueError(f"{path} holds {cfg.quantization} weights; quantization={quantization!r} "
+                             f"cannot be applied to them")
+        quantization = cfg.quantization
     orbax = checkpoint.is_orbax_dir(path)
     if dtype == "auto":
         own = checkpoint.read_marker(path)["dtype"] if orbax else cfg.torch_dtype
