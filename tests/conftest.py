@@ -23,3 +23,15 @@ def checkpoint(tmp_path_factory):
             cache[family] = (path, make_checkpoint(family, path))
         return cache[family]
     return get
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_programs():
+    """Each test module starts without the programs of the ones before: with all of them held,
+    the suite's process crashed (segfault) inside XLA's CPU compiler ~260 tests in."""
+    yield
+    import gc
+
+    import jax
+    jax.clear_caches()
+    gc.collect()
