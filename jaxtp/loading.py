@@ -99,14 +99,16 @@ def gather(src: np.ndarray, rows: np.ndarray, cols: slice | None, dtype, scale: 
     return out
 
 
-SCALE = ".weight_scale"  # a pre-quantized weight's scale: per tensor ([] or [1]) or per row ([out, 1])
+def scale_name(weight: str) -> str:
+    """A pre-quantized weight's scale tensor: per tensor ([] or [1]) or per row ([out, 1])."""
+    return weight.removesuffix(".weight") + ".weight_scale"
 
 
 def row_scales(tensors: dict[str, st.TensorInfo], names: list[str]) -> dict[str, np.ndarray]:
     """For the fp8 weights among `names`, their scale for each row (output feature), float32."""
     out = {}
     for name in names:
-        info = tensors.get(name.removesuffix(".weight") + SCALE)
+        info = tensors.get(scale_name(name))
         if info is not None:
             rows = tensors[name].shape[0]
             out[name] = np.broadcast_to(np.asarray(info.mmap(), np.float32).reshape(-1, 1)[:, 0], (rows,)).copy()
@@ -200,13 +202,13 @@ def check_tensors(tensors: dict[str, st.TensorInfo], needed: list[str], cfg: Mod
             raise ValueError(f"tensor {name!r} in {t.file} has shape {t.shape}, but config.json "
                              f"implies {hf_shape(name, cfg)}")
         t.dtype  # raises, naming tensor and file, for non-float tensors
-    for name in needed:
-        scale = tensors.get(name.removesuffix(".weight") + SCALE)
-        if scale is not None and scale.shape not in ((), (1,), (hf_shape(name, cfg)[0], 1)):
-            raise ValueError(f"tensor {scale.name!r} in {scale.file} has shape {scale.shape}: a weight scale is "
-                             f"per tensor ([] or [1]) or per output feature ([{hf_shape(name, cfg)[0]}, 1])")
-    needed = needed + [n.removesuffix(".weight") + SCALE for n in needed
-                       if n.removesuffix(".weight") + SCALE in tensors]
+    scales = [scale_name(n) for n in needed if scale_name(n) in tensors]
+    for name in scales:
+        scale, rows = tensors[name], hf_shape(name.removesuffix("_scale"), cfg)[0]
+        if scale.shape not in ((), (1,), (rows, 1)):
+            raise ValueError(f"tensor {name!r} in {scale.file} has shape {scale.shape}: a weight scale is "
+                             f"per tensor ([] or [1]) or per output feature ([{rows}, 1])")
+    needed = needed + scales
     extra = [n for n in tensors if n not in set(needed) and not IGNORED.search(n)
              and not (n == "lm_head.weight" and cfg.tie_word_embeddings)]
     if extra:

@@ -377,8 +377,7 @@ class ModelRunner:
     """The device state: the KV page pool (`pages` pages of `page_size` tokens per dp replica),
     the decode state and sampling constants of `slots` decode rows, and each slot's block table
     (up to `max_len` positions). Prefill calls are rows of `prefill_row` tokens, at most
-    `prefill_rows` per replica. It is told which
-    chunks and slots run and decides nothing."""
+    `prefill_rows` per replica. It is told which chunks and slots run and decides nothing."""
 
     def __init__(self, model, slots: int, pages: int, page_size: int, max_len: int, prefill_row: int,
                  prefill_rows: int):
@@ -431,11 +430,24 @@ class ModelRunner:
         seqs = [c.seq for c in chunks]
         cfg = StepConfig.for_group(self.model.ops, [c.seq for c in chunks if c.last],
                                    prompt_logprobs=logprob_bucket(s.params.prompt_logprobs for s in seqs))
-        step, prompt_lp, self.state, self.cache = prefill(
-            *self.model.step_args, self.cache, self.state, self.rows, self._put(batch), cfg)
+        step, prompt_lp = self._run_prefill(batch, cfg)
         step = step._replace(tokens=step.tokens[None], logprobs=jax.tree.map(lambda x: x[None], step.logprobs))
         return Pending(step, prompt_lp, [c and c.seq for c in rows], [c.seq.slot if c else 0 for c in rows],
                        [c.seq.runs if c else -1 for c in rows], rows)
+
+    def _run_prefill(self, batch: PrefillBatch, cfg: StepConfig):
+        """The jitted prefill on the device state (the one call site, warm-up's too)."""
+        step, prompt_lp, self.state, self.cache = prefill(*self.model.step_args, self.cache, self.state, self.rows,
+                                                          self._put(batch), cfg)
+        return step, prompt_lp
+
+    def _run_decode(self, live: np.ndarray, cfg: StepConfig) -> Step:
+        """The jitted decode on the device state (the one call site, warm-up's too)."""
+        if self.table is None:
+            self.table = self._put(self.host_table)
+        step, self.state, self.cache = decode(*self.model.step_args, self.cache, self.state, self.rows, self.table,
+                                              self._put(live), cfg)
+        return step
 
     def _prefill_batch(self, chunks: list[Chunk]) -> tuple[PrefillBatch, list[Chunk | None]]:
         """Host arrays of a prefill call, and the chunk each row holds (None: padding). Chunks are
@@ -480,12 +492,9 @@ class ModelRunner:
 
     def decode(self, columns: list[Sequence | None], steps: int) -> Pending:
         """Queue `steps` decode steps over the slots that hold a sequence; columns[i] is slot i's."""
-        if self.table is None:
-            self.table = self._put(self.host_table)
         live, where = self._live([i for i, s in enumerate(columns) if s is not None])
         cfg = StepConfig.for_group(self.model.ops, [s for s in columns if s is not None], steps=steps)
-        step, self.state, self.cache = decode(*self.model.step_args, self.cache, self.state, self.rows,
-                                              self.table, self._put(live), cfg)
+        step = self._run_decode(live, cfg)
         seqs = [None if w is None else columns[w] for w in where]
         return Pending(step, None, seqs, [w or 0 for w in where], [-1 if s is None else s.runs for s in seqs])
 
@@ -515,13 +524,9 @@ class ModelRunner:
                 z, t = np.zeros((dp * n, self.prefill_row), np.int32), np.zeros(dp * n, np.int32)
                 batch = PrefillBatch(z, t, t + 1, np.zeros((dp * n, width), np.int32), t + self.slots,
                                      np.zeros(dp * n, bool), t, z)
-                _, _, self.state, self.cache = prefill(*self.model.step_args, self.cache, self.state, self.rows,
-                                                       self._put(batch), cfg)
+                self._run_prefill(batch, cfg)
             else:
-                if self.table is None:
-                    self.table = self._put(self.host_table)
-                _, self.state, self.cache = decode(*self.model.step_args, self.cache, self.state, self.rows,
-                                                   self.table, self._put(np.full(dp * n, per, np.int32)), cfg)
+                self._run_decode(np.full(dp * n, per, np.int32), cfg)
             jax.block_until_ready(self.cache)
             if progress:
                 progress(i + 1, len(variants), f"{kind} x{n}{'' if greedy else ' sampled'}")

@@ -50,8 +50,7 @@ class Engine:
         slots_per_replica = max_num_seqs // dp
         tokens = min(x for x in (max_kv_tokens, model.max_kv_tokens,
                                  slots_per_replica * round_up(self.max_model_len, page_size)) if x)
-        caching = getattr(model, "enable_prefix_caching", True) if enable_prefix_caching is None \
-            else enable_prefix_caching
+        caching = model.enable_prefix_caching if enable_prefix_caching is None else enable_prefix_caching
         self.blocks = BlockManager(tokens // page_size + 1, page_size, dp, caching)  # + the scratch page
         row = min(PREFILL_ROW, 1 << max_num_batched_tokens.bit_length() - 1)
         self.runner = ModelRunner(model, max_num_seqs, self.blocks.pages, page_size, self.max_model_len, row,
