@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's jaxtp, installed or not
 
-from jaxtp.ops import allreduce, attention  # noqa: E402  (no jax backend starts here)
+from jaxtp.ops import allreduce, attention, quant  # noqa: E402  (no jax backend starts here)
 
 SHAPES = {  # config.json fields of well-known models
     "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -56,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--no-prefill", action="store_true", help="skip timing prefill")
     p.add_argument("--quantization", choices=["int8", "fp8", "fp8_weight_only"], default=None,
                    help="8-bit projections (jaxtp/quantize.py)")
+    p.add_argument("--quant-kernel", action="store_true",
+                   help="8-bit decode products in the Pallas kernel (jaxtp/ops/quant.py; default XLA's)")
     p.add_argument("--all-reduce", nargs="+", default=["auto"], choices=allreduce.MODES,
                    help="all-reduce modes to time at tp > 1 (jaxtp/ops/allreduce.py); each is checked to "
                    "give the same greedy tokens")
@@ -193,6 +195,7 @@ def run_one(cfg, tp: int, batch: int, args, all_reduce: str = "auto",
     mode, kmode = ops.all_reduce, ops.kernels
     graphdef, params = random_state(cfg, mesh, dtype)
     if args.quantization:
+        quant.KERNEL = args.quant_kernel
         from jaxtp import quantize
         graphdef, params = quantize.quantize(graphdef, params, mesh, args.quantization)
     model = Model(cfg, mesh, None, graphdef, params, dtype, Path("random"), ops=ops)

@@ -19,7 +19,7 @@ from flax import nnx
 
 from jaxtp import rope
 from jaxtp.config import ModelConfig
-from jaxtp.ops import allreduce, attention, paged
+from jaxtp.ops import allreduce, attention, paged, quant
 
 
 def einsum_f32(spec: str, a, b):
@@ -59,29 +59,42 @@ def _value(param):
     return None if param is None else param[...]
 
 
-def matmul(spec: str, x, weight, scale, w8a8: bool = False):
+def matmul(spec: str, x, weight, scale, w8a8: bool = False, ops=None):
     """einsum of activations x [B, T, ..., in] with a weight that is plain, or int8 / fp8 with a
-    per-output-channel `scale` (quantize.py). Weight-only: the convert to the activation dtype is
-    left for XLA to fuse into the matmul, so HBM traffic is the 8-bit bytes. w8a8 (fp8): the
-    activations are quantized too, with a scale per token, and the product runs in fp8.
+    per-output-channel `scale` (quantize.py). Weight-only: XLA's path converts the weight to the
+    activation dtype for its GEMM; decode-sized batches take the Pallas kernel, which streams the
+    8-bit bytes (ops.quant). w8a8 (fp8): the activations are quantized too, with a scale per
+    token, and the product runs in fp8.
 
     A single row (batch-1 decode) is multiplied as two, the second zero: XLA rewrites a one-row
     product with a small weight (o_proj's block at tp=2) as a slow multiply and reduction, and
     its one-row GEMMs are slower than its two-row ones (docs/performance.md)."""
     if x.ndim > 1 and x.shape[0] * x.shape[1] == 1:
-        return matmul(spec, jnp.concatenate([x, jnp.zeros_like(x)]), weight, scale, w8a8)[:1]
+        return matmul(spec, jnp.concatenate([x, jnp.zeros_like(x)]), weight, scale, w8a8, ops)[:1]
     if scale is None:
         return jnp.einsum(spec, x, weight)
+    kernel = quant.applies(ops, x, weight)
     if not w8a8:
+        if kernel:
+            return quant.matmul(x, weight, scale, x.dtype)
         return jnp.einsum(spec, x, weight.astype(x.dtype)) * scale.astype(x.dtype)
-    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True)
-    x_scale = jnp.where(amax > 0, amax / float(jnp.finfo(weight.dtype).max), 1.0)
-    xq = (x / x_scale).astype(weight.dtype)
-    if jax.default_backend() != "gpu":  # fp8 products are exact in float32; the CPU runs them so
-        xq, weight = xq.astype(jnp.float32), weight.astype(jnp.float32)
-    y = jnp.einsum(spec, xq, weight, preferred_element_type=jnp.float32)
+    xq, x_scale = quantize_rows(x, weight.dtype)
+    if kernel:
+        y = quant.matmul(xq, weight, scale, jnp.float32)
+    else:
+        if jax.default_backend() != "gpu":  # fp8 products are exact in float32; the CPU runs them so
+            xq, weight = xq.astype(jnp.float32), weight.astype(jnp.float32)
+        y = jnp.einsum(spec, xq, weight, preferred_element_type=jnp.float32) * scale.astype(jnp.float32)
     x_scale = x_scale.reshape(*x_scale.shape[:-1], *(1,) * (y.ndim - x_scale.ndim + 1))
-    return (y * x_scale * scale.astype(jnp.float32)).astype(x.dtype)
+    return (y * x_scale).astype(x.dtype)
+
+
+def quantize_rows(x, dtype):
+    """x [..., in] -> (x / s in `dtype`, s [..., 1]): one scale per row (token), its absmax over
+    the dtype's largest value."""
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True)
+    x_scale = jnp.where(amax > 0, amax / float(jnp.finfo(dtype).max), 1.0)
+    return (x / x_scale).astype(dtype), x_scale
 
 
 class Linear(nnx.Module):
@@ -91,12 +104,9 @@ class Linear(nnx.Module):
         self.scale = nnx.data(None)  # a quantized weight's per-output-channel scale (quantize.py)
         self.w8a8 = False             # fp8 activations too (quantize.py)
 
-    def __call__(self, x):
-        y = matmul("...i,io->...o", x, self.weight[...], _value(self.scale), self.w8a8)
+    def __call__(self, x, ops=None):
+        y = matmul("...i,io->...o", x, self.weight[...], _value(self.scale), self.w8a8, ops)
         return y if self.bias is None else y + self.bias[...]
-
-    def _row_matmul(self, x, w, scale):
-        return matmul("...i,io->...o", x, w, scale, self.w8a8)
 
 
 class RowLinear(Linear):
@@ -104,14 +114,17 @@ class RowLinear(Linear):
     each device's product is a partial sum; allreduce.row_parallel says how they are added."""
 
     def __call__(self, x, ops=None):
-        return allreduce.row_parallel(ops, self._row_matmul, x, self.weight[...], _value(self.scale))
+        return allreduce.row_parallel(ops, self._matmul(ops), x, self.weight[...], _value(self.scale))
+
+    def _matmul(self, ops):
+        return lambda x, w, scale: matmul("...i,io->...o", x, w, scale, self.w8a8, ops)
 
     def add_norm(self, x, residual, norm: "RMSNorm | None", ops=None):
         """(residual + self(x), norm(that)): the decoder's residual add and the RMSNorm after it,
         done with the sum over tp (one kernel in allreduce's custom mode). norm=None: no norm."""
         if norm is None:
             return residual + self(x, ops), None
-        return allreduce.row_parallel_add_norm(ops, self._row_matmul, x, self.weight[...], _value(self.scale),
+        return allreduce.row_parallel_add_norm(ops, self._matmul(ops), x, self.weight[...], _value(self.scale),
                                                residual, norm.weight[...], norm.eps, rms_norm)
 
 
@@ -144,9 +157,9 @@ class QKVLinear(nnx.Module):
         self.scale = nnx.data(None)  # a quantized weight's per-output-channel scale (quantize.py)
         self.w8a8 = False
 
-    def __call__(self, x):
+    def __call__(self, x, ops=None):
         """x [B, T, d] -> [B, T, tp, q|k|v heads per device, head_dim]."""
-        y = matmul("btd,dpw->btpw", x, self.weight[...], _value(self.scale), self.w8a8)
+        y = matmul("btd,dpw->btpw", x, self.weight[...], _value(self.scale), self.w8a8, ops)
         if self.bias is not None:
             y = y + self.bias[...]
         return y.reshape(*y.shape[:3], -1, self.head_dim)
@@ -187,7 +200,7 @@ class Attention(nnx.Module):
         if splits and self.q_norm is None and proj.bias is None and proj.scale is None:
             qkv = proj.partials(x, splits)  # summed in the decode kernel
         else:
-            qkv = proj(x)
+            qkv = proj(x, ops)
         if self.q_norm is not None:
             q, k, v = proj.split(qkv)
             qkv = jnp.concatenate([self.q_norm(q), self.k_norm(k), v], axis=3)
@@ -245,8 +258,8 @@ class GateUpLinear(nnx.Module):
         self.scale = nnx.data(None)  # a quantized weight's per-output-channel scale (quantize.py)
         self.w8a8 = False
 
-    def __call__(self, x):
-        gate_up = matmul("btd,dki->btki", x, self.weight[...], _value(self.scale), self.w8a8)
+    def __call__(self, x, ops=None):
+        gate_up = matmul("btd,dki->btki", x, self.weight[...], _value(self.scale), self.w8a8, ops)
         return gate_up[:, :, 0], gate_up[:, :, 1]
 
 
@@ -255,9 +268,9 @@ class MLP(nnx.Module):
         self.gate_up_proj = GateUpLinear(cfg.hidden_size, cfg.intermediate_size, dtype)
         self.down_proj = RowLinear(cfg.intermediate_size, cfg.hidden_size, dtype)
 
-    def __call__(self, x):
+    def __call__(self, x, ops=None):
         """The MLP before down_proj (DecoderLayer applies it, fused with the residual add)."""
-        gate, up = self.gate_up_proj(x)
+        gate, up = self.gate_up_proj(x, ops)
         return jax.nn.silu(gate) * up
 
 
@@ -275,7 +288,7 @@ class DecoderLayer(nnx.Module):
         after it go with the all-reduce before them (RowLinear.add_norm), as in vLLM's layers."""
         out, k_cache, v_cache, counters = self.self_attn(normed, at, k_cache, v_cache, ops, counters)
         x, h = self.self_attn.o_proj.add_norm(out, x, self.post_attention_layernorm, ops)
-        x, normed = self.mlp.down_proj.add_norm(self.mlp(h), x, next_norm, ops)
+        x, normed = self.mlp.down_proj.add_norm(self.mlp(h, ops), x, next_norm, ops)
         return x, normed, k_cache, v_cache, counters
 
 

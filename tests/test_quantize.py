@@ -10,6 +10,8 @@ from flax import nnx
 
 import jaxtp
 from helpers import fp8_checkpoint
+from jaxtp.ops import quant
+from jaxtp.ops.kernels import quant_matmul
 
 DEFAULT = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-arith"
 IDS = [[1, 5, 14, 6, 15, 7, 8, 3, 2, 9]]
@@ -122,3 +124,35 @@ def test_a_prequantized_checkpoint_refuses_another_quantization(checkpoint, tmp_
     fp8 = fp8_checkpoint(checkpoint("llama")[0], tmp_path / "fp8", "channel", COMPRESSED)
     with pytest.raises(ValueError, match="holds fp8 weights; quantization='int8' cannot be applied"):
         jaxtp.load(fp8, dtype="float32", quantization="int8")
+
+
+@pytest.mark.parametrize("weight_dtype", [jnp.int8, jnp.float8_e4m3fn])
+@pytest.mark.parametrize("m,k,n", [(1, 512, 256), (7, 1280, 384), (32, 768, 128)])
+def test_the_8_bit_decode_kernel_multiplies_as_float32_does(weight_dtype, m, k, n):
+    """Pallas interpret mode; splits of the contraction that do not divide its blocks evenly
+    (1280 = 10 blocks of 128 over 4 splits), rows padded to 16, fp8 activations (W8A8)."""
+    rng = np.random.default_rng(m)
+    w = rng.normal(size=(k, n)) * 40
+    w = jnp.asarray(np.clip(np.round(w), -127, 127) if weight_dtype == jnp.int8 else w / 40, weight_dtype)
+    scale = jnp.asarray(rng.uniform(1e-3, 1e-2, n), jnp.float32)
+    config = quant_matmul.Config(programs=8)
+    for x_dtype in (jnp.float32, jnp.float8_e4m3fn):
+        x = jnp.asarray(rng.normal(size=(m, k)), x_dtype)
+        got = quant_matmul.matmul(x, w, scale, jnp.float32, config=config)
+        want = np.asarray(x, np.float64) @ np.asarray(w, np.float64) * np.asarray(scale)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert quant_matmul.splits_for(1280, 384, config) == 2 and quant_matmul.splits_for(512, 256, config) == 4
+    assert not quant_matmul.supported(quant_matmul.MAX_ROWS + 1, k, n) and not quant_matmul.supported(1, 24, n)
+
+
+@pytest.mark.parametrize("method", ["int8", "fp8"])
+def test_decode_products_in_the_kernel_give_xla_logits(checkpoint, monkeypatch, method):
+    path, _ = checkpoint("llama")
+    want = jaxtp.load(path, tp=1, dtype="float32", quantization=method, kernels="xla").logits(IDS)
+    calls = []
+    kernel = quant_matmul.matmul
+    monkeypatch.setattr(quant, "KERNEL", True)
+    monkeypatch.setattr(quant_matmul, "matmul", lambda *a, **k: calls.append(a[1].shape) or kernel(*a, **k))
+    got = jaxtp.load(path, tp=1, dtype="float32", quantization=method, kernels="pallas").logits(IDS)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 4 * 2  # qkv, o, gate|up and down in both layers
