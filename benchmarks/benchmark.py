@@ -216,7 +216,7 @@ def run_one(cfg, tp: int, batch: int, args, all_reduce: str = "auto",
     rows, table, live = put(rows), put(table), put(np.arange(batch, dtype=np.int32))
     new_cache = lambda: kv_cache.init(cfg.num_layers, batch * width + 1, model.kv_heads, size,  # noqa
                                       cfg.head_dim, dtype, mesh)
-    idle = lambda: put(runner.DecodeState.idle(batch))  # noqa: E731
+    idle = lambda: put(runner.DecodeState.idle(batch, model.padded_vocab))  # noqa: E731
 
     def do_prefill(cache, state):  # prompts into every cache slot, as the engine does
         _, _, state, cache = runner.prefill(*step_args, cache, state, rows, prompts, runner.StepConfig(ops))

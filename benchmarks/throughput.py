@@ -133,7 +133,7 @@ def one_pass(model, pairs, args, vocab: int, seed: int, compiled: list, trace: b
     warm, before = time.perf_counter(), sum(compiled)
     if not args.no_warmup:
         eng.warmup(lambda i, n, what: print(f"   warmup {i}/{n}: {what} at {time.perf_counter() - warm:.1f} s",
-                                            flush=True), sampled=False)  # the requests are greedy
+                                            flush=True), every_variant=False)  # greedy, no log-probs
     warm, warm_compile = time.perf_counter() - warm, sum(compiled) - before
     for s in seqs:
         eng.add(s)

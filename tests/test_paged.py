@@ -121,20 +121,24 @@ def test_decode_runs_only_the_live_slots(checkpoint, monkeypatch, dp):
 
 
 def test_after_warmup_nothing_compiles(checkpoint):
-    """warmup() runs every prefill and decode program (row_bucket's rows, greedy and sampled)
-    with idle rows: requests after it, at any count, trace nothing new, and their
-    tokens are unchanged by it (idle rows write only to the scratch page)."""
+    """warmup() runs every prefill and decode program (row_bucket's rows; decode greedy and
+    sampled, prefill with and without prompt log-probs) with idle rows: requests after it, at
+    any count and with any sampling options, trace nothing new, and their tokens are unchanged
+    by it (idle rows write only to the scratch page)."""
     path, ref = checkpoint("llama")
     model = jaxtp.load(path, dtype="float32")
     eng = engine.Engine(model, max_num_seqs=8, max_model_len=64, chunk=4, max_num_batched_tokens=256, page_size=16)
     done = []
     assert eng.warmup(lambda i, n, what: done.append(what)) == len(done) == 2 * (2 + 3)  # rows 1, 2 / 1, 4, 8
+    assert "decode x8 sampled" in done and "prefill x2 prompt log-probs" in done
     before = dict(engine.TRACES)
-    for count, temperature in ((1, 0.0), (3, 0.7), (6, 0.0), (8, 0.9)):
-        params = jaxtp.SamplingParams(max_tokens=6, temperature=temperature, ignore_eos=True)
+    options = ({}, dict(logprobs=3), dict(min_tokens=2, stop_token_ids=[9]), dict(presence_penalty=0.5),
+               dict(prompt_logprobs=2, repetition_penalty=1.2, logprobs=0))
+    for count, temperature, extra in ((1, 0.0, 0), (3, 0.7, 1), (6, 0.0, 2), (8, 0.9, 3), (2, 0.0, 4), (5, 0.5, 0)):
+        params = jaxtp.SamplingParams(max_tokens=6, temperature=temperature, ignore_eos=True, **options[extra])
         prompts = [[3 + i, 5, 7 + i] for i in range(count)]
         got = drive(eng, seqs(params, prompts))
-        if temperature == 0.0:
+        if temperature == 0.0 and not extra:
             assert got == [hf_greedy(ref, p, 6) for p in prompts]
     assert dict(engine.TRACES) == before
 

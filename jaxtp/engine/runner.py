@@ -68,19 +68,13 @@ def row_buckets(most: int) -> list[int]:
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
     """Everything static about one jitted call: how ops run on the mesh, and which variant of
-    the step a group of sequences needs (each distinct value compiles once)."""
+    the step a group of sequences needs (each distinct value compiles once, all of them in
+    `ModelRunner.warmup`). What is cheap runs in every step instead of making a variant:
+    min_tokens, penalties, and the sampled tokens' log-probs (top MAX_LOGPROBS)."""
     ops: OpsConfig
-    greedy: bool = True
-    min_tokens: bool = False          # some row has min_tokens: stop tokens may be banned
-    logprobs: int | None = None       # top-k log-probs per sampled token (None: not computed)
+    greedy: bool = True               # decode: all rows greedy, no sampler (prefill always has it)
     prompt_logprobs: int | None = None
     steps: int = 1                    # decode steps per call (a chunk)
-
-    @classmethod
-    def for_group(cls, ops: OpsConfig, seqs: list[Sequence], **kw) -> "StepConfig":
-        return cls(ops, greedy=all(s.params.greedy for s in seqs),
-                   min_tokens=any(s.params.min_tokens > 0 for s in seqs),
-                   logprobs=logprob_bucket(s.params.logprobs for s in seqs), **kw)
 
 
 def logprob_bucket(ks) -> int | None:
@@ -108,12 +102,14 @@ class DecodeState(NamedTuple):
     pos: jax.Array      # where `tokens` will be written
     count: jax.Array    # tokens generated so far
     done: jax.Array
-    penalties: Penalties | None = None
+    penalties: Penalties
 
     @classmethod
-    def idle(cls, slots: int) -> "DecodeState":
-        """Host arrays for `slots` empty slots (done, so decode leaves them alone)."""
-        return cls(*(np.zeros(slots, np.int32) for _ in range(3)), np.ones(slots, bool))
+    def idle(cls, slots: int, vocab: int) -> "DecodeState":
+        """Host arrays for `slots` empty slots (done, so decode leaves them alone) over a
+        (padded) vocabulary of `vocab`."""
+        return cls(*(np.zeros(slots, np.int32) for _ in range(3)), np.ones(slots, bool),
+                   Penalties(np.zeros((slots, vocab), bool), np.zeros((slots, vocab), np.int32)))
 
 
 class PrefillBatch(NamedTuple):
@@ -135,10 +131,10 @@ class PrefillBatch(NamedTuple):
 
 class Step(NamedTuple):
     """What a prefill or decode call produced: tokens [..., B] (-1 where a row was already done),
-    if asked for, their log-probabilities, and every slot's done flag after the call (apart from
-    the state, which the next call takes over: the host reads this one later)."""
+    their log-probabilities (top MAX_LOGPROBS), and every slot's done flag after the call (apart
+    from the state, which the next call takes over: the host reads this one later)."""
     tokens: jax.Array
-    logprobs: TokenLogprobs | None
+    logprobs: TokenLogprobs
     done: jax.Array
 
 
@@ -181,10 +177,6 @@ def _is_done(tok, count, rows: Rows):
     return stop | (count >= rows.max_tokens)
 
 
-def _logprobs(logits, tok, k):
-    return None if k is None else token_logprobs(logits, tok, k)
-
-
 def _chunk_penalties(old: Penalties, batch: PrefillBatch) -> Penalties:
     """Every slot's penalty statistics after this call's chunks: a sequence's first chunk starts
     them afresh; prompt tokens are seen, later ones (a recomputed sequence's) counted. A
@@ -217,23 +209,21 @@ def prefill(model_def: ModelDef, weights, cache: KVCache, state: DecodeState, ro
     slot = jnp.minimum(batch.slots, b - 1)
     r = jax.tree.map(lambda x: x[slot], rows)
     logits = model.logits(h[jnp.arange(n), batch.lens - 1])
-    penalties = None if state.penalties is None else _chunk_penalties(state.penalties, batch)
+    penalties = _chunk_penalties(state.penalties, batch)
     generated = batch.starts + batch.lens - batch.prompt_lens  # before this token (recomputed: > 0)
-    tok = sample(logits, r.sampler, generated, model.vocab_size, cfg.greedy,
-                 None if penalties is None else jax.tree.map(lambda x: x[slot], penalties), cfg.min_tokens)
-    if penalties is not None:
-        counts = penalties.counts.at[jnp.where(batch.sample, batch.slots, b), tok].add(1, mode="drop")
-        state = state._replace(penalties=penalties._replace(counts=counts))
+    # With the sampler always: a few rows' sort is cheap beside a prefill, and saves a variant.
+    tok = sample(logits, r.sampler, generated, model.vocab_size, False, jax.tree.map(lambda x: x[slot], penalties))
+    counts = penalties.counts.at[jnp.where(batch.sample, batch.slots, b), tok].add(1, mode="drop")
+    state = state._replace(penalties=penalties._replace(counts=counts))
     prompt_lp = None
     if cfg.prompt_logprobs is not None:
         prompt_lp = token_logprobs(model.logits(h), batch.targets, cfg.prompt_logprobs)
 
     count = generated + 1
-    new_rows = DecodeState(tok, batch.starts + batch.lens, count, _is_done(tok, count, r))
+    new_rows = dict(tokens=tok, pos=batch.starts + batch.lens, count=count, done=_is_done(tok, count, r))
     into = jnp.where(batch.sample, batch.slots, b)  # only rows that sampled take over their slot
-    fields = ("tokens", "pos", "count", "done")
-    state = state._replace(**{f: getattr(state, f).at[into].set(getattr(new_rows, f), mode="drop") for f in fields})
-    step = Step(jnp.where(batch.sample, tok, -1), _logprobs(logits, tok, cfg.logprobs), state.done)
+    state = state._replace(**{f: getattr(state, f).at[into].set(x, mode="drop") for f, x in new_rows.items()})
+    step = Step(jnp.where(batch.sample, tok, -1), token_logprobs(logits, tok, MAX_LOGPROBS), state.done)
     return step, prompt_lp, state, _constrain_cache(cache, mesh)
 
 
@@ -245,14 +235,10 @@ def _decode_step(model, rows: Rows, table, cfg: StepConfig, i, carry):
     live = jnp.where(s.done[:, None], SCRATCH_PAGE, table)
     h, cache = model.hidden(s.tokens[:, None], cache, s.pos, live, cfg.ops)
     logits = model.logits(h[:, 0])
-    tok = sample(logits, rows.sampler, s.count, model.vocab_size, cfg.greedy, s.penalties, cfg.min_tokens)
-    if cfg.logprobs is not None:
-        lp_out = jax.tree.map(lambda o, x: o.at[i].set(x), lp_out, token_logprobs(logits, tok, cfg.logprobs))
+    tok = sample(logits, rows.sampler, s.count, model.vocab_size, cfg.greedy, s.penalties)
+    lp_out = jax.tree.map(lambda o, x: o.at[i].set(x), lp_out, token_logprobs(logits, tok, MAX_LOGPROBS))
     count = s.count + 1
-    penalties = s.penalties
-    if penalties is not None:
-        penalties = penalties._replace(
-            counts=penalties.counts.at[jnp.arange(b), tok].add(jnp.where(s.done, 0, 1)))
+    penalties = s.penalties._replace(counts=s.penalties.counts.at[jnp.arange(b), tok].add(jnp.where(s.done, 0, 1)))
     tok = jnp.where(s.done, -1, tok)
     done = s.done | _is_done(tok, count, rows)
     # A finished row re-runs its last token at its last position, to the scratch page.
@@ -283,19 +269,19 @@ def decode(model_def: ModelDef, weights, cache: KVCache, state: DecodeState, row
     state, cache). Only the live rows run: idle slots cost nothing."""
     TRACES["decode"] += 1
     model, dp = model_def.merge(weights), cfg.ops.dp
-    idle = DecodeState(0, 0, 0, True, None if state.penalties is None else Penalties(False, 0))
+    idle = DecodeState(0, 0, 0, True, Penalties(False, 0))
     s = _take(state, live, dp, idle)
     r, tab = _take(rows, live, dp), _take(table, live, dp, SCRATCH_PAGE)
     n, steps = live.shape[0], cfg.steps
     out = jnp.full((steps, n), -1, jnp.int32)
-    k = cfg.logprobs or 0
+    k = MAX_LOGPROBS
     lp_out = TokenLogprobs(jnp.zeros((steps, n)), jnp.zeros((steps, n), jnp.int32),
                            jnp.zeros((steps, n, k), jnp.int32), jnp.zeros((steps, n, k)))
     body = functools.partial(_decode_step, model, r, tab, cfg)
     # A fixed trip count: no per-step predicate copy to the host; the host checks `done` per chunk.
     cache, s, out, lp_out = jax.lax.fori_loop(0, steps, body, (cache, s, out, lp_out))
     state = _put_back(state, s, live, dp)
-    return Step(out, lp_out if cfg.logprobs is not None else None, state.done), state, cache
+    return Step(out, lp_out, state.done), state, cache
 
 
 @jax.jit
@@ -390,7 +376,7 @@ class ModelRunner:
         idle = SamplingParams(max_tokens=1, temperature=0.0)
         self.host_rows = Rows.build([idle] * slots, [0] * slots, [[]] * slots)
         self.rows = self._put(self.host_rows)
-        self.state = self._put(DecodeState.idle(slots))
+        self.state = self._put(DecodeState.idle(slots, model.padded_vocab))
         self.host_table = np.zeros((slots, self.width), np.int32)
         self.table = None  # on device, re-sent when host_table changes
 
@@ -428,8 +414,7 @@ class ModelRunner:
             self._set_rows(firsts, [s.slot for s in firsts])
         batch, rows = self._prefill_batch(chunks)
         seqs = [c.seq for c in chunks]
-        cfg = StepConfig.for_group(self.model.ops, [c.seq for c in chunks if c.last],
-                                   prompt_logprobs=logprob_bucket(s.params.prompt_logprobs for s in seqs))
+        cfg = StepConfig(self.model.ops, prompt_logprobs=logprob_bucket(s.params.prompt_logprobs for s in seqs))
         step, prompt_lp = self._run_prefill(batch, cfg)
         step = step._replace(tokens=step.tokens[None], logprobs=jax.tree.map(lambda x: x[None], step.logprobs))
         return Pending(step, prompt_lp, [c and c.seq for c in rows], [c.seq.slot if c else 0 for c in rows],
@@ -479,21 +464,16 @@ class ModelRunner:
         return PrefillBatch(tokens, starts, lens, table, slots, sample, prompt_lens, targets), rows
 
     def _set_rows(self, seqs: list[Sequence], slots: list[int]) -> None:
-        """The new sequences' sampling constants into their slots (and penalty statistics for
-        every slot, the first time a sequence needs them)."""
+        """The new sequences' sampling constants into their slots."""
         new = Rows.build([s.params for s in seqs], [s.seed for s in seqs], [s.stop_ids for s in seqs],
                          [s.index for s in seqs])
         self.host_rows = jax.tree.map(lambda all_, x: _set_rows(all_, slots, x), self.host_rows, new)
         self.rows = self._put(self.host_rows)
-        if self.state.penalties is None and any(s.params.penalized for s in seqs):
-            v = self.model.padded_vocab
-            self.state = self.state._replace(penalties=self._put(
-                Penalties(np.zeros((self.slots, v), bool), np.zeros((self.slots, v), np.int32))))
 
     def decode(self, columns: list[Sequence | None], steps: int) -> Pending:
         """Queue `steps` decode steps over the slots that hold a sequence; columns[i] is slot i's."""
         live, where = self._live([i for i, s in enumerate(columns) if s is not None])
-        cfg = StepConfig.for_group(self.model.ops, [s for s in columns if s is not None], steps=steps)
+        cfg = StepConfig(self.model.ops, all(s.params.greedy for s in columns if s is not None), steps=steps)
         step = self._run_decode(live, cfg)
         seqs = [None if w is None else columns[w] for w in where]
         return Pending(step, None, seqs, [w or 0 for w in where], [-1 if s is None else s.runs for s in seqs])
@@ -509,17 +489,20 @@ class ModelRunner:
             live[r, :len(g)] = g
         return live.reshape(-1), [r * per + int(i) if i < per else None for r in range(dp) for i in live[r]]
 
-    def warmup(self, steps: int, progress=None, sampled: bool = True) -> int:
+    def warmup(self, steps: int, progress=None, every_variant: bool = True) -> int:
         """Run every prefill and decode program this runner can call with idle rows (they write
-        only to the scratch page), greedy and (if `sampled`) sampled, so none compiles later;
-        returns how many. Variants with log-probs, min_tokens or penalties compile on first use."""
+        only to the scratch page), so none compiles later; returns how many. The variants
+        (StepConfig): decode greedy and sampled, prefill with and without prompt log-probs;
+        every_variant=False: only greedy decode and plain prefill."""
         dp, per = self.model.mesh.shape["dp"], self.slots // self.model.mesh.shape["dp"]
         width = self.width if self.model.ops.kernels == "pallas" else 1
-        shapes = [("prefill", n) for n in row_buckets(self.prefill_rows)] + [("decode", n) for n in row_buckets(per)]
-        variants = [(g, x) for g in (True, False)[:1 + sampled] for x in shapes]
+        ops, more = self.model.ops, 1 + every_variant
+        variants = ([("prefill", n, StepConfig(ops, prompt_logprobs=k)) for k in (None, MAX_LOGPROBS)[:more]
+                     for n in row_buckets(self.prefill_rows)]
+                    + [("decode", n, StepConfig(ops, greedy, steps=steps)) for greedy in (True, False)[:more]
+                       for n in row_buckets(per)])
         self.stop([])
-        for i, (greedy, (kind, n)) in enumerate(variants):
-            cfg = StepConfig(self.model.ops, greedy=greedy, steps=steps if kind == "decode" else 1)
+        for i, (kind, n, cfg) in enumerate(variants):
             if kind == "prefill":
                 z, t = np.zeros((dp * n, self.prefill_row), np.int32), np.zeros(dp * n, np.int32)
                 batch = PrefillBatch(z, t, t + 1, np.zeros((dp * n, width), np.int32), t + self.slots,
@@ -529,14 +512,17 @@ class ModelRunner:
                 self._run_decode(np.full(dp * n, per, np.int32), cfg)
             jax.block_until_ready(self.cache)
             if progress:
-                progress(i + 1, len(variants), f"{kind} x{n}{'' if greedy else ' sampled'}")
+                extra = " sampled" if not cfg.greedy else " prompt log-probs" if cfg.prompt_logprobs else ""
+                progress(i + 1, len(variants), f"{kind} x{n}{extra}")
         return len(variants)
 
     def read(self, pending: list[Pending]) -> list[Column]:
         """Wait for queued work (one fetch for all of it): each live sequence's share, in order.
         Work queued for a run of a sequence that has since been preempted is dropped."""
         out, vocab = [], self.model.config.vocab_size  # top-k past the vocabulary: padding, dropped
-        for p, (step, prompt_lp) in zip(pending, distributed.fetch([(p.step, p.prompt_logprobs) for p in pending])):
+        wanted = [(p.step if any(s is not None and s.params.logprobs is not None for s in p.seqs)
+                   else p.step._replace(logprobs=None), p.prompt_logprobs) for p in pending]
+        for p, (step, prompt_lp) in zip(pending, distributed.fetch(wanted)):
             for col, (seq, slot, run) in enumerate(zip(p.seqs, p.slots, p.runs)):
                 if seq is None or seq.status is not Status.RUNNING or seq.runs != run:
                     continue

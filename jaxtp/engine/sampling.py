@@ -155,12 +155,12 @@ def apply_penalties(logits: jax.Array, s: SamplerArrays, p: Penalties) -> jax.Ar
 
 
 def ban_stops(logits: jax.Array, s: SamplerArrays, count: jax.Array) -> jax.Array:
-    """min_tokens: a row that has generated fewer than min_tokens cannot sample a stop token."""
+    """min_tokens: a row that has generated fewer than min_tokens cannot sample a stop token.
+    Written into the stop ids' entries only (padding and allowed rows: dropped), so running it
+    for every row costs [B, stops], and no step needs a variant without it."""
     rows = jnp.arange(logits.shape[0])[:, None]
-    ids = jnp.where(s.stop_ids >= 0, s.stop_ids, logits.shape[-1])         # padding: dropped
     ban = (count < s.min_tokens)[:, None] & (s.stop_ids >= 0)
-    banned = jnp.zeros(logits.shape, bool).at[rows, ids].set(ban, mode="drop")
-    return jnp.where(banned, -jnp.inf, logits)
+    return logits.at[rows, jnp.where(ban, s.stop_ids, logits.shape[-1])].set(-jnp.inf, mode="drop")
 
 
 def filter_logits(logits: jax.Array, s: SamplerArrays, vocab_size: int) -> jax.Array:
@@ -185,13 +185,13 @@ def filter_logits(logits: jax.Array, s: SamplerArrays, vocab_size: int) -> jax.A
 
 
 def sample(logits: jax.Array, s: SamplerArrays, count: jax.Array, vocab_size: int,
-           greedy: bool, penalties: Penalties | None = None, min_tokens: bool = False) -> jax.Array:
+           greedy: bool, penalties: Penalties | None = None) -> jax.Array:
     """Next token [B] from float32 logits [B, V_padded] for rows that have generated `count`
     tokens: greedy rows (temperature 0) take the argmax, the others a Gumbel-max draw from the
-    filtered distribution. The static flags (greedy: all rows greedy; min_tokens: some row has
-    min_tokens) keep unused work out of the compiled step."""
-    if min_tokens:
-        logits = ban_stops(logits, s, count)
+    filtered distribution. The static flag greedy (all rows greedy) keeps the sampler's sort
+    out of the compiled step; min_tokens and penalties (the engine keeps their statistics for
+    every slot) are cheap, so every step applies them: a row without them is unchanged."""
+    logits = ban_stops(jnp.asarray(logits), s, count)
     if penalties is not None:
         logits = apply_penalties(logits, s, penalties)
     best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -221,9 +221,31 @@ class TokenLogprobs(NamedTuple):
 
 
 def token_logprobs(logits: jax.Array, chosen: jax.Array, k: int) -> TokenLogprobs:
-    """Raw-distribution log-probabilities for logits [..., V] and chosen ids [...]."""
-    lp = jax.nn.log_softmax(logits, axis=-1)
-    got = jnp.take_along_axis(lp, chosen[..., None], axis=-1)[..., 0]
-    rank = jnp.sum(lp > got[..., None], axis=-1).astype(jnp.int32) + 1
-    top_lp, top_ids = jax.lax.top_k(lp, k) if k else (lp[..., :0], jnp.zeros(lp[..., :0].shape, jnp.int32))
-    return TokenLogprobs(got, rank, top_ids.astype(jnp.int32), top_lp)
+    """Raw-distribution log-probabilities for logits [..., V] and chosen ids [...], with the
+    top k."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    log_sum = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True))  # as log_softmax rounds
+    picked = jnp.take_along_axis(logits, chosen[..., None], axis=-1)
+    rank = jnp.sum(logits > picked, axis=-1).astype(jnp.int32) + 1
+    best, best_ids = top_k(logits, k)
+    return TokenLogprobs(((picked - top) - log_sum)[..., 0], rank, best_ids, (best - top) - log_sum)
+
+
+def top_k(x: jax.Array, k: int, block: int = 128) -> tuple[jax.Array, jax.Array]:
+    """jax.lax.top_k over the last axis (values, int32 ids), exact, without sorting the whole
+    vocabulary (XLA sorts for a k this large): the k largest lie in the k blocks of `block`
+    entries with the largest maxima, so only those k * block candidates are ranked."""
+    *lead, v = x.shape
+    if k == 0:
+        return x[..., :0], jnp.zeros((*lead, 0), jnp.int32)
+    if v <= 4 * k * block:
+        top, ids = jax.lax.top_k(x, k)
+        return top, ids.astype(jnp.int32)
+    pad = -v % block
+    blocks = jnp.pad(x, [(0, 0)] * len(lead) + [(0, pad)], constant_values=-jnp.inf)
+    blocks = blocks.reshape(*lead, (v + pad) // block, block)
+    _, best = jax.lax.top_k(blocks.max(axis=-1), k)                                 # [..., k]
+    candidates = jnp.take_along_axis(blocks, best[..., None], axis=-2).reshape(*lead, k * block)
+    top, at = jax.lax.top_k(candidates, k)
+    ids = best[..., None] * block + jnp.arange(block)
+    return top, jnp.take_along_axis(ids.reshape(*lead, k * block), at, axis=-1).astype(jnp.int32)
