@@ -45,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--memory-fraction", type=float, default=0.9)
     p.add_argument("--passes", type=int, default=2)
     p.add_argument("--no-warmup", action="store_true", help="compile on first use, inside the pass")
+    p.add_argument("--warmup-threads", type=int, default=None,
+                   help="XLA compiles at once during warm-up (default: one per CPU core)")
     p.add_argument("--json", help="write the summary here")
     p.add_argument("--trace", help="profile engine steps --trace-steps of the last pass into this directory and "
                    "print a per-kernel summary (trace_summary.py)")
@@ -133,7 +135,8 @@ def one_pass(model, pairs, args, vocab: int, seed: int, compiled: list, trace: b
     warm, before = time.perf_counter(), sum(compiled)
     if not args.no_warmup:
         eng.warmup(lambda i, n, what: print(f"   warmup {i}/{n}: {what} at {time.perf_counter() - warm:.1f} s",
-                                            flush=True), every_variant=False)  # greedy, no log-probs
+                                            flush=True), every_variant=False,  # greedy, no log-probs
+                   threads=args.warmup_threads)
     warm, warm_compile = time.perf_counter() - warm, sum(compiled) - before
     for s in seqs:
         eng.add(s)

@@ -84,6 +84,8 @@ def matmul(spec: str, x, weight, scale, w8a8: bool = False, ops=None):
     else:
         if jax.default_backend() != "gpu":  # fp8 products are exact in float32; the CPU runs them so
             xq, weight = xq.astype(jnp.float32), weight.astype(jnp.float32)
+        elif quant.bandwidth_bound(x):  # the same products, in the weight-only GEMM (see ops.quant)
+            xq, weight = xq.astype(x.dtype), weight.astype(x.dtype)
         y = jnp.einsum(spec, xq, weight, preferred_element_type=jnp.float32) * scale.astype(jnp.float32)
     x_scale = x_scale.reshape(*x_scale.shape[:-1], *(1,) * (y.ndim - x_scale.ndim + 1))
     return (y * x_scale).astype(x.dtype)

@@ -1,5 +1,8 @@
 """The paged KV cache and chunked prefill: sequences spanning many pages, prompts longer than a
 prefill chunk, preemption by recompute when the pool is short, the pool's limits."""
+import logging
+
+import jax
 import numpy as np
 import pytest
 
@@ -120,7 +123,7 @@ def test_decode_runs_only_the_live_slots(checkpoint, monkeypatch, dp):
         [1, 4, 4, 16, 16, 32, 48, 128, 160, 160]
 
 
-def test_after_warmup_nothing_compiles(checkpoint):
+def test_after_warmup_nothing_compiles(checkpoint, caplog, request):
     """warmup() runs every prefill and decode program (row_bucket's rows; decode greedy and
     sampled, prefill with and without prompt log-probs) with idle rows: requests after it, at
     any count and with any sampling options, trace nothing new, and their tokens are unchanged
@@ -129,9 +132,14 @@ def test_after_warmup_nothing_compiles(checkpoint):
     model = jaxtp.load(path, dtype="float32")
     eng = engine.Engine(model, max_num_seqs=8, max_model_len=64, chunk=4, max_num_batched_tokens=256, page_size=16)
     done = []
+    caplog.set_level(logging.WARNING, logger="jax")
+    jax.config.update("jax_log_compiles", True)  # globally: warm-up compiles on threads
+    request.addfinalizer(lambda: jax.config.update("jax_log_compiles", False))
     assert eng.warmup(lambda i, n, what: done.append(what)) == len(done) == 2 * (2 + 3)  # rows 1, 2 / 1, 4, 8
+    assert len(_step_compiles(caplog)) == len(done)  # compiled on threads, then run: each once
     assert "decode x8 sampled" in done and "prefill x2 prompt log-probs" in done
     before = dict(engine.TRACES)
+    caplog.clear()
     options = ({}, dict(logprobs=3), dict(min_tokens=2, stop_token_ids=[9]), dict(presence_penalty=0.5),
                dict(prompt_logprobs=2, repetition_penalty=1.2, logprobs=0))
     for count, temperature, extra in ((1, 0.0, 0), (3, 0.7, 1), (6, 0.0, 2), (8, 0.9, 3), (2, 0.0, 4), (5, 0.5, 0)):
@@ -141,6 +149,13 @@ def test_after_warmup_nothing_compiles(checkpoint):
         if temperature == 0.0 and not extra:
             assert got == [hf_greedy(ref, p, 6) for p in prompts]
     assert dict(engine.TRACES) == before
+    assert not _step_compiles(caplog)
+
+
+def _step_compiles(caplog) -> list[str]:
+    """jax.log_compiles' lines for the engine's prefill / decode programs."""
+    return [m for m in (r.getMessage() for r in caplog.records)
+            if "Finished XLA compilation of jit(prefill)" in m or "Finished XLA compilation of jit(decode)" in m]
 
 
 def test_a_sequence_larger_than_the_pool_is_rejected_with_the_numbers(checkpoint):

@@ -18,8 +18,10 @@ changes but the cache's leading axis. Host data goes in and out only through `di
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
+import os
 from typing import NamedTuple
 
 import jax
@@ -422,17 +424,21 @@ class ModelRunner:
 
     def _run_prefill(self, batch: PrefillBatch, cfg: StepConfig):
         """The jitted prefill on the device state (the one call site, warm-up's too)."""
-        step, prompt_lp, self.state, self.cache = prefill(*self.model.step_args, self.cache, self.state, self.rows,
-                                                          self._put(batch), cfg)
+        step, prompt_lp, self.state, self.cache = prefill(*self._prefill_args(batch, cfg))
         return step, prompt_lp
+
+    def _prefill_args(self, batch: PrefillBatch, cfg: StepConfig) -> tuple:
+        return (*self.model.step_args, self.cache, self.state, self.rows, self._put(batch), cfg)
 
     def _run_decode(self, live: np.ndarray, cfg: StepConfig) -> Step:
         """The jitted decode on the device state (the one call site, warm-up's too)."""
+        step, self.state, self.cache = decode(*self._decode_args(live, cfg))
+        return step
+
+    def _decode_args(self, live: np.ndarray, cfg: StepConfig) -> tuple:
         if self.table is None:
             self.table = self._put(self.host_table)
-        step, self.state, self.cache = decode(*self.model.step_args, self.cache, self.state, self.rows, self.table,
-                                              self._put(live), cfg)
-        return step
+        return (*self.model.step_args, self.cache, self.state, self.rows, self.table, self._put(live), cfg)
 
     def _prefill_batch(self, chunks: list[Chunk]) -> tuple[PrefillBatch, list[Chunk | None]]:
         """Host arrays of a prefill call, and the chunk each row holds (None: padding). Chunks are
@@ -489,32 +495,47 @@ class ModelRunner:
             live[r, :len(g)] = g
         return live.reshape(-1), [r * per + int(i) if i < per else None for r in range(dp) for i in live[r]]
 
-    def warmup(self, steps: int, progress=None, every_variant: bool = True) -> int:
-        """Run every prefill and decode program this runner can call with idle rows (they write
-        only to the scratch page), so none compiles later; returns how many. The variants
-        (StepConfig): decode greedy and sampled, prefill with and without prompt log-probs;
-        every_variant=False: only greedy decode and plain prefill."""
+    def warmup(self, steps: int, progress=None, every_variant: bool = True, threads: int | None = None) -> int:
+        """Compile every prefill and decode program this runner can call, then run each once with
+        idle rows (they write only to the scratch page), so none compiles later; returns how
+        many. The variants (StepConfig): decode greedy and sampled, prefill with and without
+        prompt log-probs; every_variant=False: only greedy decode and plain prefill. Programs
+        are traced one by one (Python) and compiled by XLA on `threads` threads at once
+        (default: one per CPU core); jit's cache keeps what they compile."""
+        variants = self._variants(steps, every_variant)
+        self.stop([])
+        with concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count()) as pool:
+            compiled = [pool.submit(prefill.lower(*self._prefill_args(x, cfg)).compile) if kind == "prefill" else
+                        pool.submit(decode.lower(*self._decode_args(x, cfg)).compile) for kind, _, cfg, x in variants]
+            for i, (done, (kind, n, cfg, _)) in enumerate(zip(compiled, variants)):
+                done.result()
+                if progress:
+                    extra = " sampled" if not cfg.greedy else " prompt log-probs" if cfg.prompt_logprobs else ""
+                    progress(i + 1, len(variants), f"{kind} x{n}{extra}")
+        for kind, _, cfg, x in variants:
+            if kind == "prefill":
+                self._run_prefill(x, cfg)
+            else:
+                self._run_decode(x, cfg)
+            jax.block_until_ready(self.cache)
+        return len(variants)
+
+    def _variants(self, steps: int, every_variant: bool) -> list[tuple]:
+        """(kind, rows per replica, StepConfig, the host input with idle rows) of every program
+        warmup compiles."""
         dp, per = self.model.mesh.shape["dp"], self.slots // self.model.mesh.shape["dp"]
         width = self.width if self.model.ops.kernels == "pallas" else 1
-        ops, more = self.model.ops, 1 + every_variant
-        variants = ([("prefill", n, StepConfig(ops, prompt_logprobs=k)) for k in (None, MAX_LOGPROBS)[:more]
-                     for n in row_buckets(self.prefill_rows)]
-                    + [("decode", n, StepConfig(ops, greedy, steps=steps)) for greedy in (True, False)[:more]
-                       for n in row_buckets(per)])
-        self.stop([])
-        for i, (kind, n, cfg) in enumerate(variants):
-            if kind == "prefill":
+        ops, more, out = self.model.ops, 1 + every_variant, []
+        for k in (None, MAX_LOGPROBS)[:more]:
+            for n in row_buckets(self.prefill_rows):
                 z, t = np.zeros((dp * n, self.prefill_row), np.int32), np.zeros(dp * n, np.int32)
                 batch = PrefillBatch(z, t, t + 1, np.zeros((dp * n, width), np.int32), t + self.slots,
                                      np.zeros(dp * n, bool), t, z)
-                self._run_prefill(batch, cfg)
-            else:
-                self._run_decode(np.full(dp * n, per, np.int32), cfg)
-            jax.block_until_ready(self.cache)
-            if progress:
-                extra = " sampled" if not cfg.greedy else " prompt log-probs" if cfg.prompt_logprobs else ""
-                progress(i + 1, len(variants), f"{kind} x{n}{extra}")
-        return len(variants)
+                out.append(("prefill", n, StepConfig(ops, prompt_logprobs=k), batch))
+        for greedy in (True, False)[:more]:
+            out += [("decode", n, StepConfig(ops, greedy, steps=steps), np.full(dp * n, per, np.int32))
+                    for n in row_buckets(per)]
+        return out
 
     def read(self, pending: list[Pending]) -> list[Column]:
         """Wait for queued work (one fetch for all of it): each live sequence's share, in order.

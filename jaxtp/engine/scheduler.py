@@ -119,10 +119,10 @@ class Engine:
         self.waiting.appendleft(seq)
         self.preemptions += 1
 
-    def warmup(self, progress=None, every_variant: bool = True) -> int:
+    def warmup(self, progress=None, every_variant: bool = True, threads: int | None = None) -> int:
         """Compile the engine's programs now (ModelRunner.warmup), not when requests come;
         progress(done, total, what) after each. Returns how many ran."""
-        return self.runner.warmup(self.chunk, progress, every_variant)
+        return self.runner.warmup(self.chunk, progress, every_variant, threads)
 
     @property
     def kv_usage(self) -> float:

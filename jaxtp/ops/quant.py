@@ -20,6 +20,14 @@ if TYPE_CHECKING:
 KERNEL = False  # off: the kernel does not beat XLA's product yet (docs/performance.md)
 
 
+def bandwidth_bound(x) -> bool:
+    """A decode-sized product, which reads its weight once for a few rows. fp8 x fp8 (W8A8)
+    products then run as the weight-only GEMM on the fp8 values (exact in bf16, summed in
+    float32): XLA's fp8 GEMMs read these weights at half its rate (docs/performance.md; most
+    likely a transpose per call, as cuBLAS's fp8 GEMMs want the weight [N, K]; not traced)."""
+    return math.prod(x.shape[:-1]) <= quant_matmul.MAX_ROWS
+
+
 def applies(ops: "OpsConfig | None", x, weight) -> bool:
     rows = math.prod(x.shape[:-1])
     return (KERNEL and ops is not None and ops.kernels == "pallas" and ops.mesh.shape["tp"] == 1
