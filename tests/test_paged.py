@@ -124,8 +124,8 @@ def test_decode_runs_only_the_live_slots(checkpoint, monkeypatch, dp):
 
 
 def test_after_warmup_nothing_compiles(checkpoint, caplog, request):
-    """warmup() runs every prefill and decode program (row_bucket's rows; decode greedy and
-    sampled, prefill with and without prompt log-probs) with idle rows: requests after it, at
+    """warmup() runs every prefill and decode program (row_bucket's rows; greedy and sampled,
+    prefill with and without prompt log-probs) with idle rows: requests after it, at
     any count and with any sampling options, trace nothing new, and their tokens are unchanged
     by it (idle rows write only to the scratch page)."""
     path, ref = checkpoint("llama")
@@ -135,9 +135,9 @@ def test_after_warmup_nothing_compiles(checkpoint, caplog, request):
     caplog.set_level(logging.WARNING, logger="jax")
     jax.config.update("jax_log_compiles", True)  # globally: warm-up compiles on threads
     request.addfinalizer(lambda: jax.config.update("jax_log_compiles", False))
-    assert eng.warmup(lambda i, n, what: done.append(what)) == len(done) == 2 * (2 + 3)  # rows 1, 2 / 1, 4, 8
+    assert eng.warmup(lambda i, n, what: done.append(what)) == len(done) == 4 * 2 + 2 * 3  # rows 1, 2 / 1, 4, 8
     assert len(_step_compiles(caplog)) == len(done)  # compiled on threads, then run: each once
-    assert "decode x8 sampled" in done and "prefill x2 prompt log-probs" in done
+    assert "decode x8 sampled" in done and "prefill x2 sampled prompt log-probs" in done
     before = dict(engine.TRACES)
     caplog.clear()
     options = ({}, dict(logprobs=3), dict(min_tokens=2, stop_token_ids=[9]), dict(presence_penalty=0.5),

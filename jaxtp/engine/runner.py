@@ -21,6 +21,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import itertools
 import os
 from typing import NamedTuple
 
@@ -74,7 +75,7 @@ class StepConfig:
     `ModelRunner.warmup`). What is cheap runs in every step instead of making a variant:
     min_tokens, penalties, and the sampled tokens' log-probs (top MAX_LOGPROBS)."""
     ops: OpsConfig
-    greedy: bool = True               # decode: all rows greedy, no sampler (prefill always has it)
+    greedy: bool = True               # all sampling rows greedy: no sampler (its sort) in the program
     prompt_logprobs: int | None = None
     steps: int = 1                    # decode steps per call (a chunk)
 
@@ -213,8 +214,7 @@ def prefill(model_def: ModelDef, weights, cache: KVCache, state: DecodeState, ro
     logits = model.logits(h[jnp.arange(n), batch.lens - 1])
     penalties = _chunk_penalties(state.penalties, batch)
     generated = batch.starts + batch.lens - batch.prompt_lens  # before this token (recomputed: > 0)
-    # With the sampler always: a few rows' sort is cheap beside a prefill, and saves a variant.
-    tok = sample(logits, r.sampler, generated, model.vocab_size, False, jax.tree.map(lambda x: x[slot], penalties))
+    tok = sample(logits, r.sampler, generated, model.vocab_size, cfg.greedy, jax.tree.map(lambda x: x[slot], penalties))
     counts = penalties.counts.at[jnp.where(batch.sample, batch.slots, b), tok].add(1, mode="drop")
     state = state._replace(penalties=penalties._replace(counts=counts))
     prompt_lp = None
@@ -416,7 +416,8 @@ class ModelRunner:
             self._set_rows(firsts, [s.slot for s in firsts])
         batch, rows = self._prefill_batch(chunks)
         seqs = [c.seq for c in chunks]
-        cfg = StepConfig(self.model.ops, prompt_logprobs=logprob_bucket(s.params.prompt_logprobs for s in seqs))
+        cfg = StepConfig(self.model.ops, all(c.seq.params.greedy for c in chunks if c.last),
+                         logprob_bucket(s.params.prompt_logprobs for s in seqs))
         step, prompt_lp = self._run_prefill(batch, cfg)
         step = step._replace(tokens=step.tokens[None], logprobs=jax.tree.map(lambda x: x[None], step.logprobs))
         return Pending(step, prompt_lp, [c and c.seq for c in rows], [c.seq.slot if c else 0 for c in rows],
@@ -498,8 +499,8 @@ class ModelRunner:
     def warmup(self, steps: int, progress=None, every_variant: bool = True, threads: int | None = None) -> int:
         """Compile every prefill and decode program this runner can call, then run each once with
         idle rows (they write only to the scratch page), so none compiles later; returns how
-        many. The variants (StepConfig): decode greedy and sampled, prefill with and without
-        prompt log-probs; every_variant=False: only greedy decode and plain prefill. Programs
+        many. The variants (StepConfig): greedy and sampled, and prefill also with and without
+        prompt log-probs; every_variant=False: only greedy, without prompt log-probs. Programs
         are traced one by one (Python) and compiled by XLA on `threads` threads at once
         (default: one per CPU core); jit's cache keeps what they compile."""
         variants = self._variants(steps, every_variant)
@@ -510,7 +511,7 @@ class ModelRunner:
             for i, (done, (kind, n, cfg, _)) in enumerate(zip(compiled, variants)):
                 done.result()
                 if progress:
-                    extra = " sampled" if not cfg.greedy else " prompt log-probs" if cfg.prompt_logprobs else ""
+                    extra = " sampled" * (not cfg.greedy) + " prompt log-probs" * (cfg.prompt_logprobs is not None)
                     progress(i + 1, len(variants), f"{kind} x{n}{extra}")
         for kind, _, cfg, x in variants:
             if kind == "prefill":
@@ -526,12 +527,12 @@ class ModelRunner:
         dp, per = self.model.mesh.shape["dp"], self.slots // self.model.mesh.shape["dp"]
         width = self.width if self.model.ops.kernels == "pallas" else 1
         ops, more, out = self.model.ops, 1 + every_variant, []
-        for k in (None, MAX_LOGPROBS)[:more]:
+        for greedy, k in itertools.product((True, False)[:more], (None, MAX_LOGPROBS)[:more]):
             for n in row_buckets(self.prefill_rows):
                 z, t = np.zeros((dp * n, self.prefill_row), np.int32), np.zeros(dp * n, np.int32)
                 batch = PrefillBatch(z, t, t + 1, np.zeros((dp * n, width), np.int32), t + self.slots,
                                      np.zeros(dp * n, bool), t, z)
-                out.append(("prefill", n, StepConfig(ops, prompt_logprobs=k), batch))
+                out.append(("prefill", n, StepConfig(ops, greedy, k), batch))
         for greedy in (True, False)[:more]:
             out += [("decode", n, StepConfig(ops, greedy, steps=steps), np.full(dp * n, per, np.int32))
                     for n in row_buckets(per)]
