@@ -20,6 +20,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jaxtp import model  # noqa: E402
 from jaxtp.ops.kernels import quant_matmul  # noqa: E402
 
 SHAPES = {  # (K, N) of qkv, o, gate|up, down
@@ -66,14 +67,14 @@ def over_copies(product):
 
 
 def xla_product(x, w, s):
-    return (jnp.einsum("mk,kn->mn", x, w.astype(x.dtype)) * s.astype(x.dtype)).astype(x.dtype)
+    """XLA's weight-only product, as the model runs it (model.matmul without the kernel)."""
+    return model.matmul("mk,kn->mn", x, w, s)
 
 
 def xla_fp8_product(x, w, s):
-    """XLA's fp8 GEMM (W8A8, as model.matmul runs it off the kernel)."""
-    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True)
-    xs = jnp.where(amax > 0, amax / 448.0, 1.0)
-    y = jnp.einsum("mk,kn->mn", (x / xs).astype(w.dtype), w, preferred_element_type=jnp.float32)
+    """XLA's fp8 GEMM (W8A8, as model.matmul runs it for prefill-sized batches)."""
+    xq, xs = model.quantize_rows(x, w.dtype)
+    y = jnp.einsum("mk,kn->mn", xq, w, preferred_element_type=jnp.float32)
     return (y * xs * s).astype(x.dtype)
 
 

@@ -61,10 +61,10 @@ def _value(param):
 
 def matmul(spec: str, x, weight, scale, w8a8: bool = False, ops=None):
     """einsum of activations x [B, T, ..., in] with a weight that is plain, or int8 / fp8 with a
-    per-output-channel `scale` (quantize.py). Weight-only: XLA's path converts the weight to the
-    activation dtype for its GEMM; decode-sized batches take the Pallas kernel, which streams the
-    8-bit bytes (ops.quant). w8a8 (fp8): the activations are quantized too, with a scale per
-    token, and the product runs in fp8.
+    per-output-channel `scale` (quantize.py). Weight-only: the weight is converted to the
+    activation dtype inside XLA's GEMM (or, where ops.quant turns it on, the Pallas kernel runs
+    decode-sized batches). w8a8 (fp8): the activations are quantized too, with a scale per token,
+    and the product is of fp8 values (in XLA's fp8 GEMM for prefill-sized batches on GPUs).
 
     A single row (batch-1 decode) is multiplied as two, the second zero: XLA rewrites a one-row
     product with a small weight (o_proj's block at tp=2) as a slow multiply and reduction, and

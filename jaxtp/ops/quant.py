@@ -1,6 +1,5 @@
 """Which product an 8-bit weight (quantize.py) takes: the Pallas kernel (kernels/quant_matmul.py)
-for decode-sized batches, else XLA's convert and GEMM (prefill-sized batches are compute-bound,
-where XLA's GEMMs are the better choice).
+for decode-sized batches where KERNEL turns it on, else XLA's convert and GEMM.
 
 The kernel runs where the attention kernels do ("pallas" mode) on a single-device tensor axis: a
 Pallas call is opaque to the SPMD partitioner, and the column-parallel projections would need
