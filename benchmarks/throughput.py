@@ -51,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--trace", help="profile engine steps --trace-steps of the last pass into this directory and "
                    "print a per-kernel summary (trace_summary.py)")
     p.add_argument("--trace-steps", type=int, nargs=2, default=(20, 24), metavar=("FIRST", "END"))
+    p.add_argument("--call-times", action="store_true",
+                   help="one more pass that waits for every device call: seconds of prefill and of decode, and "
+                        "ms per decode step by rows run")
     return p.parse_args(argv)
 
 
@@ -74,11 +77,19 @@ def lengths(args) -> list[tuple[int, int]]:
 
 class Calls(collections.Counter):
     """What the engine asked of the device: calls by kind and shape, prefill tokens real and
-    padded, decode rows live and run, and the host's seconds waiting for results."""
+    padded, decode rows live and run, and the host's seconds waiting for results; where each
+    call is waited for (timed), the device seconds of each kind and of decode by rows run."""
 
 
-def watch(runner) -> Calls:
+def watch(runner, timed: bool = False) -> Calls:
     calls, prefill, decode, read = Calls(), runner.prefill, runner.decode, runner.read
+
+    def wait(p, key):  # the device runs calls in order: the one before this is done already
+        if timed:
+            t0 = time.perf_counter()
+            p.step.tokens.block_until_ready()
+            calls[key] += time.perf_counter() - t0
+        return p
 
     def on_prefill(chunks):
         p = prefill(chunks)
@@ -86,14 +97,17 @@ def watch(runner) -> Calls:
         calls[f"prefill {n}x{t}"] += 1
         calls["prefill tokens"] += sum(c.length for c in chunks)
         calls["prefill padded"] += n * t
-        return p
+        return wait(p, "prefill s")
 
     def on_decode(columns, steps):
         p = decode(columns, steps)
         calls["decode calls"] += 1
         calls["decode rows live"] += sum(c is not None for c in columns)
         calls["decode rows run"] += len(p.seqs)
-        return p
+        calls[f"decode steps x{len(p.seqs)}"] += steps
+        calls[f"decode context x{len(p.seqs)}"] += steps * sum(len(c.prompt) + len(c.tokens) + steps / 2
+                                                               for c in columns if c is not None)
+        return wait(p, f"decode s x{len(p.seqs)}")
 
     def on_read(pending):
         t0 = time.perf_counter()
@@ -120,7 +134,8 @@ def profiled(args, step: int, trace: bool):
         trace_summary.summarize(args.trace, end - first)
 
 
-def one_pass(model, pairs, args, vocab: int, seed: int, compiled: list, trace: bool = False) -> dict:
+def one_pass(model, pairs, args, vocab: int, seed: int, compiled: list, trace: bool = False,
+             timed: bool = False) -> dict:
     import numpy as np
     from jaxtp import engine
     from jaxtp.engine.sampling import SamplingParams
@@ -140,7 +155,7 @@ def one_pass(model, pairs, args, vocab: int, seed: int, compiled: list, trace: b
     warm, warm_compile = time.perf_counter() - warm, sum(compiled) - before
     for s in seqs:
         eng.add(s)
-    calls = watch(eng.runner)
+    calls = watch(eng.runner, timed)
     before = sum(compiled)
     peak, steps, t0 = 0, 0, time.perf_counter()
     while eng.has_unfinished:
@@ -157,6 +172,29 @@ def one_pass(model, pairs, args, vocab: int, seed: int, compiled: list, trace: b
                 kv_pages=eng.blocks.capacity, page_size=eng.blocks.page_size, engine_steps=steps,
                 warmup_s=warm, warmup_compile_s=warm_compile, compile_s=compile_s,
                 calls=dict(calls))
+
+
+def print_call_times(model, r: dict) -> None:
+    """The timed pass: where the device's time went, and each decode bucket's step against the
+    bytes it must read (the weights, and the live rows' keys and values) at the measured
+    bandwidth."""
+    import jax
+    import jax.numpy as jnp
+    from benchmark import memory_bandwidth
+    cfg, calls = model.config, r["calls"]
+    bandwidth = max(memory_bandwidth(jax.devices()[0]).values())
+    weights = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(model.params))
+    per_token = 2 * cfg.num_layers * model.kv_heads // model.tp * cfg.head_dim * jnp.dtype(model.dtype).itemsize
+    decode = {int(k.split("x")[-1]): v for k, v in calls.items() if k.startswith("decode s x")}
+    print(f"\ntimed pass ({r['elapsed_s']:.1f} s): prefill {calls.get('prefill s', 0):.2f} s for "
+          f"{calls['prefill tokens']:.0f} tokens ({calls['prefill padded']:.0f} carried), decode {sum(decode.values()):.2f} s "
+          f"(roofline at {bandwidth / 1e12:.2f} TB/s)")
+    print("| decode rows run | steps | s | ms/step | context tokens / step | roofline ms | roofline |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |")
+    for n, secs in sorted(decode.items()):
+        steps, context = calls[f"decode steps x{n}"], calls[f"decode context x{n}"]
+        ms, roof = secs / steps * 1e3, (weights + context / steps * per_token) / bandwidth * 1e3
+        print(f"| {n} | {steps} | {secs:.2f} | {ms:.2f} | {context / steps:.0f} | {roof:.2f} | {roof / ms:.0%} |")
 
 
 def main(argv=None):
@@ -179,6 +217,8 @@ def main(argv=None):
                                            for k, v in r.items() if k != "calls"), flush=True)
         print("   " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(r["calls"].items())), flush=True)
     last = runs[-1]
+    if args.call_times:
+        print_call_times(model, one_pass(model, pairs, args, model.config.vocab_size, args.seed, compiled, timed=True))
     print("\n| pass | s | req/s | output tok/s | total tok/s | peak running | preemptions | warm-up s (compile) "
           "| compile s in the pass |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -11,6 +11,7 @@ down with the call rather than stored here.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -294,6 +295,15 @@ class DecoderLayer(nnx.Module):
         return x, normed, k_cache, v_cache, counters
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "ops"))
+def run_layer(graphdef, weights, x, normed, at: Positions, k_cache, v_cache, ops=None, counters=None):
+    """DecoderLayer.__call__ of (layer, next_norm) = nnx.merge(graphdef, weights), as a jitted
+    function: the layers share one graphdef, so a program traces and lowers one layer (with its
+    kernels) instead of every layer; XLA inlines the calls, so the compiled program is the same."""
+    layer, next_norm = nnx.merge(graphdef, weights)
+    return layer(x, normed, next_norm, at, k_cache, v_cache, ops, counters)
+
+
 class Embedding(nnx.Module):
     """Vocab-parallel lookup (Megatron's VocabParallelEmbedding) written as SPMD: each of the tp
     row blocks gathers the ids it owns, the rest are zeroed, and the sum over blocks becomes one
@@ -351,8 +361,9 @@ class CausalLM(nnx.Module):
         normed = layers[0].input_layernorm(x)
         for i, (layer, k_cache, v_cache) in enumerate(zip(layers, cache.k, cache.v)):
             next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
-            x, normed, k_cache, v_cache, counters = layer(x, normed, next_norm, at, k_cache, v_cache,
-                                                          ops, counters)
+            graphdef, weights = nnx.split((layer, next_norm))
+            x, normed, k_cache, v_cache, counters = run_layer(graphdef, weights, x, normed, at, k_cache, v_cache,
+                                                              ops, counters)
             ks.append(k_cache)
             vs.append(v_cache)
         return normed[:rows], cache._replace(k=ks, v=vs)
