@@ -144,7 +144,7 @@ def test_sampled_frequencies_follow_the_filtered_distribution(top_p):
     logits = np.random.default_rng(1).normal(size=v).astype(np.float32) * 2
     params = jaxtp.SamplingParams(temperature=temperature, top_p=top_p)
     s = SamplerArrays.build([params] * n, list(range(n)))
-    draws = np.asarray(sample(np.tile(logits, (n, 1)), s, np.zeros(n, np.int32), v, greedy=False))
+    draws = np.asarray(sample(np.tile(logits, (n, 1)), s, np.zeros(n, np.int32), v, plain=False))
     want = torch.softmax(TopPLogitsWarper(top_p)(None, torch.tensor(logits[None] / temperature)), -1)[0]
     freq = np.bincount(draws, minlength=v) / n
     assert freq[want.numpy() == 0].sum() == 0

@@ -72,10 +72,11 @@ def row_buckets(most: int) -> list[int]:
 class StepConfig:
     """Everything static about one jitted call: how ops run on the mesh, and which variant of
     the step a group of sequences needs (each distinct value compiles once, all of them in
-    `ModelRunner.warmup`). What is cheap runs in every step instead of making a variant:
-    min_tokens, penalties, and the sampled tokens' log-probs (top MAX_LOGPROBS)."""
+    `ModelRunner.warmup`). A plain step (every row SamplingParams.plain) takes the argmax; the
+    other one samples and always applies min_tokens and penalties and computes the sampled
+    tokens' log-probs (top MAX_LOGPROBS), so no request needs a third."""
     ops: OpsConfig
-    greedy: bool = True               # all sampling rows greedy: no sampler (its sort) in the program
+    plain: bool = True                # argmax only: no sampler, penalties, log-probs
     prompt_logprobs: int | None = None
     steps: int = 1                    # decode steps per call (a chunk)
 
@@ -202,8 +203,8 @@ def prefill(model_def: ModelDef, weights, cache: KVCache, state: DecodeState, ro
     """The chunks of `batch` into their pages; rows whose chunk ends a prompt sample its first
     token into their decode slot.
 
-    Returns (Step [n] (-1 for rows that sample nothing), prompt TokenLogprobs [n, T] or None,
-    state, cache).
+    Returns (Step [n] (-1 for rows that sample nothing; no log-probs in a plain step), prompt
+    TokenLogprobs [n, T] or None, state, cache).
     """
     TRACES["prefill"] += 1
     model, mesh = model_def.merge(weights), cfg.ops.mesh
@@ -212,11 +213,14 @@ def prefill(model_def: ModelDef, weights, cache: KVCache, state: DecodeState, ro
     slot = jnp.minimum(batch.slots, b - 1)
     r = jax.tree.map(lambda x: x[slot], rows)
     logits = model.logits(h[jnp.arange(n), batch.lens - 1])
-    penalties = _chunk_penalties(state.penalties, batch)
     generated = batch.starts + batch.lens - batch.prompt_lens  # before this token (recomputed: > 0)
-    tok = sample(logits, r.sampler, generated, model.vocab_size, cfg.greedy, jax.tree.map(lambda x: x[slot], penalties))
-    counts = penalties.counts.at[jnp.where(batch.sample, batch.slots, b), tok].add(1, mode="drop")
-    state = state._replace(penalties=penalties._replace(counts=counts))
+    if cfg.plain:  # a plain row's penalty statistics are never read: left as they are
+        tok = sample(logits, r.sampler, generated, model.vocab_size, True)
+    else:
+        penalties = _chunk_penalties(state.penalties, batch)
+        tok = sample(logits, r.sampler, generated, model.vocab_size, False, jax.tree.map(lambda x: x[slot], penalties))
+        counts = penalties.counts.at[jnp.where(batch.sample, batch.slots, b), tok].add(1, mode="drop")
+        state = state._replace(penalties=penalties._replace(counts=counts))
     prompt_lp = None
     if cfg.prompt_logprobs is not None:
         prompt_lp = token_logprobs(model.logits(h), batch.targets, cfg.prompt_logprobs)
@@ -225,7 +229,8 @@ def prefill(model_def: ModelDef, weights, cache: KVCache, state: DecodeState, ro
     new_rows = dict(tokens=tok, pos=batch.starts + batch.lens, count=count, done=_is_done(tok, count, r))
     into = jnp.where(batch.sample, batch.slots, b)  # only rows that sampled take over their slot
     state = state._replace(**{f: getattr(state, f).at[into].set(x, mode="drop") for f, x in new_rows.items()})
-    step = Step(jnp.where(batch.sample, tok, -1), token_logprobs(logits, tok, MAX_LOGPROBS), state.done)
+    logprobs = None if cfg.plain else token_logprobs(logits, tok, MAX_LOGPROBS)
+    step = Step(jnp.where(batch.sample, tok, -1), logprobs, state.done)
     return step, prompt_lp, state, _constrain_cache(cache, mesh)
 
 
@@ -237,10 +242,11 @@ def _decode_step(model, rows: Rows, table, cfg: StepConfig, i, carry):
     live = jnp.where(s.done[:, None], SCRATCH_PAGE, table)
     h, cache = model.hidden(s.tokens[:, None], cache, s.pos, live, cfg.ops)
     logits = model.logits(h[:, 0])
-    tok = sample(logits, rows.sampler, s.count, model.vocab_size, cfg.greedy, s.penalties)
-    lp_out = jax.tree.map(lambda o, x: o.at[i].set(x), lp_out, token_logprobs(logits, tok, MAX_LOGPROBS))
-    count = s.count + 1
-    penalties = s.penalties._replace(counts=s.penalties.counts.at[jnp.arange(b), tok].add(jnp.where(s.done, 0, 1)))
+    tok = sample(logits, rows.sampler, s.count, model.vocab_size, cfg.plain, s.penalties)
+    count, penalties = s.count + 1, s.penalties
+    if not cfg.plain:
+        lp_out = jax.tree.map(lambda o, x: o.at[i].set(x), lp_out, token_logprobs(logits, tok, MAX_LOGPROBS))
+        penalties = penalties._replace(counts=penalties.counts.at[jnp.arange(b), tok].add(jnp.where(s.done, 0, 1)))
     tok = jnp.where(s.done, -1, tok)
     done = s.done | _is_done(tok, count, rows)
     # A finished row re-runs its last token at its last position, to the scratch page.
@@ -277,8 +283,8 @@ def decode(model_def: ModelDef, weights, cache: KVCache, state: DecodeState, row
     n, steps = live.shape[0], cfg.steps
     out = jnp.full((steps, n), -1, jnp.int32)
     k = MAX_LOGPROBS
-    lp_out = TokenLogprobs(jnp.zeros((steps, n)), jnp.zeros((steps, n), jnp.int32),
-                           jnp.zeros((steps, n, k), jnp.int32), jnp.zeros((steps, n, k)))
+    lp_out = None if cfg.plain else TokenLogprobs(jnp.zeros((steps, n)), jnp.zeros((steps, n), jnp.int32),
+                                                  jnp.zeros((steps, n, k), jnp.int32), jnp.zeros((steps, n, k)))
     body = functools.partial(_decode_step, model, r, tab, cfg)
     # A fixed trip count: no per-step predicate copy to the host; the host checks `done` per chunk.
     cache, s, out, lp_out = jax.lax.fori_loop(0, steps, body, (cache, s, out, lp_out))
@@ -416,7 +422,7 @@ class ModelRunner:
             self._set_rows(firsts, [s.slot for s in firsts])
         batch, rows = self._prefill_batch(chunks)
         seqs = [c.seq for c in chunks]
-        cfg = StepConfig(self.model.ops, all(c.seq.params.greedy for c in chunks if c.last),
+        cfg = StepConfig(self.model.ops, all(c.seq.params.plain for c in chunks),
                          logprob_bucket(s.params.prompt_logprobs for s in seqs))
         step, prompt_lp = self._run_prefill(batch, cfg)
         step = step._replace(tokens=step.tokens[None], logprobs=jax.tree.map(lambda x: x[None], step.logprobs))
@@ -480,7 +486,7 @@ class ModelRunner:
     def decode(self, columns: list[Sequence | None], steps: int) -> Pending:
         """Queue `steps` decode steps over the slots that hold a sequence; columns[i] is slot i's."""
         live, where = self._live([i for i, s in enumerate(columns) if s is not None])
-        cfg = StepConfig(self.model.ops, all(s.params.greedy for s in columns if s is not None), steps=steps)
+        cfg = StepConfig(self.model.ops, all(s.params.plain for s in columns if s is not None), steps=steps)
         step = self._run_decode(live, cfg)
         seqs = [None if w is None else columns[w] for w in where]
         return Pending(step, None, seqs, [w or 0 for w in where], [-1 if s is None else s.runs for s in seqs])
@@ -499,8 +505,8 @@ class ModelRunner:
     def warmup(self, steps: int, progress=None, every_variant: bool = True, threads: int | None = None) -> int:
         """Compile every prefill and decode program this runner can call, then run each once with
         idle rows (they write only to the scratch page), so none compiles later; returns how
-        many. The variants (StepConfig): greedy and sampled, and prefill also with and without
-        prompt log-probs; every_variant=False: only greedy, without prompt log-probs. Programs
+        many. The variants (StepConfig): plain or not, and prefill also with and without prompt
+        log-probs; every_variant=False: only plain, without prompt log-probs. Programs
         are traced one by one (Python) and compiled by XLA on `threads` threads at once
         (default: one per CPU core); jit's cache keeps what they compile."""
         variants = self._variants(steps, every_variant)
@@ -511,7 +517,7 @@ class ModelRunner:
             for i, (done, (kind, n, cfg, _)) in enumerate(zip(compiled, variants)):
                 done.result()
                 if progress:
-                    extra = " sampled" * (not cfg.greedy) + " prompt log-probs" * (cfg.prompt_logprobs is not None)
+                    extra = " sampled" * (not cfg.plain) + " prompt log-probs" * (cfg.prompt_logprobs is not None)
                     progress(i + 1, len(variants), f"{kind} x{n}{extra}")
         for kind, _, cfg, x in variants:
             if kind == "prefill":
@@ -527,14 +533,14 @@ class ModelRunner:
         dp, per = self.model.mesh.shape["dp"], self.slots // self.model.mesh.shape["dp"]
         width = self.width if self.model.ops.kernels == "pallas" else 1
         ops, more, out = self.model.ops, 1 + every_variant, []
-        for greedy, k in itertools.product((True, False)[:more], (None, MAX_LOGPROBS)[:more]):
+        for plain, k in itertools.product((True, False)[:more], (None, MAX_LOGPROBS)[:more]):
             for n in row_buckets(self.prefill_rows):
                 z, t = np.zeros((dp * n, self.prefill_row), np.int32), np.zeros(dp * n, np.int32)
                 batch = PrefillBatch(z, t, t + 1, np.zeros((dp * n, width), np.int32), t + self.slots,
                                      np.zeros(dp * n, bool), t, z)
-                out.append(("prefill", n, StepConfig(ops, greedy, k), batch))
-        for greedy in (True, False)[:more]:
-            out += [("decode", n, StepConfig(ops, greedy, steps=steps), np.full(dp * n, per, np.int32))
+                out.append(("prefill", n, StepConfig(ops, plain, k), batch))
+        for plain in (True, False)[:more]:
+            out += [("decode", n, StepConfig(ops, plain, steps=steps), np.full(dp * n, per, np.int32))
                     for n in row_buckets(per)]
         return out
 

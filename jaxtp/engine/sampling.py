@@ -91,6 +91,12 @@ class SamplingParams:
     def penalized(self) -> bool:
         return (self.repetition_penalty, self.presence_penalty, self.frequency_penalty) != (1, 0, 0)
 
+    @property
+    def plain(self) -> bool:
+        """Greedy, asking for nothing else a step computes (log-probs, penalties, min_tokens):
+        such rows need only the argmax."""
+        return self.greedy and self.logprobs is None and not self.penalized and self.min_tokens == 0
+
 
 MAX_LOGPROBS = 20  # as OpenAI's API; bounds the top-k the engine computes
 MAX_N = 128        # samples per prompt, OpenAI's bound
@@ -185,18 +191,18 @@ def filter_logits(logits: jax.Array, s: SamplerArrays, vocab_size: int) -> jax.A
 
 
 def sample(logits: jax.Array, s: SamplerArrays, count: jax.Array, vocab_size: int,
-           greedy: bool, penalties: Penalties | None = None) -> jax.Array:
+           plain: bool, penalties: Penalties | None = None) -> jax.Array:
     """Next token [B] from float32 logits [B, V_padded] for rows that have generated `count`
     tokens: greedy rows (temperature 0) take the argmax, the others a Gumbel-max draw from the
-    filtered distribution. The static flag greedy (all rows greedy) keeps the sampler's sort
-    out of the compiled step; min_tokens and penalties (the engine keeps their statistics for
-    every slot) are cheap, so every step applies them: a row without them is unchanged."""
-    logits = ban_stops(jnp.asarray(logits), s, count)
+    filtered distribution, after min_tokens and the penalties (a row without them is unchanged).
+    The static flag plain (every row SamplingParams.plain) leaves only the argmax."""
+    logits = jnp.asarray(logits)
+    if plain:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = ban_stops(logits, s, count)
     if penalties is not None:
         logits = apply_penalties(logits, s, penalties)
     best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    if greedy:
-        return best
     x = filter_logits(logits, s, vocab_size)
 
     def gumbel(seed, high, index, count):  # drawn over the true vocab so the stream is independent of tp
