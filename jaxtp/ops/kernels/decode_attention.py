@@ -210,27 +210,31 @@ def _new_token(plan: _Plan, qkv_ref, row, head, c, sn, real):
 def _attend_cached(plan: _Plan, k_ref, v_ref, table_ref, row, head, base, end, start, now, q1, q2):
     """Online softmax over the cached keys in [start, now) of this split's pages [base, end):
     (max, sum, acc [rows, D])."""
-    block, half, keys = plan.block, plan.half, pl.ds(0, plan.block)
+    block, half, keys, width = plan.block, plan.half, pl.ds(0, plan.block), table_ref.shape[1]
 
     def body(i, carry):
-        m, l, acc = carry
-        page = table_ref[row, i]
-        scores = (plt.dot(q1, k_ref[page, head, keys, pl.ds(0, half)].astype(plan.dt), trans_b=True,
-                          precision=plan.precision)
-                  + plt.dot(q2, k_ref[page, head, keys, pl.ds(half, half)].astype(plan.dt), trans_b=True,
-                            precision=plan.precision))
+        m, l, acc, page = carry
+        # The next page's id is loaded now, so its latency hides behind this page's work.
+        following = table_ref[row, jnp.minimum(i + 1, width - 1)]
         at_pos = i * block + jnp.arange(block)
-        scores = jnp.where((at_pos >= start) & (at_pos < now), scores * plan.scale, -jnp.inf)
+        live = (at_pos >= start) & (at_pos < now)  # positions outside it are never read from memory
+
+        def load(ref, lanes):
+            return plt.load(ref.at[page, head, keys, lanes], mask=live[:, None], other=0)
+        scores = (plt.dot(q1, load(k_ref, pl.ds(0, half)).astype(plan.dt), trans_b=True, precision=plan.precision)
+                  + plt.dot(q2, load(k_ref, pl.ds(half, half)).astype(plan.dt), trans_b=True,
+                            precision=plan.precision))
+        scores = jnp.where(live, scores * plan.scale, -jnp.inf)
         m_new, alpha, p = online(m, scores, axis=1)
-        vt = v_ref[page, head, keys, :]
+        vt = load(v_ref, pl.ds(0, plan.d))
         pv = plt.dot(p.astype(vt.dtype), vt, precision=plan.precision)
-        return m_new, l * alpha + p.sum(axis=1), acc * alpha[:, None] + pv
+        return m_new, l * alpha + p.sum(axis=1), acc * alpha[:, None] + pv, following
 
     first = base // block
     last = jnp.clip(pl.cdiv(jnp.minimum(now, end), block), first, end // block)  # cached keys: before `now`
     init = (jnp.full((plan.rows,), -jnp.inf, jnp.float32), jnp.zeros((plan.rows,), jnp.float32),
-            jnp.zeros((plan.rows, plan.d), jnp.float32))
-    return jax.lax.fori_loop(first, last, body, init)
+            jnp.zeros((plan.rows, plan.d), jnp.float32), table_ref[row, jnp.minimum(first, width - 1)])
+    return jax.lax.fori_loop(first, last, body, init)[:3]
 
 
 def _attend_new(plan: _Plan, m, l, acc, mine, q1, q2, k1, k2, v_new):
