@@ -17,8 +17,9 @@ def test_a_flag_the_user_set_is_left_alone(monkeypatch):
     mine = "--xla_gpu_disable_async_collectives=REDUCESCATTER"
     monkeypatch.setenv("XLA_FLAGS", mine)
     xla_flags.apply()
-    assert os.environ["XLA_FLAGS"].split() == ["--xla_gpu_enable_command_buffer=+COLLECTIVES", mine]
-    mine = "--xla_gpu_enable_command_buffer= --xla_gpu_disable_async_collectives="
+    assert os.environ["XLA_FLAGS"].split() == ["--xla_gpu_enable_command_buffer=+COLLECTIVES",
+                                               "--xla_gpu_autotune_level=1", mine]
+    mine = "--xla_gpu_enable_command_buffer= --xla_gpu_disable_async_collectives= --xla_gpu_autotune_level=4"
     monkeypatch.setenv("XLA_FLAGS", mine)
     xla_flags.apply()
     assert os.environ["XLA_FLAGS"] == mine
