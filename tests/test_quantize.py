@@ -155,4 +155,4 @@ def test_decode_products_in_the_kernel_give_xla_logits(checkpoint, monkeypatch, 
     monkeypatch.setattr(quant_matmul, "matmul", lambda *a, **k: calls.append(a[1].shape) or kernel(*a, **k))
     got = jaxtp.load(path, tp=1, dtype="float32", quantization=method, kernels="pallas").logits(IDS)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    assert len(calls) == 4 * 2  # qkv, o, gate|up and down in both layers
+    assert len(calls) == 4  # qkv, o, gate|up and down, traced once for both layers (model.run_layer)
