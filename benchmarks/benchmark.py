@@ -146,6 +146,19 @@ def engine_step_ms(model, prompts: list, tokens: int) -> float:
     return elapsed * 1e3 / (tokens - 1)
 
 
+def weight_bytes(params) -> int:
+    """Bytes of weights one device holds (and a decode step reads)."""
+    import jax
+    return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(params))
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of keys and values one device holds per token, all layers."""
+    import jax.numpy as jnp
+    cfg = model.config
+    return 2 * cfg.num_layers * (model.kv_heads // model.tp) * cfg.head_dim * jnp.dtype(model.dtype).itemsize
+
+
 def memory_bandwidth(device, mib: int = 2048) -> dict:
     """Measured HBM bandwidth in bytes/s over `mib` MiB (default 2 GiB): `copy` (read + write, an elementwise pass)
     and `read` (a full reduction). Ten launches are queued per timing, so launch gaps vanish."""
@@ -200,7 +213,6 @@ def run_one(cfg, tp: int, batch: int, args, all_reduce: str = "auto",
         graphdef, params = quantize.quantize(graphdef, params, mesh, args.quantization)
     model = Model(cfg, mesh, None, graphdef, params, dtype, Path("random"), ops=ops)
     step_args = model.step_args  # what the engine passes its jitted steps
-    weight_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(params))
 
     ctx, steps, size = args.ctx, args.steps, args.page_size
     width = -(-(ctx + steps) // size)  # pages per row
@@ -272,13 +284,12 @@ def run_one(cfg, tp: int, batch: int, args, all_reduce: str = "auto",
     if args.engine:
         del holder[0], first  # the Engine allocates its own cache
         engine_ms = engine_step_ms(model, rng.integers(0, cfg.vocab_size, (batch, ctx)).tolist(), args.engine)
-    kv_live = (2 * cfg.num_layers * batch * (model.kv_heads // tp) * (ctx + steps / 2) * cfg.head_dim
-               * jnp.dtype(dtype).itemsize)
+    kv_live = batch * (ctx + steps / 2) * kv_bytes_per_token(model)
     return dict(shape=args.shape, tp=tp, batch=batch, ctx=ctx, all_reduce=mode, kernels=kmode, tokens=digest,
                 ms_per_step=step_ms, chunks=args.chunks, engine_ms_per_step=engine_ms,
                 tokens_per_s=batch / step_ms * 1e3,
                 prefill_tokens_per_s=None if prefill_ms is None else batch * ctx / prefill_ms * 1e3,
-                compile_s=prefill_compile_s + decode_compile_s, weight_gb_per_device=weight_bytes / 1e9,
+                compile_s=prefill_compile_s + decode_compile_s, weight_gb_per_device=weight_bytes(params) / 1e9,
                 kv_gb_per_device=kv_live / 1e9,
                 device=str(jax.devices()[0].device_kind), xla_flags=os.environ.get("XLA_FLAGS", ""))
 

@@ -179,12 +179,10 @@ def print_call_times(model, r: dict) -> None:
     bytes it must read (the weights, and the live rows' keys and values) at the measured
     bandwidth."""
     import jax
-    import jax.numpy as jnp
-    from benchmark import memory_bandwidth
-    cfg, calls = model.config, r["calls"]
+    from benchmark import kv_bytes_per_token, memory_bandwidth, weight_bytes
+    calls = r["calls"]
     bandwidth = max(memory_bandwidth(jax.devices()[0]).values())
-    weights = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(model.params))
-    per_token = 2 * cfg.num_layers * model.kv_heads // model.tp * cfg.head_dim * jnp.dtype(model.dtype).itemsize
+    weights, per_token = weight_bytes(model.params), kv_bytes_per_token(model)
     decode = {int(k.split("x")[-1]): v for k, v in calls.items() if k.startswith("decode s x")}
     print(f"\ntimed pass ({r['elapsed_s']:.1f} s): prefill {calls.get('prefill s', 0):.2f} s for "
           f"{calls['prefill tokens']:.0f} tokens ({calls['prefill padded']:.0f} carried), decode {sum(decode.values()):.2f} s "
