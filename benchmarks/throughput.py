@@ -92,11 +92,11 @@ def watch(runner, timed: bool = False) -> Calls:
         return p
 
     def on_prefill(chunks):
+        size, rows = runner.prefill_shape(chunks)
         p = prefill(chunks)
-        n, t = p.step.tokens.shape[1], runner.prefill_row
-        calls[f"prefill {n}x{t}"] += 1
+        calls[f"prefill {size} tokens x{rows} rows"] += 1
         calls["prefill tokens"] += sum(c.length for c in chunks)
-        calls["prefill padded"] += n * t
+        calls["prefill padded"] += size * runner.model.mesh.shape["dp"]
         return wait(p, "prefill s")
 
     def on_decode(columns, steps):

@@ -39,14 +39,25 @@ def split_matmul(x, weight, splits: int):
                       weight.reshape(splits, c // splits, *weight.shape[1:]))
 
 
+class Packing(NamedTuple):
+    """A prefill call's tokens packed [dp, N] for the projections, against the rows [B, T] that
+    attention runs on (a chunk's rows pad, the packed tokens do not): unpack [B, T] gives each
+    row position's index among its replica's packed tokens, pack [dp * N] each packed token's
+    index among its replica's row positions (row * T + t)."""
+    unpack: jax.Array
+    pack: jax.Array
+
+
 class Positions(NamedTuple):
     """Where a call's tokens go: row b's tokens sit at start[b] + t (pos [B, T]), with their
-    rotary cos / sin [B, T, D], in the KV pages listed by row b's block table [B, W]."""
+    rotary cos / sin [B, T, D], in the KV pages listed by row b's block table [B, W]; packing:
+    the tokens' layout outside attention when it is not the rows' (None: the same)."""
     start: jax.Array
     pos: jax.Array
     cos: jax.Array
     sin: jax.Array
     table: jax.Array
+    packing: Packing | None = None
 
 
 QUERY_BLOCK = 512  # XLA's attention handles longer calls this many queries at a time
@@ -207,6 +218,12 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k, v = proj.split(qkv)
             qkv = jnp.concatenate([self.q_norm(q), self.k_norm(k), v], axis=3)
+        if at.packing is not None:  # attention on the rows, the rest on the packed tokens
+            dp = 1 if ops is None else ops.dp
+            rows = paged.take_rows(qkv.reshape(-1, *qkv.shape[2:]), at.packing.unpack, dp)
+            out, k_cache, v_cache = self.xla_step(rows, at, k_cache, v_cache, ops)
+            out = paged.take_rows(out.reshape(-1, self.num_heads * self.head_dim), at.packing.pack, dp)
+            return out.astype(x.dtype).reshape(x.shape[0], t, -1), k_cache, v_cache, counters
         step = attention.decode(ops, qkv, at.cos, at.sin, k_cache, v_cache, at.pos, at.table, self.window,
                                 self.num_heads, counters)
         if step is None:  # XLA's kernels
@@ -230,14 +247,33 @@ class Attention(nnx.Module):
         out = attention.prefill(ops, q, k_cache, v_cache, at.table, at.start, self.window)
         if out is not None:
             return out.reshape(shape), k_cache, v_cache
+        return self.xla_attention(q.reshape(shape), k_cache, v_cache, at, dp), k_cache, v_cache
+
+    def xla_attention(self, q, k_cache, v_cache, at: Positions, dp: int):
+        """XLA's attention of q [B, T, KVH, G, D] over each row's pages, the scores bounded to
+        [QUERY_BLOCK, S] per head at a time: long rows in blocks of queries, many short rows
+        (a prefill call's) in groups of rows, each group gathering only its own rows' pages."""
+        b, t = at.pos.shape
+        rows = max(1, QUERY_BLOCK // t)
+        if t <= QUERY_BLOCK and b // dp > rows and (b // dp) % rows == 0:
+            groups = b // dp // rows  # each group takes `rows` rows of every replica
+
+            def split(x):
+                return x.reshape(dp, groups, rows, *x.shape[1:]).swapaxes(0, 1).reshape(groups, dp * rows,
+                                                                                           *x.shape[1:])
+
+            def group(args):
+                q, pos, table = args
+                return self.attend(q, paged.gather(k_cache, table, dp), paged.gather(v_cache, table, dp), pos)
+            out = jax.lax.map(group, (split(q), split(at.pos), split(at.table)))
+            return out.reshape(groups, dp, rows, *q.shape[1:]).swapaxes(0, 1).reshape(q.shape)
         keys, values = paged.gather(k_cache, at.table, dp), paged.gather(v_cache, at.table, dp)
-        q = q.reshape(shape)
-        if t > QUERY_BLOCK:  # bound the scores to [QUERY_BLOCK, S] per row and head
+        if t > QUERY_BLOCK:
             blocks = q.reshape(b, t // QUERY_BLOCK, QUERY_BLOCK, *q.shape[2:]).swapaxes(0, 1)
             pos = at.pos.reshape(b, t // QUERY_BLOCK, QUERY_BLOCK).swapaxes(0, 1)
             out = jax.lax.map(lambda qp: self.attend(qp[0], keys, values, qp[1]), (blocks, pos))
-            return out.swapaxes(0, 1).reshape(b, t, *q.shape[2:]), k_cache, v_cache
-        return self.attend(q, keys, values, at.pos), k_cache, v_cache
+            return out.swapaxes(0, 1).reshape(b, t, *q.shape[2:])
+        return self.attend(q, keys, values, at.pos)
 
     def attend(self, q, keys, values, positions):
         """XLA's attention of q [B, T, KVH, G, D] over keys / values [B, KVH, S, D] (position s
@@ -340,19 +376,20 @@ class CausalLM(nnx.Module):
         freq, scale = cfg.rope_inv_freq()
         self.rope_freq, self.rope_scale = tuple(freq.tolist()), scale
 
-    def positions(self, start, t: int, table) -> Positions:
+    def positions(self, start, t: int, table, packing: Packing | None = None) -> Positions:
         pos = start[:, None] + jnp.arange(t)[None, :]
         cos, sin = rope.cos_sin(pos, jnp.asarray(self.rope_freq, jnp.float32), self.rope_scale)
-        return Positions(start, pos, cos, sin, table)
+        return Positions(start, pos, cos, sin, table, packing)
 
-    def hidden(self, tokens, cache, start, table, ops=None):
+    def hidden(self, tokens, cache, start, table, ops=None, packing: Packing | None = None):
         """Run tokens [B, T] placed at positions start[b] + t, in the pages of block table
         table [B, W]; returns (hidden [B, T, d], cache). cache: a (k, v) NamedTuple of
-        per-layer page pools (engine.kv_cache.KVCache).
+        per-layer page pools (engine.kv_cache.KVCache). With a packing, tokens are packed
+        [dp, N] and start / table describe the rows of packing.unpack; hidden comes back packed.
 
         A single token (batch-1 decode) travels the layers with a zero second row, so every
         projection multiplies two rows (see `matmul`) without a padding kernel before each."""
-        at = self.positions(start, tokens.shape[1], table)
+        at = self.positions(start, tokens.shape[1] if packing is None else packing.unpack.shape[1], table, packing)
         x = self.model.embed_tokens(tokens)
         rows = x.shape[0]
         if x.shape[0] * x.shape[1] == 1:

@@ -107,6 +107,26 @@ def test_a_chunk_cut_into_many_prefill_rows_gives_the_same_outputs(checkpoint, m
 
 
 @pytest.mark.parametrize("dp", [1, 2])
+def test_prefill_projections_run_on_packed_tokens(checkpoint, monkeypatch, dp):
+    """20 prompts of 17 tokens in one call of 16-token rows: attention runs on their 40 rows
+    (each pads its second), the projections on the 340 tokens packed into 512 per replica
+    (dp 2: 170 into 256), where padded rows would carry 48 x 16; the greedy tokens are
+    transformers'."""
+    path, ref = checkpoint("llama")
+    model = jaxtp.load(path, dtype="float32", dp=dp)
+    shapes, real = [], engine.runner.prefill
+    monkeypatch.setattr(engine.runner, "prefill", lambda *a, **k: shapes.append(
+        (a[5].packed.shape[0], a[5].tokens.shape)) or real(*a, **k))
+    monkeypatch.setattr(engine.scheduler, "PREFILL_ROW", 16)
+    eng = engine.Engine(model, max_num_seqs=32, max_model_len=64, chunk=4, max_num_batched_tokens=1024,
+                        page_size=16)
+    prompts = [list(range(3 + i, 20 + i)) for i in range(20)]
+    assert drive(eng, seqs(jaxtp.SamplingParams(max_tokens=3, **GREEDY_IGNORE), prompts)) == [
+        hf_greedy(ref, p, 3) for p in prompts]
+    assert shapes == [(512, (64, 16))]  # dp 2: (256, 32 rows) per replica
+
+
+@pytest.mark.parametrize("dp", [1, 2])
 def test_decode_runs_only_the_live_slots(checkpoint, monkeypatch, dp):
     """Of 64 slots, decode runs a bucket of the occupied ones (row_bucket, per replica), and the
     tokens are transformers' whatever the rows' order."""
@@ -124,7 +144,7 @@ def test_decode_runs_only_the_live_slots(checkpoint, monkeypatch, dp):
 
 
 def test_after_warmup_nothing_compiles(checkpoint, caplog, request):
-    """warmup() runs every prefill and decode program (row_bucket's rows; greedy and sampled,
+    """warmup() runs every prefill and decode program (prefill_shapes, row_bucket's rows; greedy and sampled,
     prefill with and without prompt log-probs) with idle rows: requests after it, at
     any count and with any sampling options, trace nothing new, and their tokens are unchanged
     by it (idle rows write only to the scratch page)."""
@@ -135,9 +155,9 @@ def test_after_warmup_nothing_compiles(checkpoint, caplog, request):
     caplog.set_level(logging.WARNING, logger="jax")
     jax.config.update("jax_log_compiles", True)  # globally: warm-up compiles on threads
     request.addfinalizer(lambda: jax.config.update("jax_log_compiles", False))
-    assert eng.warmup(lambda i, n, what: done.append(what)) == len(done) == 4 * 2 + 2 * 3  # rows 1, 2 / 1, 4, 8
+    assert eng.warmup(lambda i, n, what: done.append(what)) == len(done) == 4 * 2 + 2 * 3  # 128, 256 tokens / rows 1, 4, 8
     assert len(_step_compiles(caplog)) == len(done)  # compiled on threads, then run: each once
-    assert "decode x8 sampled" in done and "prefill x2 sampled prompt log-probs" in done
+    assert "decode x8 sampled" in done and "prefill 256 tokens sampled prompt log-probs" in done
     before = dict(engine.TRACES)
     caplog.clear()
     options = ({}, dict(logprobs=3), dict(min_tokens=2, stop_token_ids=[9]), dict(presence_penalty=0.5),

@@ -37,6 +37,7 @@ from jaxtp.engine.kv_cache import KVCache
 from jaxtp.engine.sampling import (MAX_LOGPROBS, Penalties, SamplerArrays, SamplingParams, TokenLogprobs,
                                    sample, token_logprobs)
 from jaxtp.engine.sequence import Sequence, Status
+from jaxtp.model import Packing
 from jaxtp.ops import OpsConfig
 from jaxtp.ops import paged
 from jaxtp.ops.paged import SCRATCH_PAGE
@@ -122,7 +123,8 @@ class PrefillBatch(NamedTuple):
     its sequence's decode slot (out of range: a padding row), and where sample[i] its chunk ends
     the prompt and its first token is sampled into the slot. prompt_lens[i] counts the
     sequence's own prompt (past it, a recomputed sequence's generated tokens); targets [n, T]:
-    the token after each position (prompt log-probs)."""
+    the token after each position (prompt log-probs). The projections run on the same tokens
+    packed, N per replica: packed [dp * N], with the model.Packing of rows and packed tokens."""
     tokens: jax.Array
     starts: jax.Array
     lens: jax.Array
@@ -131,6 +133,9 @@ class PrefillBatch(NamedTuple):
     sample: jax.Array
     prompt_lens: jax.Array
     targets: jax.Array
+    packed: jax.Array
+    unpack: jax.Array
+    pack: jax.Array
 
 
 class Step(NamedTuple):
@@ -207,12 +212,14 @@ def prefill(model_def: ModelDef, weights, cache: KVCache, state: DecodeState, ro
     TokenLogprobs [n, T] or None, state, cache).
     """
     TRACES["prefill"] += 1
-    model, mesh = model_def.merge(weights), cfg.ops.mesh
+    model, mesh, dp = model_def.merge(weights), cfg.ops.mesh, cfg.ops.dp
     n, b = batch.tokens.shape[0], state.tokens.shape[0]
-    h, cache = model.hidden(batch.tokens, _constrain_cache(cache, mesh), batch.starts, batch.table, cfg.ops)
+    h, cache = model.hidden(batch.packed.reshape(dp, -1), _constrain_cache(cache, mesh), batch.starts, batch.table,
+                            cfg.ops, Packing(batch.unpack, batch.pack))
+    h = h.reshape(-1, h.shape[-1])
     slot = jnp.minimum(batch.slots, b - 1)
     r = jax.tree.map(lambda x: x[slot], rows)
-    logits = model.logits(h[jnp.arange(n), batch.lens - 1])
+    logits = model.logits(paged.take_rows(h, batch.unpack[jnp.arange(n), batch.lens - 1], dp))
     generated = batch.starts + batch.lens - batch.prompt_lens  # before this token (recomputed: > 0)
     if cfg.plain:  # a plain row's penalty statistics are never read: left as they are
         tok = sample(logits, r.sampler, generated, model.vocab_size, True)
@@ -223,7 +230,8 @@ def prefill(model_def: ModelDef, weights, cache: KVCache, state: DecodeState, ro
         state = state._replace(penalties=penalties._replace(counts=counts))
     prompt_lp = None
     if cfg.prompt_logprobs is not None:
-        prompt_lp = token_logprobs(model.logits(h), batch.targets, cfg.prompt_logprobs)
+        prompt_lp = token_logprobs(model.logits(paged.take_rows(h, batch.unpack, dp)), batch.targets,
+                                   cfg.prompt_logprobs)
 
     count = generated + 1
     new_rows = dict(tokens=tok, pos=batch.starts + batch.lens, count=count, done=_is_done(tok, count, r))
@@ -328,6 +336,20 @@ class Chunk(NamedTuple):
         return self.start + self.length == self.seq.target
 
 
+def prefill_shapes(most_rows: int, row: int) -> list[tuple[int, int]]:
+    """(packed tokens, rows) per replica of every prefill program: tokens in row_bucket's
+    multiples of a row, with twice the rows they fill (each chunk pads its last row)."""
+    return [(n * row, 2 * n) for n in row_buckets(most_rows)]
+
+
+def _idle_prefill(n: int, t: int, width: int, packed: int, slots: int) -> PrefillBatch:
+    """Host arrays of a prefill call of n padding rows of t tokens (they write only to the
+    scratch page and sample nothing), `packed` tokens in all."""
+    z, flat, ones = np.zeros((n, t), np.int32), np.zeros(packed, np.int32), np.ones(n, np.int32)
+    return PrefillBatch(z, ones * 0, ones, np.zeros((n, width), np.int32), ones * slots, np.zeros(n, bool),
+                        ones * 0, z.copy(), flat, z.copy(), flat.copy())
+
+
 class Pending(NamedTuple):
     """Device work whose tokens the host has not read: its Step (tokens [steps, columns]), and
     each column's sequence, slot and run (admission count) when it was queued; for a prefill,
@@ -370,13 +392,16 @@ def _set_rows(all_rows: np.ndarray, slots: list[int], new: np.ndarray) -> np.nda
 class ModelRunner:
     """The device state: the KV page pool (`pages` pages of `page_size` tokens per dp replica),
     the decode state and sampling constants of `slots` decode rows, and each slot's block table
-    (up to `max_len` positions). Prefill calls are rows of `prefill_row` tokens, at most
-    `prefill_rows` per replica. It is told which chunks and slots run and decides nothing."""
+    (up to `max_len` positions). Prefill calls carry at most `prefill_rows` x `prefill_row`
+    tokens per replica, in rows of `prefill_row` tokens (at most `max_prefill_rows`). It is
+    told which chunks and slots run and decides nothing."""
 
     def __init__(self, model, slots: int, pages: int, page_size: int, max_len: int, prefill_row: int,
                  prefill_rows: int):
         cfg, self.model, dp = model.config, model, model.mesh.shape["dp"]
         self.slots, self.prefill_row, self.prefill_rows = slots, prefill_row, prefill_rows
+        self.prefill_shapes = prefill_shapes(prefill_rows, prefill_row)
+        self.max_prefill_rows = self.prefill_shapes[-1][1]
         self.width = -(-max_len // page_size)  # block-table entries per sequence
         self.cache = kv_cache.init(cfg.num_layers, pages * dp, model.kv_heads, page_size, cfg.head_dim,
                                    model.dtype, model.mesh)
@@ -447,34 +472,46 @@ class ModelRunner:
             self.table = self._put(self.host_table)
         return (*self.model.step_args, self.cache, self.state, self.rows, self.table, self._put(live), cfg)
 
+    def _cut(self, chunks: list[Chunk]) -> list[list[Chunk]]:
+        """Each replica's prefill rows: chunks cut into rows of `prefill_row` tokens."""
+        cut = [Chunk(c.seq, at, min(self.prefill_row, c.start + c.length - at))
+               for c in chunks for at in range(c.start, c.start + c.length, self.prefill_row)]
+        return [[c for c in cut if c.seq.replica == r] for r in range(self.model.mesh.shape["dp"])]
+
+    def prefill_shape(self, chunks: list[Chunk]) -> tuple[int, int]:
+        """(packed tokens, rows) per replica of the program that runs `chunks`: the smallest of
+        prefill_shapes that holds them."""
+        per = self._cut(chunks)
+        tokens, rows = max(sum(c.length for c in g) for g in per), max(map(len, per))
+        return next(s for s in self.prefill_shapes if s[0] >= tokens and s[1] >= rows)
+
     def _prefill_batch(self, chunks: list[Chunk]) -> tuple[PrefillBatch, list[Chunk | None]]:
         """Host arrays of a prefill call, and the chunk each row holds (None: padding). Chunks are
         cut into rows of `prefill_row` tokens (a row's queries attend to the pages its sequence's
-        earlier rows write in the same call), so a call pads only each chunk's last row; rows are
-        bucketed per replica (row_bucket; each replica's chunks in its share)."""
-        dp = self.model.mesh.shape["dp"]
-        cut = [Chunk(c.seq, at, min(self.prefill_row, c.start + c.length - at))
-               for c in chunks for at in range(c.start, c.start + c.length, self.prefill_row)]
-        per = [[c for c in cut if c.seq.replica == r] for r in range(dp)]
-        local = row_bucket(max(map(len, per)), self.prefill_rows)
-        rows = [g[i] if i < len(g) else None for g in per for i in range(local)]
-        n, t = len(rows), self.prefill_row
+        earlier rows write in the same call); only a chunk's last row pads, and the projections
+        run on the tokens packed (each replica's in its share)."""
+        size, local = self.prefill_shape(chunks)
+        rows = [g[i] if i < len(g) else None for g in self._cut(chunks) for i in range(local)]
+        n, t, dp = len(rows), self.prefill_row, self.model.mesh.shape["dp"]
         # XLA's attention reads the whole table: give it the pages this call reaches (a power of
         # two); the Pallas kernel stops at each query's position, so it keeps one shape.
         width = self.width if self.model.ops.kernels == "pallas" else min(
             self.width, bucket(max(len(c.seq.pages) for c in chunks)))
-        tokens, targets = np.zeros((n, t), np.int32), np.zeros((n, t), np.int32)
-        starts, lens, prompt_lens = np.zeros(n, np.int32), np.ones(n, np.int32), np.zeros(n, np.int32)
-        table, slots, sample = np.zeros((n, width), np.int32), np.full(n, self.slots, np.int32), np.zeros(n, bool)
+        batch = _idle_prefill(n, t, width, dp * size, self.slots)
+        used = [0] * dp  # packed tokens per replica so far
         for i, c in enumerate(rows):
             if c is None:
                 continue
-            ids = c.seq.ids(c.start, c.start + c.length + 1)
-            tokens[i, :c.length], targets[i, :len(ids) - 1] = ids[:c.length], ids[1:]
-            starts[i], lens[i], prompt_lens[i] = c.start, c.length, len(c.seq.prompt)
-            table[i, :len(c.seq.pages)] = c.seq.pages
-            slots[i], sample[i] = c.seq.slot, c.last
-        return PrefillBatch(tokens, starts, lens, table, slots, sample, prompt_lens, targets), rows
+            ids, (r, j), at = c.seq.ids(c.start, c.start + c.length + 1), divmod(i, local), np.arange(c.length)
+            batch.tokens[i, :c.length], batch.targets[i, :len(ids) - 1] = ids[:c.length], ids[1:]
+            batch.starts[i], batch.lens[i], batch.prompt_lens[i] = c.start, c.length, len(c.seq.prompt)
+            batch.table[i, :len(c.seq.pages)] = c.seq.pages
+            batch.slots[i], batch.sample[i] = c.seq.slot, c.last
+            first = r * size + used[r]
+            batch.packed[first:first + c.length], batch.pack[first:first + c.length] = ids[:c.length], j * t + at
+            batch.unpack[i] = used[r] + np.minimum(np.arange(t), c.length - 1)  # padding: the last token's
+            used[r] += c.length
+        return batch, rows
 
     def _set_rows(self, seqs: list[Sequence], slots: list[int]) -> None:
         """The new sequences' sampling constants into their slots."""
@@ -518,7 +555,7 @@ class ModelRunner:
                 done.result()
                 if progress:
                     extra = " sampled" * (not cfg.plain) + " prompt log-probs" * (cfg.prompt_logprobs is not None)
-                    progress(i + 1, len(variants), f"{kind} x{n}{extra}")
+                    progress(i + 1, len(variants), f"{kind} {n}{extra}")
         for kind, _, cfg, x in variants:
             if kind == "prefill":
                 self._run_prefill(x, cfg)
@@ -528,19 +565,17 @@ class ModelRunner:
         return len(variants)
 
     def _variants(self, steps: int, every_variant: bool) -> list[tuple]:
-        """(kind, rows per replica, StepConfig, the host input with idle rows) of every program
-        warmup compiles."""
+        """(kind, its size per replica (prefill: "N tokens", decode: "xN" rows), StepConfig, the
+        host input with idle rows) of every program warmup compiles."""
         dp, per = self.model.mesh.shape["dp"], self.slots // self.model.mesh.shape["dp"]
         width = self.width if self.model.ops.kernels == "pallas" else 1
         ops, more, out = self.model.ops, 1 + every_variant, []
         for plain, k in itertools.product((True, False)[:more], (None, MAX_LOGPROBS)[:more]):
-            for n in row_buckets(self.prefill_rows):
-                z, t = np.zeros((dp * n, self.prefill_row), np.int32), np.zeros(dp * n, np.int32)
-                batch = PrefillBatch(z, t, t + 1, np.zeros((dp * n, width), np.int32), t + self.slots,
-                                     np.zeros(dp * n, bool), t, z)
-                out.append(("prefill", n, StepConfig(ops, plain, k), batch))
+            for size, n in self.prefill_shapes:
+                batch = _idle_prefill(dp * n, self.prefill_row, width, dp * size, self.slots)
+                out.append(("prefill", f"{size} tokens", StepConfig(ops, plain, k), batch))
         for plain in (True, False)[:more]:
-            out += [("decode", n, StepConfig(ops, plain, steps=steps), np.full(dp * n, per, np.int32))
+            out += [("decode", f"x{n}", StepConfig(ops, plain, steps=steps), np.full(dp * n, per, np.int32))
                     for n in row_buckets(per)]
         return out
 

@@ -21,7 +21,7 @@ from jaxtp.engine.runner import Chunk, Column, ModelRunner, Pending, bucket, rou
 from jaxtp.engine.sequence import Sequence, Status
 
 MAX_SLOTS = 256                # concurrent sequences at most (vLLM's max_num_seqs); more queue
-MAX_BATCHED_TOKENS = 8192      # prefill tokens per step, padding included (max_num_batched_tokens)
+MAX_BATCHED_TOKENS = 8192      # prefill tokens per step (max_num_batched_tokens)
 MIN_CHUNK = 16
 PREFILL_ROW = 128              # prefill tokens per row: the prefill kernel's query block
 
@@ -150,22 +150,30 @@ class Engine:
 
     def _prefill(self) -> Pending | None:
         """Chunks of the running prompts (oldest first), then of newly admitted ones, in one call
-        of rows of `prefill_row` tokens within the token budget (padding included)."""
+        within the token budget (real tokens: the projections run packed) and the call's rows."""
         decoding = sum(not s.prefilling for s in self.admitted)
         row = self.runner.prefill_row
-        left = self.max_num_batched_tokens // row * row  # decode runs in its own call: the whole budget
+        tokens, rows = self.runner.prefill_rows * row, self.runner.max_prefill_rows  # decode is its own call
         chunks: list[Chunk] = []
+
+        def room() -> int:
+            return min(tokens, rows * row)
+
+        def took() -> None:
+            nonlocal tokens, rows
+            tokens, rows = tokens - chunks[-1].length, rows - -(-chunks[-1].length // row)
+
         for seq in [s for s in self.admitted if s.prefilling]:
-            if left < row:
+            if room() < MIN_CHUNK:
                 break
             if seq.status is not Status.RUNNING:  # preempted for an older one's pages
                 continue
-            if not self._add_chunk(chunks, seq, left):
+            if not self._add_chunk(chunks, seq, room()):
                 break
-            left -= round_up(chunks[-1].length, row)
-        while self.waiting and left >= row and self._admit(self.waiting[0], chunks, left, decoding):
+            took()
+        while self.waiting and room() >= MIN_CHUNK and self._admit(self.waiting[0], chunks, room(), decoding):
             self.waiting.popleft()
-            left -= round_up(chunks[-1].length, row)
+            took()
         return self.runner.prefill(chunks) if chunks else None
 
     def _add_chunk(self, chunks: list[Chunk], seq: Sequence, length: int) -> bool:

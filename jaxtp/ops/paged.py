@@ -18,6 +18,12 @@ def per_replica(fn, dp: int, *args):
     return out.reshape(-1, *out.shape[2:])
 
 
+def take_rows(x, index, dp: int = 1):
+    """Rows `index` [n, ...] (each replica numbering its own) of x [dp * m, ...] (each
+    replica's m rows in turn) -> [n, ..., x's trailing axes]."""
+    return per_replica(lambda a, i: a[i], dp, x, index)
+
+
 def write(pages, new, table, pos, dp: int = 1):
     """new [B, T, KVH, D] into pages [P, KVH, page_size, D] at positions pos [B, T], through
     table [B, W]. Positions past the table (padding) go to the scratch page."""
