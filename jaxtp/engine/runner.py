@@ -337,9 +337,11 @@ class Chunk(NamedTuple):
 
 
 def prefill_shapes(most_rows: int, row: int) -> list[tuple[int, int]]:
-    """(packed tokens, rows) per replica of every prefill program: tokens in row_bucket's
-    multiples of a row, with twice the rows they fill (each chunk pads its last row)."""
-    return [(n * row, 2 * n) for n in row_buckets(most_rows)]
+    """(packed tokens, rows) per replica of every prefill program: tokens in multiples of a row
+    (1, 4, then multiples of 8 rows: a packed token is a full token's compute, so these are
+    finer than decode's rows), with twice the rows they fill (each chunk pads its last row)."""
+    counts = sorted({min(most_rows, round_up(n, 1 if n <= 1 else 4 if n <= 4 else 8)) for n in range(1, most_rows + 1)})
+    return [(n * row, 2 * n) for n in counts]
 
 
 def _idle_prefill(n: int, t: int, width: int, packed: int, slots: int) -> PrefillBatch:
