@@ -222,9 +222,7 @@ def run_one(cfg, tp: int, batch: int, args, all_reduce: str = "auto",
     sp = [SamplingParams(max_tokens=10**6, temperature=0.0, ignore_eos=True)] * batch
     rows = runner.Rows.build(sp, [0] * batch, [[]] * batch)
     put = lambda x: jax.device_put(x, NamedSharding(mesh, REPLICATED))  # noqa: E731
-    zeros, full = np.zeros(batch, np.int32), np.full(batch, ctx, np.int32)
-    prompts = put(runner.PrefillBatch(tokens, zeros, full, table, np.arange(batch, dtype=np.int32),
-                                      np.ones(batch, bool), full, np.zeros_like(tokens)))
+    prompts = put(runner.PrefillBatch.whole_prompts(tokens, table))
     rows, table, live = put(rows), put(table), put(np.arange(batch, dtype=np.int32))
     new_cache = lambda: kv_cache.init(cfg.num_layers, batch * width + 1, model.kv_heads, size,  # noqa
                                       cfg.head_dim, dtype, mesh)

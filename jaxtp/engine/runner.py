@@ -137,6 +137,15 @@ class PrefillBatch(NamedTuple):
     unpack: jax.Array
     pack: jax.Array
 
+    @classmethod
+    def whole_prompts(cls, tokens: np.ndarray, table: np.ndarray) -> "PrefillBatch":
+        """Host arrays prefilling each row of tokens [n, T] whole into slot n's pages of table
+        [n, W] and sampling its first token (one replica; the packed tokens are the rows')."""
+        (n, t), flat = tokens.shape, np.arange(tokens.size, dtype=np.int32)
+        lens = np.full(n, t, np.int32)
+        return cls(tokens, np.zeros(n, np.int32), lens, table, np.arange(n, dtype=np.int32), np.ones(n, bool),
+                   lens, np.zeros_like(tokens), tokens.reshape(-1), flat.reshape(n, t), flat)
+
 
 class Step(NamedTuple):
     """What a prefill or decode call produced: tokens [..., B] (-1 where a row was already done),
@@ -338,9 +347,12 @@ class Chunk(NamedTuple):
 
 def prefill_shapes(most_rows: int, row: int) -> list[tuple[int, int]]:
     """(packed tokens, rows) per replica of every prefill program: tokens in multiples of a row
-    (1, 4, then multiples of 8 rows: a packed token is a full token's compute, so these are
-    finer than decode's rows), with twice the rows they fill (each chunk pads its last row)."""
-    counts = sorted({min(most_rows, round_up(n, 1 if n <= 1 else 4 if n <= 4 else 8)) for n in range(1, most_rows + 1)})
+    (1, 4, multiples of 8 rows to 32, then of 16: finer than decode's rows, as a packed token
+    costs a full token's compute; each program more costs ~2.5 s of cold warm-up on an H200),
+    with twice the rows they fill (each chunk pads its last row)."""
+    def granule(n: int) -> int:
+        return 1 if n <= 1 else 4 if n <= 4 else 8 if n <= 32 else 16
+    counts = sorted({min(most_rows, round_up(n, granule(n))) for n in range(1, most_rows + 1)})
     return [(n * row, 2 * n) for n in counts]
 
 
