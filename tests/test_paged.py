@@ -109,7 +109,7 @@ def test_a_chunk_cut_into_many_prefill_rows_gives_the_same_outputs(checkpoint, m
 @pytest.mark.parametrize("dp", [1, 2])
 def test_prefill_projections_run_on_packed_tokens(checkpoint, monkeypatch, dp):
     """20 prompts of 17 tokens in one call of 16-token rows: attention runs on their 40 rows
-    (each pads its second), the projections on the 340 tokens packed into 384 (dp 2: 170 per
+    (each pads its second), the projections on the 340 tokens packed into 512 (dp 2: 170 per
     replica into 256), where padded rows would carry 48 x 16; the greedy tokens are
     transformers'."""
     path, ref = checkpoint("llama")
@@ -123,7 +123,7 @@ def test_prefill_projections_run_on_packed_tokens(checkpoint, monkeypatch, dp):
     prompts = [list(range(3 + i, 20 + i)) for i in range(20)]
     assert drive(eng, seqs(jaxtp.SamplingParams(max_tokens=3, **GREEDY_IGNORE), prompts)) == [
         hf_greedy(ref, p, 3) for p in prompts]
-    assert shapes == [(384, (48, 16)) if dp == 1 else (2 * 256, (2 * 32, 16))]
+    assert shapes == [(512, (64, 16)) if dp == 1 else (2 * 256, (2 * 32, 16))]
 
 
 @pytest.mark.parametrize("dp", [1, 2])

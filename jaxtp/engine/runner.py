@@ -346,14 +346,11 @@ class Chunk(NamedTuple):
 
 
 def prefill_shapes(most_rows: int, row: int) -> list[tuple[int, int]]:
-    """(packed tokens, rows) per replica of every prefill program: tokens in multiples of a row
-    (1, 4, multiples of 8 rows to 32, then of 16: finer than decode's rows, as a packed token
-    costs a full token's compute; each program more costs ~2.5 s of cold warm-up on an H200),
-    with twice the rows they fill (each chunk pads its last row)."""
-    def granule(n: int) -> int:
-        return 1 if n <= 1 else 4 if n <= 4 else 8 if n <= 32 else 16
-    counts = sorted({min(most_rows, round_up(n, granule(n))) for n in range(1, most_rows + 1)})
-    return [(n * row, 2 * n) for n in counts]
+    """(packed tokens, rows) per replica of every prefill program: tokens in row_bucket's
+    multiples of a row, with twice the rows they fill (each chunk pads its last row). Finer
+    token counts pad less but compile more: with more programs than CPU cores, warm-up waits
+    for a free core (docs/performance.md)."""
+    return [(n * row, 2 * n) for n in row_buckets(most_rows)]
 
 
 def _idle_prefill(n: int, t: int, width: int, packed: int, slots: int) -> PrefillBatch:
