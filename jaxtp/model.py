@@ -76,7 +76,8 @@ def matmul(spec: str, x, weight, scale, w8a8: bool = False, ops=None):
     per-output-channel `scale` (quantize.py). Weight-only: the weight is converted to the
     activation dtype inside XLA's GEMM (or, where ops.quant turns it on, the Pallas kernel runs
     decode-sized batches). w8a8 (fp8): the activations are quantized too, with a scale per token,
-    and the product is of fp8 values (in XLA's fp8 GEMM for prefill-sized batches on GPUs).
+    and the product is of fp8 values in XLA's fp8 GEMM, apart from decode-sized batches on GPUs,
+    which take the weight-only product (quant.weight_only).
 
     A single row (batch-1 decode) is multiplied as two, the second zero: XLA rewrites a one-row
     product with a small weight (o_proj's block at tp=2) as a slow multiply and reduction, and
@@ -86,7 +87,7 @@ def matmul(spec: str, x, weight, scale, w8a8: bool = False, ops=None):
     if scale is None:
         return jnp.einsum(spec, x, weight)
     kernel = quant.applies(ops, x, weight)
-    if not w8a8:
+    if not w8a8 or quant.weight_only(x):
         if kernel:
             return quant.matmul(x, weight, scale, x.dtype)
         return jnp.einsum(spec, x, weight.astype(x.dtype)) * scale.astype(x.dtype)
@@ -96,8 +97,6 @@ def matmul(spec: str, x, weight, scale, w8a8: bool = False, ops=None):
     else:
         if jax.default_backend() != "gpu":  # fp8 products are exact in float32; the CPU runs them so
             xq, weight = xq.astype(jnp.float32), weight.astype(jnp.float32)
-        elif quant.bandwidth_bound(x):  # the same products, in the weight-only GEMM (see ops.quant)
-            xq, weight = xq.astype(x.dtype), weight.astype(x.dtype)
         y = jnp.einsum(spec, xq, weight, preferred_element_type=jnp.float32) * scale.astype(jnp.float32)
     x_scale = x_scale.reshape(*x_scale.shape[:-1], *(1,) * (y.ndim - x_scale.ndim + 1))
     return (y * x_scale).astype(x.dtype)

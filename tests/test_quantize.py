@@ -156,3 +156,19 @@ def test_decode_products_in_the_kernel_give_xla_logits(checkpoint, monkeypatch, 
     got = jaxtp.load(path, tp=1, dtype="float32", quantization=method, kernels="pallas").logits(IDS)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert len(calls) == 4  # qkv, o, gate|up and down, traced once for both layers (model.run_layer)
+
+
+def test_decode_sized_w8a8_products_take_the_weight_only_product(monkeypatch):
+    """Where quant.weight_only says so (decode-sized rows on a GPU), a W8A8 product is the
+    weight-only one: the activations are not quantized; a prefill-sized one still quantizes them."""
+    from jaxtp.model import matmul, quantize_rows
+    monkeypatch.setattr(quant, "weight_only", quant.bandwidth_bound)
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(64, 32)), jnp.float32).astype(jnp.float8_e4m3fn)
+    scale = jnp.asarray(rng.uniform(0.5, 2.0, 32), jnp.float32)
+    for rows, weight_only in ((4, True), (quant_matmul.MAX_ROWS + 1, False)):
+        x = jnp.asarray(rng.normal(size=(rows, 1, 64)), jnp.float32)
+        got = matmul("...i,io->...o", x, w, scale, w8a8=True)
+        xq, x_scale = quantize_rows(x, w.dtype) if not weight_only else (x, 1.0)
+        want = jnp.einsum("...i,io->...o", xq.astype(jnp.float32), w.astype(jnp.float32)) * scale * x_scale
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

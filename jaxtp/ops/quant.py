@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import jax
+
 from jaxtp.ops.kernels import quant_matmul
 
 if TYPE_CHECKING:
@@ -20,11 +22,16 @@ KERNEL = False  # off: the kernel does not beat XLA's product yet (docs/performa
 
 
 def bandwidth_bound(x) -> bool:
-    """A decode-sized product, which reads its weight once for a few rows. fp8 x fp8 (W8A8)
-    products then run as the weight-only GEMM on the fp8 values (exact in bf16, summed in
-    float32): XLA's fp8 GEMMs read these weights at half its rate (docs/performance.md; most
-    likely a transpose per call, as cuBLAS's fp8 GEMMs want the weight [N, K]; not traced)."""
+    """A decode-sized product, which reads its weight once for a few rows."""
     return math.prod(x.shape[:-1]) <= quant_matmul.MAX_ROWS
+
+
+def weight_only(x) -> bool:
+    """Whether a W8A8 (fp8) product of x runs as the weight-only one: decode-sized on a GPU.
+    XLA's fp8 GEMMs read these weights at half the weight-only GEMM's rate, and quantizing the
+    activations first cost more than the fp8 values in the weight-only GEMM saved (Llama-2-7B
+    b1: 3.835 ms against fp8_weight_only's 3.496; docs/performance.md)."""
+    return jax.default_backend() == "gpu" and bandwidth_bound(x)
 
 
 def applies(ops: "OpsConfig | None", x, weight) -> bool:
