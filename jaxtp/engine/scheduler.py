@@ -152,29 +152,26 @@ class Engine:
         """Chunks of the running prompts (oldest first), then of newly admitted ones, in one call
         within the token budget (real tokens: the projections run packed) and the call's rows."""
         decoding = sum(not s.prefilling for s in self.admitted)
-        row = self.runner.prefill_row
-        tokens, rows = self.runner.prefill_rows * row, self.runner.max_prefill_rows  # decode is its own call
         chunks: list[Chunk] = []
-
-        def room() -> int:
-            return min(tokens, rows * row)
-
-        def took() -> None:
-            nonlocal tokens, rows
-            tokens, rows = tokens - chunks[-1].length, rows - -(-chunks[-1].length // row)
-
         for seq in [s for s in self.admitted if s.prefilling]:
-            if room() < MIN_CHUNK:
+            if self._room(chunks) < MIN_CHUNK:
                 break
             if seq.status is not Status.RUNNING:  # preempted for an older one's pages
                 continue
-            if not self._add_chunk(chunks, seq, room()):
+            if not self._add_chunk(chunks, seq, self._room(chunks)):
                 break
-            took()
-        while self.waiting and room() >= MIN_CHUNK and self._admit(self.waiting[0], chunks, room(), decoding):
+        while self.waiting and self._room(chunks) >= MIN_CHUNK and self._admit(self.waiting[0], chunks,
+                                                                                self._room(chunks), decoding):
             self.waiting.popleft()
-            took()
         return self.runner.prefill(chunks) if chunks else None
+
+    def _room(self, chunks: list[Chunk]) -> int:
+        """Tokens a prefill call holding `chunks` can still take: what is left of its token budget
+        and of its rows (each chunk fills whole rows). Decode is its own call."""
+        row = self.runner.prefill_row
+        tokens = self.runner.prefill_rows * row - sum(c.length for c in chunks)
+        rows = self.runner.max_prefill_rows - sum(-(-c.length // row) for c in chunks)
+        return min(tokens, rows * row)
 
     def _add_chunk(self, chunks: list[Chunk], seq: Sequence, length: int) -> bool:
         """seq's next chunk (at most `length` tokens) into the call, with its pages (preempting
