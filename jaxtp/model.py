@@ -376,6 +376,8 @@ class CausalLM(nnx.Module):
         self.rope_freq, self.rope_scale = tuple(freq.tolist()), scale
 
     def positions(self, start, t: int, table, packing: Packing | None = None) -> Positions:
+        """Positions of rows of t tokens (with a packing, the rows' length is its own)."""
+        t = t if packing is None else packing.unpack.shape[1]
         pos = start[:, None] + jnp.arange(t)[None, :]
         cos, sin = rope.cos_sin(pos, jnp.asarray(self.rope_freq, jnp.float32), self.rope_scale)
         return Positions(start, pos, cos, sin, table, packing)
@@ -388,7 +390,7 @@ class CausalLM(nnx.Module):
 
         A single token (batch-1 decode) travels the layers with a zero second row, so every
         projection multiplies two rows (see `matmul`) without a padding kernel before each."""
-        at = self.positions(start, tokens.shape[1] if packing is None else packing.unpack.shape[1], table, packing)
+        at = self.positions(start, tokens.shape[1], table, packing)
         x = self.model.embed_tokens(tokens)
         rows = x.shape[0]
         if x.shape[0] * x.shape[1] == 1:

@@ -57,7 +57,7 @@ class PipelinedLM(CausalLM):
     def hidden(self, tokens, cache, start, table, ops=None, packing=None):
         """Same contract as CausalLM.hidden; cache entries are [pp, P, KVH, page_size, D]. The
         decode kernel does not run with stages (ops.attention.resolve), so no counters pass."""
-        at = self.positions(start, tokens.shape[1] if packing is None else packing.unpack.shape[1], table, packing)
+        at = self.positions(start, tokens.shape[1], table, packing)
         x = self.model.embed_tokens(tokens)
         buf = jnp.zeros((self.pp, *x.shape), x.dtype).at[0].set(x)
         ks, vs = list(cache.k), list(cache.v)

@@ -356,9 +356,10 @@ def prefill_shapes(most_rows: int, row: int) -> list[tuple[int, int]]:
 def _idle_prefill(n: int, t: int, width: int, packed: int, slots: int) -> PrefillBatch:
     """Host arrays of a prefill call of n padding rows of t tokens (they write only to the
     scratch page and sample nothing), `packed` tokens in all."""
-    z, flat, ones = np.zeros((n, t), np.int32), np.zeros(packed, np.int32), np.ones(n, np.int32)
-    return PrefillBatch(z, ones * 0, ones, np.zeros((n, width), np.int32), ones * slots, np.zeros(n, bool),
-                        ones * 0, z.copy(), flat, z.copy(), flat.copy())
+    def zeros(*shape):  # each field its own array: _prefill_batch fills them in place
+        return np.zeros(shape, np.int32)
+    return PrefillBatch(zeros(n, t), zeros(n), zeros(n) + 1, zeros(n, width), zeros(n) + slots, np.zeros(n, bool),
+                        zeros(n), zeros(n, t), zeros(packed), zeros(n, t), zeros(packed))
 
 
 class Pending(NamedTuple):
@@ -490,9 +491,11 @@ class ModelRunner:
         return [[c for c in cut if c.seq.replica == r] for r in range(self.model.mesh.shape["dp"])]
 
     def prefill_shape(self, chunks: list[Chunk]) -> tuple[int, int]:
-        """(packed tokens, rows) per replica of the program that runs `chunks`: the smallest of
-        prefill_shapes that holds them."""
-        per = self._cut(chunks)
+        """(packed tokens, rows) per replica of the program that runs `chunks`."""
+        return self._shape(self._cut(chunks))
+
+    def _shape(self, per: list[list[Chunk]]) -> tuple[int, int]:
+        """The smallest of prefill_shapes that holds each replica's rows `per`."""
         tokens, rows = max(sum(c.length for c in g) for g in per), max(map(len, per))
         return next(s for s in self.prefill_shapes if s[0] >= tokens and s[1] >= rows)
 
@@ -501,8 +504,9 @@ class ModelRunner:
         cut into rows of `prefill_row` tokens (a row's queries attend to the pages its sequence's
         earlier rows write in the same call); only a chunk's last row pads, and the projections
         run on the tokens packed (each replica's in its share)."""
-        size, local = self.prefill_shape(chunks)
-        rows = [g[i] if i < len(g) else None for g in self._cut(chunks) for i in range(local)]
+        per = self._cut(chunks)
+        size, local = self._shape(per)
+        rows = [g[i] if i < len(g) else None for g in per for i in range(local)]
         n, t, dp = len(rows), self.prefill_row, self.model.mesh.shape["dp"]
         # XLA's attention reads the whole table: give it the pages this call reaches (a power of
         # two); the Pallas kernel stops at each query's position, so it keeps one shape.

@@ -154,14 +154,15 @@ class Engine:
         decoding = sum(not s.prefilling for s in self.admitted)
         chunks: list[Chunk] = []
         for seq in [s for s in self.admitted if s.prefilling]:
-            if self._room(chunks) < MIN_CHUNK:
+            room = self._room(chunks)
+            if room < MIN_CHUNK:
                 break
             if seq.status is not Status.RUNNING:  # preempted for an older one's pages
                 continue
-            if not self._add_chunk(chunks, seq, self._room(chunks)):
+            if not self._add_chunk(chunks, seq, room):
                 break
-        while self.waiting and self._room(chunks) >= MIN_CHUNK and self._admit(self.waiting[0], chunks,
-                                                                                self._room(chunks), decoding):
+        while self.waiting and (room := self._room(chunks)) >= MIN_CHUNK and self._admit(self.waiting[0], chunks,
+                                                                                          room, decoding):
             self.waiting.popleft()
         return self.runner.prefill(chunks) if chunks else None
 
