@@ -56,8 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--no-prefill", action="store_true", help="skip timing prefill")
     p.add_argument("--quantization", choices=["int8", "fp8", "fp8_weight_only"], default=None,
                    help="8-bit projections (jaxtp/quantize.py)")
-    p.add_argument("--quant-kernel", action="store_true",
-                   help="8-bit decode products in the Pallas kernel (jaxtp/ops/quant.py; default XLA's)")
+    p.add_argument("--no-quant-kernel", action="store_true",
+                   help="8-bit decode products all in XLA, not the Mosaic GPU kernel where ops.quant takes it")
     p.add_argument("--all-reduce", nargs="+", default=["auto"], choices=allreduce.MODES,
                    help="all-reduce modes to time at tp > 1 (jaxtp/ops/allreduce.py); each is checked to "
                    "give the same greedy tokens")
@@ -208,7 +208,7 @@ def run_one(cfg, tp: int, batch: int, args, all_reduce: str = "auto",
     mode, kmode = ops.all_reduce, ops.kernels
     graphdef, params = random_state(cfg, mesh, dtype)
     if args.quantization:
-        quant.KERNEL = args.quant_kernel
+        quant.KERNEL = not args.no_quant_kernel
         from jaxtp import quantize
         graphdef, params = quantize.quantize(graphdef, params, mesh, args.quantization)
     model = Model(cfg, mesh, None, graphdef, params, dtype, Path("random"), ops=ops)

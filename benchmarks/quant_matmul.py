@@ -1,13 +1,15 @@
-"""The 8-bit decode matmul (jaxtp/ops/kernels/quant_matmul.py) on a GPU at real projection
-shapes: checked against a float32 product, then timed for each kernel configuration in a small
-grid and against XLA's convert-and-GEMM, as weight GB/s (the 8-bit bytes a product must read).
+"""The 8-bit decode matmul (jaxtp/ops/kernels/quant_matmul.py, Mosaic GPU, weight [N, K]) on a
+GPU at real projection shapes: checked against a float32 product, then timed for each kernel
+configuration in a small grid and against XLA's convert-and-GEMM, as weight GB/s (the 8-bit
+bytes a product must read). `--kernel jax` times JAX's own Hopper mixed-type matmul instead.
 Each timing runs enough distinct weights back to back that they cannot sit in L2.
 
-    python benchmarks/quant_matmul.py [--shape llama2-7b] [--rows 2 32] [--dtype int8 fp8]
+    python benchmarks/quant_matmul.py [--shape llama2-7b] [--rows 2 32] [--dtype int8 fp8] [--kernel jaxtp]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import statistics
 import sys
@@ -28,7 +30,30 @@ SHAPES = {  # (K, N) of qkv, o, gate|up, down
     "llama2-7b": {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096)},
     "llama3-8b": {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)},
 }
-GRID = dict(block_n=(64, 128, 256), block_k=(64, 128, 256), programs=(264, 528), warps=(4,), stages=(3, 4))
+class JaxMixed:
+    """JAX's own Hopper mixed-type matmul (warp-specialized, persistent, no split of K), with
+    the weight [N, K] as its int8 LHS and the activations transposed as its RHS."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        tile_k: int = 128
+        stages: int = 4
+
+    @staticmethod
+    def matmul(x, weight_t, scale, out_dtype=None, config=Config()):
+        from jax.experimental.pallas.ops.gpu import hopper_mixed_type_matmul_mgpu as mixed
+        rows = max(16, quant_matmul.rows_for(x.shape[0]))  # its RHS swizzle needs 32 bytes
+        xt = jnp.pad(x, ((0, rows - x.shape[0]), (0, 0))).T
+        cfg = mixed.TuningConfig(tile_m=64, tile_n=rows, tile_k=config.tile_k, max_concurrent_steps=config.stages,
+                                 epi_tile_n=None, epi_tile_m=64, wg_dimension=mixed.MatmulDimension.M)
+        y = mixed.mixed_matmul_kernel(weight_t, xt, out_dtype=jnp.float32, config=cfg)
+        return (y.T[:x.shape[0]] * scale).astype(out_dtype or x.dtype)
+
+
+GRIDS = {  # kernel -> (module, config grid)
+    "jaxtp": (quant_matmul, dict(block_n=(64,), block_k=(128, 256), programs=(264, 528, 1056), stages=(4, 8))),
+    "jax": (JaxMixed, dict(tile_k=(64, 128), stages=(4, 6))),
+}
 PASSES = 20  # passes over the weights per timed program
 DTYPES = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
 
@@ -78,9 +103,9 @@ def xla_fp8_product(x, w, s):
     return (y * xs * s).astype(x.dtype)
 
 
-def check(x, w, s, config):
-    got = np.asarray(quant_matmul.matmul(x, w, s, config=config), np.float32)
-    want = np.asarray(x, np.float32) @ np.asarray(w.astype(jnp.float32)) * np.asarray(s)
+def check(kernel, x, w_t, s, config):
+    got = np.asarray(kernel.matmul(x, w_t, s, config=config), np.float32)
+    want = np.asarray(x, np.float32) @ np.asarray(w_t.astype(jnp.float32)).T * np.asarray(s)
     err = np.abs(got - want).max() / np.abs(want).max()
     assert err < 1e-2, f"{config}: relative error {err}"
 
@@ -90,10 +115,10 @@ def main(argv=None):
     p.add_argument("--shape", default="llama2-7b", choices=SHAPES)
     p.add_argument("--rows", type=int, nargs="+", default=[2, 32])
     p.add_argument("--dtype", nargs="+", default=["int8"], choices=DTYPES)
-    p.add_argument("--full-grid", action="store_true", help="every warps x stages pair (else 4 warps, 4 stages)")
+    p.add_argument("--kernel", default="jaxtp", choices=GRIDS)
     args = p.parse_args(argv)
-    grid = {**GRID, "warps": (4, 8), "stages": (2, 3, 4, 5)} if args.full_grid else GRID
-    configs = [quant_matmul.Config(**dict(zip(grid, v))) for v in itertools.product(*grid.values())]
+    kernel, grid = GRIDS[args.kernel]
+    configs = [kernel.Config(**dict(zip(grid, v))) for v in itertools.product(*grid.values())]
     rows_out = []
     for dname, (name, (k, n)) in itertools.product(args.dtype, SHAPES[args.shape].items()):
         copies = min(64, max(2, -(-256 * 2 ** 20 // (k * n))))
@@ -104,22 +129,25 @@ def main(argv=None):
             xla = timed(over_copies(xla_product), x, ws, ss)
             fp8 = timed(over_copies(xla_fp8_product), x, ws, ss) if dname == "fp8" else float("nan")
             best = None
+            w_ts = [w.T for w in ws]  # as quantize.py stores the wide projections
             for c in configs:
                 try:
-                    check(x, ws[0], ss[0], c)
-                    t = timed(over_copies(lambda x, w, s, c=c: quant_matmul.matmul(x, w, s, config=c)), x, ws, ss)
+                    check(kernel, x, w_ts[0], ss[0], c)
+                    t = timed(over_copies(lambda x, w, s, c=c: kernel.matmul(x, w, s, config=c)), x, w_ts, ss)
                 except Exception as e:  # a config Triton cannot build is skipped, and said
                     print(f"  {dname} {name} m={m} {c}: {type(e).__name__}: {str(e)[:120]}")
                     continue
                 if best is None or t < best[0]:
                     best = (t, c)
+            if best is None:
+                continue
             rows_out.append((dname, name, k, n, m, gb / xla, gb / fp8, gb / best[0], best[1]))
             print(rows_out[-1], flush=True)
     print(f"\n{'dtype':>5} {'proj':>8} {'K':>6} {'N':>6} {'rows':>4} {'XLA GB/s':>9} {'XLA fp8':>8} "
           f"{'kernel':>7}  best config")
     for d, name, k, n, m, a, f, b, cfg in rows_out:
         print(f"{d:>5} {name:>8} {k:>6} {n:>6} {m:>4} {a:>9.0f} {f:>8.0f} {b:>7.0f}  "
-              f"bn={cfg.block_n} bk={cfg.block_k} programs={cfg.programs} warps={cfg.warps} stages={cfg.stages}")
+              f"{cfg}")
 
 
 if __name__ == "__main__":

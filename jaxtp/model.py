@@ -67,15 +67,12 @@ def _param(shape, dtype):
     return nnx.Param(jnp.zeros(shape, dtype))
 
 
-def _value(param):
-    return None if param is None else param[...]
-
-
-def matmul(spec: str, x, weight, scale, w8a8: bool = False, ops=None):
+def matmul(spec: str, x, weight, scale, w8a8: bool = False, ops=None, transposed: bool = False):
     """einsum of activations x [B, T, ..., in] with a weight that is plain, or int8 / fp8 with a
     per-output-channel `scale` (quantize.py). Weight-only: the weight is converted to the
-    activation dtype inside XLA's GEMM (or, where ops.quant turns it on, the Pallas kernel runs
-    decode-sized batches). w8a8 (fp8): the activations are quantized too, with a scale per token,
+    activation dtype inside XLA's GEMM, or, for a `transposed` weight (stored [out..., in], as
+    q|k|v and gate|up are when 8-bit) where ops.quant turns it on, the kernel multiplies
+    decode-sized batches. w8a8 (fp8): the activations are quantized too, with a scale per token,
     and the product is of fp8 values in XLA's fp8 GEMM, apart from decode-sized batches on GPUs,
     which take the weight-only product (quant.weight_only).
 
@@ -83,21 +80,17 @@ def matmul(spec: str, x, weight, scale, w8a8: bool = False, ops=None):
     product with a small weight (o_proj's block at tp=2) as a slow multiply and reduction, and
     its one-row GEMMs are slower than its two-row ones (docs/performance.md)."""
     if x.ndim > 1 and x.shape[0] * x.shape[1] == 1:
-        return matmul(spec, jnp.concatenate([x, jnp.zeros_like(x)]), weight, scale, w8a8, ops)[:1]
+        return matmul(spec, jnp.concatenate([x, jnp.zeros_like(x)]), weight, scale, w8a8, ops, transposed)[:1]
     if scale is None:
         return jnp.einsum(spec, x, weight)
-    kernel = quant.applies(ops, x, weight)
     if not w8a8 or quant.weight_only(x):
-        if kernel:
+        if transposed and quant.applies(ops, x, weight):
             return quant.matmul(x, weight, scale, x.dtype)
         return jnp.einsum(spec, x, weight.astype(x.dtype)) * scale.astype(x.dtype)
     xq, x_scale = quantize_rows(x, weight.dtype)
-    if kernel:
-        y = quant.matmul(xq, weight, scale, jnp.float32)
-    else:
-        if jax.default_backend() != "gpu":  # fp8 products are exact in float32; the CPU runs them so
-            xq, weight = xq.astype(jnp.float32), weight.astype(jnp.float32)
-        y = jnp.einsum(spec, xq, weight, preferred_element_type=jnp.float32) * scale.astype(jnp.float32)
+    if jax.default_backend() != "gpu":  # fp8 products are exact in float32; the CPU runs them so
+        xq, weight = xq.astype(jnp.float32), weight.astype(jnp.float32)
+    y = jnp.einsum(spec, xq, weight, preferred_element_type=jnp.float32) * scale.astype(jnp.float32)
     x_scale = x_scale.reshape(*x_scale.shape[:-1], *(1,) * (y.ndim - x_scale.ndim + 1))
     return (y * x_scale).astype(x.dtype)
 
@@ -115,11 +108,23 @@ class Linear(nnx.Module):
         self.weight = _param((d_in, d_out), dtype)
         self.bias = _param((d_out,), dtype) if bias else None
         self.scale = nnx.data(None)  # a quantized weight's per-output-channel scale (quantize.py)
+        self.weight_t = nnx.data(None)  # an 8-bit weight, [out, in], in place of weight
         self.w8a8 = False             # fp8 activations too (quantize.py)
 
     def __call__(self, x, ops=None):
-        y = matmul("...i,io->...o", x, self.weight[...], _value(self.scale), self.w8a8, ops)
+        y = self._matmul(ops)(x, *self._weight())
         return y if self.bias is None else y + self.bias[...]
+
+    def _weight(self):
+        """(weight, scale) as stored: [in, out] (8-bit or not), or 8-bit [out, in]; scale None
+        unless 8-bit."""
+        scale = None if self.scale is None else self.scale[...]
+        return (self.weight[...] if self.weight_t is None else self.weight_t[...]), scale
+
+    def _matmul(self, ops):
+        if self.weight_t is not None:
+            return lambda x, w, scale: matmul("...i,oi->...o", x, w, scale, self.w8a8, ops, transposed=True)
+        return lambda x, w, scale: matmul("...i,io->...o", x, w, scale, self.w8a8, ops)
 
 
 class RowLinear(Linear):
@@ -127,18 +132,15 @@ class RowLinear(Linear):
     each device's product is a partial sum; allreduce.row_parallel says how they are added."""
 
     def __call__(self, x, ops=None):
-        return allreduce.row_parallel(ops, self._matmul(ops), x, self.weight[...], _value(self.scale))
-
-    def _matmul(self, ops):
-        return lambda x, w, scale: matmul("...i,io->...o", x, w, scale, self.w8a8, ops)
+        return allreduce.row_parallel(ops, self._matmul(ops), x, *self._weight(), self.weight_t is not None)
 
     def add_norm(self, x, residual, norm: "RMSNorm | None", ops=None):
         """(residual + self(x), norm(that)): the decoder's residual add and the RMSNorm after it,
         done with the sum over tp (one kernel in allreduce's custom mode). norm=None: no norm."""
         if norm is None:
             return residual + self(x, ops), None
-        return allreduce.row_parallel_add_norm(ops, self._matmul(ops), x, self.weight[...], _value(self.scale),
-                                               residual, norm.weight[...], norm.eps, rms_norm)
+        return allreduce.row_parallel_add_norm(ops, self._matmul(ops), x, *self._weight(), residual,
+                                               norm.weight[...], norm.eps, rms_norm, self.weight_t is not None)
 
 
 def rms_norm(x, weight, eps: float):
@@ -168,11 +170,15 @@ class QKVLinear(nnx.Module):
         self.weight = _param((d, tp, width), dtype)
         self.bias = _param((tp, width), dtype) if bias else None
         self.scale = nnx.data(None)  # a quantized weight's per-output-channel scale (quantize.py)
+        self.weight_t = nnx.data(None)  # an 8-bit weight, [tp, width, d], in place of weight
         self.w8a8 = False
 
     def __call__(self, x, ops=None):
         """x [B, T, d] -> [B, T, tp, q|k|v heads per device, head_dim]."""
-        y = matmul("btd,dpw->btpw", x, self.weight[...], _value(self.scale), self.w8a8, ops)
+        if self.weight_t is not None:
+            y = matmul("btd,pwd->btpw", x, self.weight_t[...], self.scale[...], self.w8a8, ops, transposed=True)
+        else:
+            y = matmul("btd,dpw->btpw", x, self.weight[...], None, self.w8a8, ops)
         if self.bias is not None:
             y = y + self.bias[...]
         return y.reshape(*y.shape[:3], -1, self.head_dim)
@@ -294,10 +300,14 @@ class GateUpLinear(nnx.Module):
     def __init__(self, d: int, inter: int, dtype):
         self.weight = _param((d, 2, inter), dtype)
         self.scale = nnx.data(None)  # a quantized weight's per-output-channel scale (quantize.py)
+        self.weight_t = nnx.data(None)  # an 8-bit weight, [2, intermediate, d], in place of weight
         self.w8a8 = False
 
     def __call__(self, x, ops=None):
-        gate_up = matmul("btd,dki->btki", x, self.weight[...], _value(self.scale), self.w8a8, ops)
+        if self.weight_t is not None:
+            gate_up = matmul("btd,kid->btki", x, self.weight_t[...], self.scale[...], self.w8a8, ops, transposed=True)
+        else:
+            gate_up = matmul("btd,dki->btki", x, self.weight[...], None, self.w8a8, ops)
         return gate_up[:, :, 0], gate_up[:, :, 1]
 
 

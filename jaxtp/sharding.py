@@ -1,7 +1,8 @@
 """Where every weight is split: the device mesh and the ONE table of partition rules.
 
 Megatron-style tensor parallelism expressed as shardings; XLA's SPMD partitioner inserts the
-collectives. Weights are stored [in, out] (x @ W):
+collectives. Weights are stored [in, out] (x @ W), 8-bit ones of q|k|v and gate|up (and under
+W8A8 of o and down) [out, in] as `weight_t` (quantize.py), split on the same features:
 
 * column-split (output features over `tp`): q/k/v, gate, up -> each device owns whole heads /
   a slice of the MLP, no communication on the way in. q/k/v are fused into one matmul and
@@ -40,8 +41,11 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
     # int8 weight-only quantization (quantize.py): one scale per output channel, split as the
     # weight's output axis is
     (r"qkv_proj\.scale$", P("tp", None)),
+    (r"qkv_proj\.weight_t$", P("tp", None, None)),            # 8-bit, stored [tp, q|k|v local, d]
+    (r"gate_up_proj\.weight_t$", P(None, "tp", None)),        # 8-bit, stored [gate|up, I, d]
     (r"gate_up_proj\.scale$", P(None, "tp")),
     (r"(o_proj|down_proj)\.scale$", P()),
+    (r"(o_proj|down_proj)\.weight_t$", P(None, "tp")),        # 8-bit, stored [out, in]
     (r"norm\.weight$", P()),                                   # all norms: replicated
 )
 

@@ -103,19 +103,20 @@ def _manual(ops: "OpsConfig | None") -> bool:
     return ops is not None and ops.all_reduce != "xla"
 
 
-def row_parallel(ops: "OpsConfig | None", matmul: Callable, x, weight, scale=None):
-    """matmul(x, weight, scale) for a weight split on its input axis (rows) over tp, summed over tp.
+def row_parallel(ops: "OpsConfig | None", matmul: Callable, x, weight, scale=None, transposed: bool = False):
+    """matmul(x, weight, scale) for a weight split on its input axis over tp, summed over tp.
+    The weight is [in, out], or [out, in] if `transposed` (8-bit, quantize.py).
 
     Without ops (or in "xla" mode) this is the plain matmul and XLA inserts the all-reduce.
     """
     if not _manual(ops):
         return matmul(x, weight, scale)
     mode = ops.all_reduce
-    return _over_tp(ops.mesh, lambda x, w, s: _sum(matmul(x, w, s), mode), P(), x, weight, scale)
+    return _over_tp(ops.mesh, lambda x, w, s: _sum(matmul(x, w, s), mode), P(), transposed, x, weight, scale)
 
 
 def row_parallel_add_norm(ops: "OpsConfig | None", matmul: Callable, x, weight, scale, residual,
-                          norm_weight, eps: float, norm: Callable):
+                          norm_weight, eps: float, norm: Callable, transposed: bool = False):
     """(residual + row_parallel(matmul, x, weight, scale), norm(that, norm_weight, eps)).
 
     A decoder layer follows each row-parallel sum with a residual add and an RMSNorm; in "custom"
@@ -130,18 +131,19 @@ def row_parallel_add_norm(ops: "OpsConfig | None", matmul: Callable, x, weight, 
 
     def local(x, w, s, residual, norm_weight):
         return _add_norm(matmul(x, w, s), residual, norm_weight, eps, norm, mode)
-    return _over_tp(ops.mesh, local, (P(), P()), x, weight, scale, residual, norm_weight)
+    return _over_tp(ops.mesh, local, (P(), P()), transposed, x, weight, scale, residual, norm_weight)
 
 
-def _over_tp(mesh: Mesh, fn: Callable, out_specs, x, weight, scale, *replicated):
+def _over_tp(mesh: Mesh, fn: Callable, out_specs, transposed: bool, x, weight, scale, *replicated):
     """shard_map of fn(x block, weight block, scale, *replicated) over tp: x and weight split on
-    the contracted axis ([..., in/tp] and [in/tp, out]); scale (int8 weights' per-output-channel
-    scale, or None) and `replicated` whole on every device."""
+    the contracted axis ([..., in/tp] and [in/tp, out], or [out, in/tp] if transposed); scale
+    (8-bit weights' per-output-channel scale, or None) and `replicated` whole on every device."""
     def local(x, weight, *rest):
         return fn(x, weight, *rest) if scale is not None else fn(x, weight, None, *rest)
 
     args = (x, weight) + ((scale,) if scale is not None else ()) + replicated
-    specs = (P(*[None] * (x.ndim - 1), "tp"), P("tp", None)) + (P(),) * (len(args) - 2)
+    w_spec = P(None, "tp") if transposed else P("tp", None)
+    specs = (P(*[None] * (x.ndim - 1), "tp"), w_spec) + (P(),) * (len(args) - 2)
     return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out_specs, check_vma=False)(*args)
 
 

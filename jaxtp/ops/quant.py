@@ -1,9 +1,10 @@
-"""Which product an 8-bit weight (quantize.py) takes: the Pallas kernel (kernels/quant_matmul.py)
-for decode-sized batches where KERNEL turns it on, else XLA's convert and GEMM.
+"""Which product an 8-bit weight (quantize.py) takes: the Mosaic GPU kernel
+(kernels/quant_matmul.py) for the decode batches of 17-32 rows of weights stored [out, in], else
+XLA's convert and GEMM (faster at fewer rows; more rows were not measured).
 
-The kernel runs where the attention kernels do ("pallas" mode) on a single-device tensor axis: a
-Pallas call is opaque to the SPMD partitioner, and the column-parallel projections would need
-their own shard_map.
+The kernel runs where the attention kernels do ("pallas" mode), on a Hopper GPU, on a one-device
+mesh: a Pallas call is opaque to the SPMD partitioner, and the column-parallel projections
+would need their own shard_map.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import math
 from typing import TYPE_CHECKING
 
 import jax
+import jax.numpy as jnp
 
 from jaxtp.ops.kernels import quant_matmul
 
@@ -18,7 +20,8 @@ if TYPE_CHECKING:
     from jaxtp.ops import OpsConfig
 
 
-KERNEL = False  # off: the kernel does not beat XLA's product yet (docs/performance.md)
+KERNEL = True
+KERNEL_ROWS = (17, 32)  # where the kernel beat XLA's product on [out, in] weights (docs/performance.md)
 
 
 def bandwidth_bound(x) -> bool:
@@ -34,14 +37,21 @@ def weight_only(x) -> bool:
     return jax.default_backend() == "gpu" and bandwidth_bound(x)
 
 
-def applies(ops: "OpsConfig | None", x, weight) -> bool:
-    rows = math.prod(x.shape[:-1])
-    return (KERNEL and ops is not None and ops.kernels == "pallas" and ops.mesh.shape["tp"] == 1
-            and quant_matmul.supported(rows, weight.shape[0], math.prod(weight.shape[1:])))
+def applies(ops: "OpsConfig | None", x, weight_t) -> bool:
+    """Whether x's product with weight_t [..., K] (an 8-bit weight stored [out, in]) runs in the
+    kernel: bf16 activations only, as its tensor cores take them (float32 keeps XLA's product)."""
+    rows, n = math.prod(x.shape[:-1]), math.prod(weight_t.shape[:-1])
+    return (KERNEL and ops is not None and ops.kernels == "pallas" and ops.mesh.size == 1 and _hopper()
+            and x.dtype == jnp.bfloat16
+            and KERNEL_ROWS[0] <= rows <= KERNEL_ROWS[1] and quant_matmul.supported(rows, n, weight_t.shape[-1]))
 
 
-def matmul(x, weight, scale, out_dtype):
-    """x [..., K] @ weight [K, ...] * scale [...] (one scale per output channel)."""
-    y = quant_matmul.matmul(x.reshape(-1, x.shape[-1]), weight.reshape(weight.shape[0], -1),
+def _hopper() -> bool:
+    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
+
+
+def matmul(x, weight_t, scale, out_dtype):
+    """x [..., K] @ weight_t [..., K] (its leading axes the outputs) * scale [...]."""
+    y = quant_matmul.matmul(x.reshape(-1, x.shape[-1]), weight_t.reshape(-1, weight_t.shape[-1]),
                             scale.reshape(-1), out_dtype)
-    return y.reshape(*x.shape[:-1], *weight.shape[1:])
+    return y.reshape(*x.shape[:-1], *weight_t.shape[:-1])
