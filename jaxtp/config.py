@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxtp import rope
+from jaxtp import int4, rope
 
 # architecture name in config.json -> (qkv bias default, q/k norm)
 SUPPORTED_ARCHITECTURES = {
@@ -45,6 +45,7 @@ class ModelConfig:
     pad_token_id: int | None = None
     torch_dtype: str | None = None  # the checkpoint's own dtype, for dtype="auto"
     quantization: str | None = None  # a pre-quantized checkpoint's quantize.METHODS entry
+    packed_int4: tuple = ()  # an AWQ / GPTQ checkpoint's int4.scheme: read dequantized, stored in 8 bits
 
     @property
     def rope_scaling_dict(self) -> dict:
@@ -108,6 +109,7 @@ class ModelConfig:
             pad_token_id=hf.get("pad_token_id"),
             torch_dtype=hf.get("dtype") or hf.get("torch_dtype"),
             quantization=checkpoint_method(hf),
+            packed_int4=int4.scheme(hf["quantization_config"]) if _packed_int4(hf) else (),
         )
         cfg.rope_inv_freq()  # fail now, not inside jit, on an unsupported rope type
         return cfg
@@ -132,11 +134,15 @@ def checkpoint_method(hf: dict) -> str | None:
     """The METHODS entry a pre-quantized Hugging Face checkpoint's `quantization_config` stands
     for (None: not quantized), as vLLM reads them: "fp8" (per-tensor scales, dynamic
     activations) and "compressed-tensors" float8 (per-tensor or per-channel weight scales;
-    dynamic per-token activations, or none: weight-only). Anything else is refused by name."""
+    dynamic per-token activations, or none: weight-only); 4-bit AWQ and GPTQ checkpoints stand
+    for "int8", the 8 bits they are stored in here (int4.py). Anything else is refused by name."""
     q = hf.get("quantization_config")
     if not q:
         return None
     kind = q.get("quant_method")
+    if _packed_int4(hf):
+        int4.scheme(q)
+        return "int8"
     if kind == "fp8":
         if q.get("weight_block_size"):
             raise ValueError("fp8 checkpoints with block-wise scales (weight_block_size) are not supported")
@@ -144,11 +150,16 @@ def checkpoint_method(hf: dict) -> str | None:
             raise ValueError(f"fp8 activation_scheme {q['activation_scheme']!r} is not supported (only 'dynamic')")
         return "fp8"
     if kind != "compressed-tensors":
-        raise ValueError(f"checkpoint quantization {kind!r} is not supported (fp8 or compressed-tensors float8)")
+        raise ValueError(f"checkpoint quantization {kind!r} is not supported (fp8, compressed-tensors float8, "
+                         f"awq or gptq)")
     methods = {_compressed_group(g) for g in q.get("config_groups", {}).values()}
     if len(methods) != 1:
         raise ValueError(f"compressed-tensors checkpoints need one quantization scheme, got {len(methods)}")
     return methods.pop()
+
+
+def _packed_int4(hf: dict) -> bool:
+    return (hf.get("quantization_config") or {}).get("quant_method") in ("awq", "gptq")
 
 
 def _compressed_group(group: dict) -> str:

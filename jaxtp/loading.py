@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from jaxtp import safetensors_io as st
+from jaxtp import int4, safetensors_io as st
 from jaxtp.config import ModelConfig
 from jaxtp.model import CausalLM
 from jaxtp.pipeline import PipelinedLM, stage_layer
@@ -193,6 +193,10 @@ def check_tensors(tensors: dict[str, st.TensorInfo], needed: list[str], cfg: Mod
                   path: Path) -> None:
     """Every tensor the model needs is there with config.json's shape and a float dtype, and
     nothing else is: a mismatched checkpoint fails before anything is loaded."""
+    packed = [n for n in needed if is_packed(n, tensors, cfg)]
+    for name in packed:
+        check_packed(tensors, name, cfg)
+    needed = [n for n in needed if n not in packed]
     for name in needed:
         if name not in tensors:
             raise KeyError(f"checkpoint {path} has no tensor {name!r}, which {cfg.architecture} "
@@ -208,13 +212,46 @@ def check_tensors(tensors: dict[str, st.TensorInfo], needed: list[str], cfg: Mod
         if scale.shape not in ((), (1,), (rows, 1)):
             raise ValueError(f"tensor {name!r} in {scale.file} has shape {scale.shape}: a weight scale is "
                              f"per tensor ([] or [1]) or per output feature ([{rows}, 1])")
-    needed = needed + scales
+    needed = needed + scales + [p for n in packed for p in packed_parts(n, cfg) if p in tensors]
     extra = [n for n in tensors if n not in set(needed) and not IGNORED.search(n)
              and not (n == "lm_head.weight" and cfg.tie_word_embeddings)]
     if extra:
         raise ValueError(f"checkpoint {path} has tensor(s) {cfg.architecture} with this config.json "
                          f"does not use: {', '.join(f'{n!r} (in {tensors[n].file.name})' for n in extra[:5])}"
                          f"{' ...' if len(extra) > 5 else ''}")
+
+
+def is_packed(name: str, tensors: dict[str, st.TensorInfo], cfg: ModelConfig) -> bool:
+    """Whether HF weight `name` is stored as a 4-bit AWQ / GPTQ group (int4.py)."""
+    return (bool(cfg.packed_int4) and name not in tensors
+            and name.removesuffix(".weight") + ".qweight" in tensors)
+
+
+def packed_parts(name: str, cfg: ModelConfig) -> list[str]:
+    return [f"{name.removesuffix('.weight')}.{p}" for p in int4.parts(cfg.packed_int4[0])]
+
+
+def check_packed(tensors: dict[str, st.TensorInfo], name: str, cfg: ModelConfig) -> None:
+    kind, group, _ = cfg.packed_int4
+    for part, shape in zip(packed_parts(name, cfg), int4.shapes(kind, group, *hf_shape(name, cfg)).values()):
+        if part not in tensors:
+            if part.endswith(".g_idx"):
+                continue  # optional: the groups are then in order
+            raise KeyError(f"checkpoint has {name.removesuffix('.weight')}.qweight but no {part!r}")
+        t = tensors[part]
+        if t.shape != shape:
+            raise ValueError(f"tensor {part!r} in {t.file} has shape {t.shape}, but config.json and the "
+                             f"{kind} layout (group_size {group}) imply {shape}")
+        t.dtype if part.endswith(".scales") else t.mmap_int32()  # raises, naming tensor and file
+
+
+def source(tensors: dict[str, st.TensorInfo], name: str, cfg: ModelConfig) -> np.ndarray:
+    """HF tensor `name` as an array: memory-mapped, or the float32 weight a 4-bit one stands for."""
+    if not is_packed(name, tensors, cfg):
+        return tensors[name].mmap()
+    arrays = {p.rsplit(".", 1)[1]: tensors[p].mmap() if p.endswith(".scales") else tensors[p].mmap_int32()
+              for p in packed_parts(name, cfg) if p in tensors}
+    return int4.dense(arrays, *cfg.packed_int4)
 
 
 def load_state(path: Path, cfg: ModelConfig, mesh, dtype) -> tuple[nnx.GraphDef, nnx.State]:
@@ -238,7 +275,7 @@ def load_state(path: Path, cfg: ModelConfig, mesh, dtype) -> tuple[nnx.GraphDef,
                                  disable=None):
         per_layer = layers(name)
         stacked = pp > 1 and name.startswith("model.layers.")
-        srcs = {s: tensors[s].mmap() for h in per_layer for s in sources(h)}
+        srcs = {s: source(tensors, s, cfg) for h in per_layer for s in sources(h)}
         scales = row_scales(tensors, list(srcs))
 
         def read(idx, per_layer=per_layer, stacked=stacked, srcs=srcs, scales=scales):

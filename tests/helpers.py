@@ -73,6 +73,58 @@ def fp8_checkpoint(src, dst, strategy: str, quantization_config: dict):
     return dst
 
 
+def int4_checkpoint(src, dst, kind: str, group: int = 32, act_order: bool = False):
+    """Two copies of checkpoint `src`: `dst`/packed with every projection weight in the 4-bit
+    `kind` layout ("awq" / "gptq"), packed as AutoAWQ and AutoGPTQ pack them (asymmetric, per
+    group of `group` inputs; act_order: GPTQ's groups of shuffled inputs, named by g_idx), and
+    `dst`/dense with the float32 weights those stand for. Returns (packed, dense)."""
+    import json
+    from safetensors.torch import load_file as load_torch, save_file as save_torch
+    packed, dense = Path(dst) / "packed", Path(dst) / "dense"
+    for d in (packed, dense):
+        shutil.copytree(src, d)
+    (file,) = packed.glob("*.safetensors")
+    tensors = load_torch(str(file))
+    weights = dict(tensors)
+    torch.manual_seed(0)
+    for name in [n for n in tensors if n.split(".")[-2] in FP8_PROJECTIONS and n.endswith(".weight")]:
+        w = tensors.pop(name).float()                                  # [out, in]
+        g = torch.arange(w.shape[1]) // group
+        g = g[torch.randperm(len(g))] if act_order else g
+        lo = torch.stack([w[:, g == i].amin(1) for i in range(int(g.max()) + 1)], 1)   # [out, groups]
+        hi = torch.stack([w[:, g == i].amax(1) for i in range(int(g.max()) + 1)], 1)
+        scale = ((hi - lo) / 15).clamp(min=1e-6).half()
+        zero = torch.round(-lo / scale.float()).clamp(1 if kind == "gptq" else 0, 15)   # GPTQ stores zero - 1
+        q = torch.clamp(torch.round(w / scale.float()[:, g] + zero[:, g]), 0, 15).long()
+        weights[name] = ((q - zero[:, g]) * scale.float()[:, g]).contiguous()
+        base = name.removesuffix(".weight")
+        intw, zeros = q.t(), zero.long().t() - (1 if kind == "gptq" else 0)   # [in, out], [groups, out]
+        if kind == "gptq":
+            tensors[base + ".qweight"] = _pack(intw, rows=True)
+            tensors[base + ".g_idx"] = g.int()
+        else:
+            tensors[base + ".qweight"] = _pack(intw, order=(0, 2, 4, 6, 1, 3, 5, 7))
+        tensors[base + ".qzeros"] = _pack(zeros, order=None if kind == "gptq" else (0, 2, 4, 6, 1, 3, 5, 7))
+        tensors[base + ".scales"] = scale.t().contiguous()
+    save_torch(tensors, str(file), metadata={"format": "pt"})
+    save_torch(weights, str(next(dense.glob("*.safetensors"))), metadata={"format": "pt"})
+    config = {"quant_method": kind, "bits": 4, "group_size": group}
+    config.update({"version": "gemm", "zero_point": True} if kind == "awq" else {"desc_act": act_order, "sym": False})
+    cfg = json.loads((packed / "config.json").read_text())
+    (packed / "config.json").write_text(json.dumps({**cfg, "quantization_config": config}))
+    return packed, dense
+
+
+def _pack(values, rows: bool = False, order=None):
+    """int [r, c] (each 0-15) -> int32, eight to a word: rows 8i..8i+7 in bits 4j of row i (rows),
+    or columns 8k + order[j] in bits 4j of column k."""
+    if rows:
+        word = sum(values[j::8] << (4 * j) for j in range(8))
+    else:
+        word = sum(values[:, (order or range(8))[j]::8] << (4 * j) for j in range(8))
+    return torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32).contiguous()
+
+
 GREEDY = jaxtp.SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
 
 

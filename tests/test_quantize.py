@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import jaxtp
-from helpers import fp8_checkpoint
+from helpers import fp8_checkpoint, int4_checkpoint
 from jaxtp.ops import quant
 from jaxtp.ops.kernels import quant_matmul
 
@@ -119,12 +119,47 @@ def test_a_per_tensor_fp8_checkpoint_loads_close_to_the_original(checkpoint, tmp
 @pytest.mark.parametrize("config,message", [
     ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "block-wise scales"),
     ({"quant_method": "fp8", "activation_scheme": "static"}, "activation_scheme 'static' is not supported"),
-    ({"quant_method": "awq", "bits": 4}, "checkpoint quantization 'awq' is not supported"),
+    ({"quant_method": "awq", "bits": 8}, "awq checkpoints with bits=8 are not supported"),
+    ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "awq version 'gemv'"),
+    ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"}, "checkpoint_format 'marlin'"),
+    ({"quant_method": "bitsandbytes"}, "checkpoint quantization 'bitsandbytes' is not supported"),
 ])
 def test_unsupported_checkpoint_quantization_is_named(checkpoint, tmp_path, config, message):
     fp8 = fp8_checkpoint(checkpoint("llama")[0], tmp_path / "q", "tensor", config)
     with pytest.raises(ValueError, match=message):
         jaxtp.load(fp8, dtype="float32")
+
+
+@pytest.mark.parametrize("kind,act_order", [("awq", False), ("gptq", False), ("gptq", True)])
+def test_a_4_bit_checkpoint_loads_as_the_weights_it_stands_for(checkpoint, tmp_path, kind, act_order):
+    """AWQ / GPTQ packing (act_order: groups of shuffled inputs, by g_idx) read back into the
+    weights it encodes: the 8-bit model of those dense weights quantized at load, at tp 1 and 2
+    and pp 2; logits within int8's bound of transformers' on the dense weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    packed, dense = int4_checkpoint(checkpoint("llama")[0], tmp_path, kind, act_order=act_order)
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(dense).eval()(torch.tensor(IDS)).logits.numpy()
+    for tp, pp in ((1, 1), (2, 1), (1, 2)):
+        got = jaxtp.load(packed, tp=tp, pp=pp, dtype="float32")
+        assert _by_name(got)["model.layers.0.mlp.down_proj.weight"].dtype == np.int8
+        at_load = jaxtp.load(dense, tp=tp, pp=pp, dtype="float32", quantization="int8").logits(IDS)
+        np.testing.assert_array_equal(got.logits(IDS), at_load)
+    assert 0 < np.abs(at_load - want).max() / np.abs(want).max() < 0.02
+    fp8 = jaxtp.load(packed, dtype="float32", quantization="fp8_weight_only")  # any 8-bit method
+    assert _by_name(fp8)["model.layers.0.mlp.down_proj.weight"].dtype == jnp.float8_e4m3fn
+
+
+def test_a_4_bit_checkpoint_with_a_part_of_the_wrong_shape_is_named(checkpoint, tmp_path):
+    from safetensors.torch import load_file as load_torch, save_file as save_torch
+    packed, _ = int4_checkpoint(checkpoint("llama")[0], tmp_path, "awq")
+    (file,) = packed.glob("*.safetensors")
+    tensors = load_torch(str(file))
+    tensors["model.layers.1.mlp.up_proj.scales"] = tensors["model.layers.1.mlp.up_proj.scales"][:1].contiguous()
+    save_torch(tensors, str(file), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.up_proj.scales' .* has shape \(1, 128\), but "
+                                         r"config.json and the awq layout \(group_size 32\) imply \(2, 128\)"):
+        jaxtp.load(packed, dtype="float32")
 
 
 def test_a_prequantized_checkpoint_refuses_another_quantization(checkpoint, tmp_path):

@@ -119,7 +119,8 @@ def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, d
     quantization: None, "int8" (weight-only), "fp8_weight_only" or "fp8" (e4m3 weights and
     per-token activations) for 8-bit projections (quantize.py; dtype stays the activation and
     scale dtype). A checkpoint quantized to fp8 ("fp8" or compressed-tensors float8 in its
-    quantization_config, as vLLM reads them) loads as its method says.
+    quantization_config, as vLLM reads them) loads as its method says; a 4-bit AWQ / GPTQ one
+    is read dequantized and stored as `quantization` says (default "int8").
     all_reduce: "auto" (the one-shot NVLink kernel on CUDA GPUs where it applies, else XLA's),
     "xla", "custom" or "shard_map"; see jaxtp/ops/allreduce.py.
     kernels: "auto" (the Pallas decode kernels on GPUs where they apply, else XLA's), "xla" or
@@ -134,7 +135,9 @@ def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, d
                          f"got {quantization!r}")
     path = resolve(model)
     cfg = ModelConfig.from_dir(path)
-    if cfg.quantization is not None:  # a pre-quantized checkpoint: read dequantized, quantized again per channel
+    if cfg.packed_int4:  # 4-bit AWQ / GPTQ: read dequantized, stored in any 8-bit method (default int8)
+        quantization = quantization or cfg.quantization
+    elif cfg.quantization is not None:  # pre-quantized fp8: read dequantized, quantized again per channel
         if quantization not in (None, cfg.quantization):
             raise ValueError(f"{path} holds {cfg.quantization} weights; quantization={quantization!r} "
                              f"cannot be applied to them")
