@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from jaxtp.ops import OpsConfig
 
 
-KERNEL = True
+KERNEL = True  # False: every 8-bit product in XLA (benchmark.py --no-quant-kernel)
 KERNEL_ROWS = (17, 32)  # where the kernel beat XLA's product on [out, in] weights (docs/performance.md)
 
 
