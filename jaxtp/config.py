@@ -140,8 +140,7 @@ def checkpoint_method(hf: dict) -> str | None:
     if not q:
         return None
     kind = q.get("quant_method")
-    if _packed_int4(hf):
-        int4.scheme(q)
+    if _packed_int4(hf):  # its layout is checked by int4.scheme (ModelConfig.packed_int4)
         return "int8"
     if kind == "fp8":
         if q.get("weight_block_size"):

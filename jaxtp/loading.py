@@ -242,7 +242,7 @@ def check_packed(tensors: dict[str, st.TensorInfo], name: str, cfg: ModelConfig)
         if t.shape != shape:
             raise ValueError(f"tensor {part!r} in {t.file} has shape {t.shape}, but config.json and the "
                              f"{kind} layout (group_size {group}) imply {shape}")
-        t.dtype if part.endswith(".scales") else t.mmap_int32()  # raises, naming tensor and file
+        t.dtype if part.endswith(".scales") else t.require_int32()  # raises, naming tensor and file
 
 
 def source(tensors: dict[str, st.TensorInfo], name: str, cfg: ModelConfig) -> np.ndarray:

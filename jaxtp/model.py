@@ -103,7 +103,23 @@ def quantize_rows(x, dtype):
     return (x / x_scale).astype(dtype), x_scale
 
 
-class Linear(nnx.Module):
+class Projection(nnx.Module):
+    """A weight stored [in, out...] (plain or 8-bit) or, 8-bit, [out..., in] (`weight_t`,
+    quantize.py), with its scale; SPECS: the einsum of x with each layout."""
+    SPECS = ("...i,io->...o", "...i,oi->...o")
+
+    def _weight(self):
+        """(the weight as stored, its scale or None)."""
+        scale = None if self.scale is None else self.scale[...]
+        return (self.weight[...] if self.weight_t is None else self.weight_t[...]), scale
+
+    def _matmul(self, ops):
+        transposed = self.weight_t is not None
+        spec = self.SPECS[transposed]
+        return lambda x, w, scale: matmul(spec, x, w, scale, self.w8a8, ops, transposed)
+
+
+class Linear(Projection):
     def __init__(self, d_in: int, d_out: int, dtype, bias: bool = False):
         self.weight = _param((d_in, d_out), dtype)
         self.bias = _param((d_out,), dtype) if bias else None
@@ -114,17 +130,6 @@ class Linear(nnx.Module):
     def __call__(self, x, ops=None):
         y = self._matmul(ops)(x, *self._weight())
         return y if self.bias is None else y + self.bias[...]
-
-    def _weight(self):
-        """(weight, scale) as stored: [in, out] (8-bit or not), or 8-bit [out, in]; scale None
-        unless 8-bit."""
-        scale = None if self.scale is None else self.scale[...]
-        return (self.weight[...] if self.weight_t is None else self.weight_t[...]), scale
-
-    def _matmul(self, ops):
-        if self.weight_t is not None:
-            return lambda x, w, scale: matmul("...i,oi->...o", x, w, scale, self.w8a8, ops, transposed=True)
-        return lambda x, w, scale: matmul("...i,io->...o", x, w, scale, self.w8a8, ops)
 
 
 class RowLinear(Linear):
@@ -159,9 +164,10 @@ class RMSNorm(nnx.Module):
         return rms_norm(x, self.weight[...], self.eps)
 
 
-class QKVLinear(nnx.Module):
+class QKVLinear(Projection):
     """q, k and v in one matmul. weight [d, tp, (q + k + v heads per device) * head_dim]: the
     explicit tp axis keeps every device's q|k|v block contiguous under column splitting."""
+    SPECS = ("btd,dpw->btpw", "btd,pwd->btpw")
 
     def __init__(self, d: int, heads: int, kv_heads: int, head_dim: int, tp: int, dtype, bias: bool):
         self.head_dim = head_dim
@@ -175,10 +181,7 @@ class QKVLinear(nnx.Module):
 
     def __call__(self, x, ops=None):
         """x [B, T, d] -> [B, T, tp, q|k|v heads per device, head_dim]."""
-        if self.weight_t is not None:
-            y = matmul("btd,pwd->btpw", x, self.weight_t[...], self.scale[...], self.w8a8, ops, transposed=True)
-        else:
-            y = matmul("btd,dpw->btpw", x, self.weight[...], None, self.w8a8, ops)
+        y = self._matmul(ops)(x, *self._weight())
         if self.bias is not None:
             y = y + self.bias[...]
         return y.reshape(*y.shape[:3], -1, self.head_dim)
@@ -294,8 +297,9 @@ class Attention(nnx.Module):
         return einsum_f32("bkgts,bksd->btkgd", probs, values)
 
 
-class GateUpLinear(nnx.Module):
+class GateUpLinear(Projection):
     """gate and up in one matmul: weight [d, 2, intermediate], split on the last axis."""
+    SPECS = ("btd,dki->btki", "btd,kid->btki")
 
     def __init__(self, d: int, inter: int, dtype):
         self.weight = _param((d, 2, inter), dtype)
@@ -304,10 +308,7 @@ class GateUpLinear(nnx.Module):
         self.w8a8 = False
 
     def __call__(self, x, ops=None):
-        if self.weight_t is not None:
-            gate_up = matmul("btd,kid->btki", x, self.weight_t[...], self.scale[...], self.w8a8, ops, transposed=True)
-        else:
-            gate_up = matmul("btd,dki->btki", x, self.weight[...], None, self.w8a8, ops)
+        gate_up = self._matmul(ops)(x, *self._weight())
         return gate_up[:, :, 0], gate_up[:, :, 1]
 
 

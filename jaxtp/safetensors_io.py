@@ -42,11 +42,15 @@ class TensorInfo:
                              f"loads floating point weights only ({', '.join(DTYPES)})")
         return DTYPES[self.dtype_name]
 
-    def mmap_int32(self) -> np.ndarray:
-        """mmap of a packed 4-bit checkpoint's int32 tensor (int4.py)."""
+    def require_int32(self) -> None:
+        """Raise, naming tensor and file, unless this is an int32 tensor (a packed 4-bit part, int4.py)."""
         if self.dtype_name != "I32":
             raise ValueError(f"tensor {self.name!r} in {self.file} has dtype {self.dtype_name}; packed "
                              f"4-bit tensors are I32")
+
+    def mmap_int32(self) -> np.ndarray:
+        """mmap of a packed 4-bit checkpoint's int32 tensor."""
+        self.require_int32()
         return np.memmap(self.file, np.int32, "r", offset=self.offset, shape=self.shape)
 
     def mmap(self) -> np.ndarray:
