@@ -60,6 +60,24 @@ def test_a_chunk_is_queued_ahead_and_none_past_max_tokens(llama_tp2, monkeypatch
     assert seq.tokens == jaxtp.generate(llama_tp2, [[5, 6, 7]], params)[0].token_ids
 
 
+def test_a_sequence_the_queued_work_completes_takes_no_decode_row(llama_tp2):
+    """Once the queued chunks hold a sequence's last token, the next chunk runs without it
+    (its row would only run done), while the others keep decoding."""
+    short = engine.Sequence([5, 6, 7], jaxtp.SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True), 0)
+    long = engine.Sequence([42], jaxtp.SamplingParams(max_tokens=17, temperature=0.0, ignore_eos=True), 0)
+    eng = engine.Engine(llama_tp2, max_num_seqs=2, max_model_len=64, chunk=4)
+    rows, decode = [], eng.runner.decode
+    eng.runner.decode = lambda columns, steps: rows.append([s for s in columns if s is not None]) or \
+        decode(columns, steps)
+    eng.add(short)
+    eng.add(long)
+    while eng.has_unfinished:
+        eng.step()
+    assert rows[0] == [short, long] and all(r == [long] for r in rows[1:]) and len(rows) == 4
+    for seq in (short, long):
+        assert seq.tokens == jaxtp.generate(llama_tp2, [seq.prompt], seq.params)[0].token_ids
+
+
 def test_finish_drops_the_queued_chunks_tokens_and_frees_the_slot(llama_tp2):
     """A sequence ended from the host while a chunk with its row is queued gets no more tokens,
     even though the chunk is read after its slot went to the next sequence."""

@@ -255,9 +255,10 @@ def _decode_step(model, rows: Rows, table, cfg: StepConfig, i, carry):
     """Step i of the decode loop: one token for every slot that is not done."""
     cache, s, out, lp_out = carry
     b = s.tokens.shape[0]
-    # A done slot may hold a sequence still prefilling: its re-run writes only to scratch.
+    # A done slot may hold a sequence still prefilling: its re-run writes only to scratch, at
+    # position 0, so its attention reads one position, not its whole length again.
     live = jnp.where(s.done[:, None], SCRATCH_PAGE, table)
-    h, cache = model.hidden(s.tokens[:, None], cache, s.pos, live, cfg.ops)
+    h, cache = model.hidden(s.tokens[:, None], cache, jnp.where(s.done, 0, s.pos), live, cfg.ops)
     logits = model.logits(h[:, 0])
     tok = sample(logits, rows.sampler, s.count, model.vocab_size, cfg.plain, s.penalties)
     count, penalties = s.count + 1, s.penalties
@@ -266,7 +267,7 @@ def _decode_step(model, rows: Rows, table, cfg: StepConfig, i, carry):
         penalties = penalties._replace(counts=penalties.counts.at[jnp.arange(b), tok].add(jnp.where(s.done, 0, 1)))
     tok = jnp.where(s.done, -1, tok)
     done = s.done | _is_done(tok, count, rows)
-    # A finished row re-runs its last token at its last position, to the scratch page.
+    # A finished row keeps its state and re-runs its last token to the scratch page.
     nxt = DecodeState(jnp.where(s.done, s.tokens, tok), jnp.where(s.done, s.pos, s.pos + 1),
                       jnp.where(s.done, s.count, count), done, penalties)
     return _constrain_cache(cache, cfg.ops.mesh), nxt, out.at[i].set(tok), lp_out

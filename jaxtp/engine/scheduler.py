@@ -215,21 +215,21 @@ class Engine:
         return self._add_chunk(chunks, seq, length)  # the pages were checked: nothing is preempted
 
     def _launch(self, prefill: Pending | None) -> Pending | None:
-        """Queue a decode chunk over every slot, with pages for it, unless each decoding
-        sequence will have all its tokens once the work already queued is read."""
+        """Queue a decode chunk over the decoding sequences that need more tokens than the work
+        already queued gives them, with pages for it."""
         queued = collections.Counter()  # tokens per sequence in work the host has not read yet
         for p in (self._ahead, prefill):
             for col, seq in enumerate(p.seqs if p is not None else ()):
                 if p.chunks is None or (p.chunks[col] is not None and p.chunks[col].last):
                     queued[id(seq)] += p.step.tokens.shape[0]
-        active = [s for s in self.admitted if not s.prefilling]
-        if not active or (queued and all(len(s.tokens) + queued[id(s)] >= s.params.max_tokens for s in active)):
-            return None
+        # A sequence the queued work gives all its max_tokens takes no row: it would only run done.
+        active = [s for s in self.admitted if not s.prefilling and len(s.tokens) + queued[id(s)] < s.params.max_tokens]
         for seq in active:
             if seq.status is Status.RUNNING:
                 need = min(seq.max_len, len(seq.prompt) + len(seq.tokens) + queued[id(seq)] + self.chunk)
                 self._reserve(seq, need)
-        columns = [s if s is not None and not s.prefilling else None for s in self.running]
+        decoding = {id(s) for s in active if s.status is Status.RUNNING}
+        columns = [s if s is not None and id(s) in decoding else None for s in self.running]
         return self.runner.decode(columns, self.chunk) if any(columns) else None
 
     def _reserve(self, seq: Sequence, tokens: int) -> bool:
