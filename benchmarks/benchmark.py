@@ -68,7 +68,7 @@ def parse_args(argv=None):
                    help="also time the Engine's own loop (jaxtp.generate's: 16-step chunks queued "
                         "ahead, host bookkeeping) generating TOKENS per row after one prefill (0: not run)")
     p.add_argument("--json", help="write results here")
-    p.add_argument("--trace", help="profile one more decode chunk per config into this directory "
+    p.add_argument("--trace", help="profile one more prefill call and decode chunk per config into this directory "
                    "and print its per-kernel summary (benchmarks/trace_summary.py)")
     p.add_argument("--cpu-devices", type=int, default=8, help="simulated devices on a CPU-only host")
     p.add_argument("--bandwidth-mib", type=int, default=2048, help="array size for the bandwidth measurement")
@@ -245,6 +245,14 @@ def run_one(cfg, tp: int, batch: int, args, all_reduce: str = "auto",
             state, holder[0] = do_prefill(holder[0], state)
             jax.block_until_ready(holder[0])
         prefill_ms = median_ms(timed_prefill, args.reps)
+        if args.trace:  # one prefill call of batch x ctx tokens, kernel by kernel
+            import trace_summary
+            where = Path(args.trace) / f"prefill_tp{tp}_b{batch}_{mode}_{kmode}"
+            with jax.profiler.trace(str(where)):
+                timed_prefill()
+            hlo = runner.prefill.lower(*step_args, holder[0], state, rows, prompts,
+                                       runner.StepConfig(ops)).compile().as_text()
+            trace_summary.summarize(where, 1, hlo=hlo)
 
     copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))  # one dispatch, not one per array
     first = copy(state)  # decode donates its state: time every chunk from here
