@@ -43,7 +43,9 @@ class Packing(NamedTuple):
     """A prefill call's tokens packed [dp, N] for the projections, against the rows [B, T] that
     attention runs on (a chunk's rows pad, the packed tokens do not): unpack [B, T] gives each
     row position's index among its replica's packed tokens, pack [dp * N] each packed token's
-    index among its replica's row positions (row * T + t)."""
+    index among its replica's row positions (row * T + t). Where T is a multiple of the page
+    size, every row starts on a page boundary (the scheduler cuts prompts there), so its keys
+    and values are written page by page."""
     unpack: jax.Array
     pack: jax.Array
 
@@ -249,8 +251,12 @@ class Attention(nnx.Module):
         (b, t), d, dp = at.pos.shape, self.head_dim, 1 if ops is None else ops.dp
         q, k, v = (y[:b].reshape(b, t, -1, d) for y in self.qkv_proj.split(qkv))
         q, k = rope.apply(q, at.cos, at.sin), rope.apply(k, at.cos, at.sin)
-        k_cache = paged.write(k_cache, k, at.table, at.pos, dp)
-        v_cache = paged.write(v_cache, v, at.table, at.pos, dp)
+        if at.packing is not None and t % k_cache.shape[2] == 0:  # the engine's rows: whole pages
+            k_cache = paged.write_pages(k_cache, k, at.table, at.start, dp)
+            v_cache = paged.write_pages(v_cache, v, at.table, at.start, dp)
+        else:
+            k_cache = paged.write(k_cache, k, at.table, at.pos, dp)
+            v_cache = paged.write(v_cache, v, at.table, at.pos, dp)
         shape = (b, t, self.num_kv_heads, self.num_heads // self.num_kv_heads, d)
         out = attention.prefill(ops, q, k_cache, v_cache, at.table, at.start, self.window)
         if out is not None:

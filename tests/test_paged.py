@@ -9,6 +9,7 @@ import pytest
 import jaxtp
 from jaxtp import engine
 from jaxtp.engine.block_manager import SCRATCH_PAGE, BlockManager
+from jaxtp.ops import paged
 from helpers import drive, hf_greedy
 
 PROMPTS = [list(range(3, 40)), [5, 6, 7], list(range(100, 161)), [42, 43]]
@@ -124,6 +125,41 @@ def test_prefill_projections_run_on_packed_tokens(checkpoint, monkeypatch, dp):
     assert drive(eng, seqs(jaxtp.SamplingParams(max_tokens=3, **GREEDY_IGNORE), prompts)) == [
         hf_greedy(ref, p, 3) for p in prompts]
     assert shapes == [(512, (64, 16)) if dp == 1 else (2 * 256, (2 * 32, 16))]
+
+
+@pytest.mark.parametrize("dp", [1, 2])
+def test_whole_page_writes_equal_token_writes(dp):
+    """paged.write_pages (page-aligned rows of whole pages: the engine's prefill rows) leaves the
+    pages as token-by-token writes do, rows running past their table going to scratch."""
+    rng = np.random.default_rng(0)
+    pages = jax.numpy.asarray(rng.normal(size=(dp * 9, 2, 4, 3)), jax.numpy.float32)
+    new = jax.numpy.asarray(rng.normal(size=(dp * 3, 8, 2, 3)), jax.numpy.float32)
+    table = np.array([[1, 2, 3], [4, 5, 0], [6, 7, 8]] * dp, np.int32)  # row 1: its last entry unused
+    start = np.array([0, 4, 4] * dp, np.int32)  # row 2's second page is past its table
+    pos = start[:, None] + np.arange(8)[None, :]
+    want = paged.write(pages, new, table, pos, dp)
+    got = paged.write_pages(pages, new, table, start, dp)
+    keep = np.arange(dp * 9) % 9 != SCRATCH_PAGE  # what lands on scratch is never read
+    np.testing.assert_array_equal(np.asarray(got)[keep], np.asarray(want)[keep])
+    assert not np.array_equal(np.asarray(got)[keep], np.asarray(pages)[keep])
+
+
+def test_chunks_cut_by_the_budget_start_on_page_boundaries(checkpoint, monkeypatch):
+    """Two 16-token rows a call (a 40-token budget): after a 3-token prompt 29 tokens are left,
+    and the long prompt's chunk is cut to 16, at a page boundary (its rows write whole pages),
+    then 32 a call; the tokens are transformers'."""
+    path, ref = checkpoint("llama")
+    model = jaxtp.load(path, dtype="float32")
+    starts, real = [], engine.runner.ModelRunner.prefill
+    monkeypatch.setattr(engine.runner.ModelRunner, "prefill",
+                        lambda self, chunks: starts.extend(c.start for c in chunks) or real(self, chunks))
+    monkeypatch.setattr(engine.scheduler, "PREFILL_ROW", 16)
+    eng = engine.Engine(model, max_num_seqs=2, max_model_len=128, chunk=4, max_num_batched_tokens=40,
+                        page_size=16)
+    prompts = [[5, 6, 7], list(range(3, 80))]
+    assert drive(eng, seqs(jaxtp.SamplingParams(max_tokens=6, **GREEDY_IGNORE), prompts)) == [
+        hf_greedy(ref, p, 6) for p in prompts]
+    assert starts == [0, 0, 16, 48]
 
 
 @pytest.mark.parametrize("dp", [1, 2])

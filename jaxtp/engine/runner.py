@@ -413,6 +413,9 @@ class ModelRunner:
                  prefill_rows: int):
         cfg, self.model, dp = model.config, model, model.mesh.shape["dp"]
         self.slots, self.prefill_row, self.prefill_rows = slots, prefill_row, prefill_rows
+        # Rows spanning whole pages write them whole (paged.write_pages): the scheduler then
+        # starts every chunk, so every row, on a page boundary.
+        self.page_size, self.whole_pages = page_size, prefill_row % page_size == 0
         self.prefill_shapes = prefill_shapes(prefill_rows, prefill_row)
         self.max_prefill_rows = self.prefill_shapes[-1][1]
         self.width = -(-max_len // page_size)  # block-table entries per sequence
@@ -518,6 +521,8 @@ class ModelRunner:
         for i, c in enumerate(rows):
             if c is None:
                 continue
+            if self.whole_pages and c.start % self.page_size:
+                raise AssertionError(f"a prefill row starts at {c.start}, inside a page of {self.page_size}")
             ids, (r, j), at = c.seq.ids(c.start, c.start + c.length + 1), divmod(i, local), np.arange(c.length)
             batch.tokens[i, :c.length], batch.targets[i, :len(ids) - 1] = ids[:c.length], ids[1:]
             batch.starts[i], batch.lens[i], batch.prompt_lens[i] = c.start, c.length, len(c.seq.prompt)

@@ -159,7 +159,8 @@ class Engine:
                 break
             if seq.status is not Status.RUNNING:  # preempted for an older one's pages
                 continue
-            if not self._add_chunk(chunks, seq, room):
+            length = self._chunk_length(seq.target - seq.computed, room)
+            if length and not self._add_chunk(chunks, seq, length):
                 break
         while self.waiting and (room := self._room(chunks)) >= MIN_CHUNK and self._admit(self.waiting[0], chunks,
                                                                                           room, decoding):
@@ -174,11 +175,17 @@ class Engine:
         rows = self.runner.max_prefill_rows - sum(-(-c.length // row) for c in chunks)
         return min(tokens, rows * row)
 
+    def _chunk_length(self, rest: int, room: int) -> int:
+        """Tokens of a chunk within `room`: all `rest` of a prompt, or a cut at a page boundary,
+        so that every chunk starts on one where prefill rows write whole pages."""
+        if rest <= room or not self.runner.whole_pages:
+            return min(rest, room)
+        return room // self.blocks.page_size * self.blocks.page_size
+
     def _add_chunk(self, chunks: list[Chunk], seq: Sequence, length: int) -> bool:
-        """seq's next chunk (at most `length` tokens) into the call, with its pages (preempting
-        newer sequences if the pool is short); False if seq itself had to be preempted. Its full
-        pages are known to the prefix cache at once: a later row of the same call may read them."""
-        length = min(seq.target - seq.computed, length)
+        """seq's next chunk of `length` tokens into the call, with its pages (preempting newer
+        sequences if the pool is short); False if seq itself had to be preempted. Its full pages
+        are known to the prefix cache at once: a later row of the same call may read them."""
         if not self._reserve(seq, seq.computed + length):
             return False
         chunks.append(Chunk(seq, seq.computed, length))
@@ -202,8 +209,8 @@ class Engine:
         slot = self.running.index(None, replica * per)
         pages = self.blocks.take(replica, known[replica])
         cached = len(pages) * self.blocks.page_size
-        length = min(target - cached, length)
-        if self.blocks.free_pages(replica) - self.blocks.needed(pages, cached + length) < \
+        length = self._chunk_length(target - cached, length)
+        if not length or self.blocks.free_pages(replica) - self.blocks.needed(pages, cached + length) < \
                 decoding // self.blocks.replicas:
             self.blocks.release(pages, replica)
             return False

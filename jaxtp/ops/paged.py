@@ -36,6 +36,22 @@ def write(pages, new, table, pos, dp: int = 1):
     return per_replica(local, dp, pages, new, table, pos)
 
 
+def write_pages(pages, new, table, start, dp: int = 1):
+    """new [B, T, KVH, D] into pages [P, KVH, page_size, D] whole: row b's tokens fill the pages
+    from table entry start[b] / page_size on, for rows that start on a page boundary and span
+    whole pages (T a multiple of page_size). Entries past the table go to the scratch page. The
+    same writes as `write`, but each page's [KVH, page_size, D] block is one contiguous update
+    (a token's is page_size-strided): ~8x faster in XLA's scatter at prefill sizes."""
+    def local(pages, new, table, start):
+        (b, t, kvh, d), size, width = new.shape, pages.shape[2], table.shape[1]
+        index = start[:, None] // size + jnp.arange(t // size)[None, :]
+        ids = jnp.where(index < width, jnp.take_along_axis(table, jnp.minimum(index, width - 1), axis=1),
+                        SCRATCH_PAGE)
+        blocks = new.reshape(b, t // size, size, kvh, d).swapaxes(2, 3).reshape(-1, kvh, size, d)
+        return pages.at[ids.reshape(-1)].set(blocks.astype(pages.dtype))
+    return per_replica(local, dp, pages, new, table, start)
+
+
 def gather(pages, table, dp: int = 1):
     """Each row's pages in table order: [B, KVH, W * page_size, D]."""
     def local(pages, table):
