@@ -187,6 +187,18 @@ def with_roofline(r: dict, bandwidth: float) -> dict:
     return r
 
 
+def traced(where: Path, run, lowered, steps: int) -> None:
+    """Profile one run() into `where` and print its per-kernel summary over `steps` steps, each
+    fusion described from the compiled HLO of `lowered` (saved beside the trace)."""
+    import jax
+    import trace_summary
+    with jax.profiler.trace(str(where)):
+        run()
+    hlo = lowered.compile().as_text()
+    (where / "program.hlo.txt").write_text(hlo)
+    trace_summary.summarize(where, steps, hlo=hlo)
+
+
 def run_one(cfg, tp: int, batch: int, args, all_reduce: str = "auto",
             kernels: str = "auto") -> dict:
     import jax
@@ -246,13 +258,8 @@ def run_one(cfg, tp: int, batch: int, args, all_reduce: str = "auto",
             jax.block_until_ready(holder[0])
         prefill_ms = median_ms(timed_prefill, args.reps)
         if args.trace:  # one prefill call of batch x ctx tokens, kernel by kernel
-            import trace_summary
-            where = Path(args.trace) / f"prefill_tp{tp}_b{batch}_{mode}_{kmode}"
-            with jax.profiler.trace(str(where)):
-                timed_prefill()
-            hlo = runner.prefill.lower(*step_args, holder[0], state, rows, prompts,
-                                       runner.StepConfig(ops)).compile().as_text()
-            trace_summary.summarize(where, 1, hlo=hlo)
+            traced(Path(args.trace) / f"prefill_tp{tp}_b{batch}_{mode}_{kmode}", timed_prefill,
+                   runner.prefill.lower(*step_args, holder[0], state, rows, prompts, runner.StepConfig(ops)), 1)
 
     copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))  # one dispatch, not one per array
     first = copy(state)  # decode donates its state: time every chunk from here
@@ -279,13 +286,8 @@ def run_one(cfg, tp: int, batch: int, args, all_reduce: str = "auto",
 
     step_ms = (median_ms(timed, args.reps) if args.chunks == "sync" else queued_ms(dispatch, args.reps)) / steps
     if args.trace:
-        import trace_summary
-        where = Path(args.trace) / f"tp{tp}_b{batch}_{mode}_{kmode}"
-        with jax.profiler.trace(str(where)):
-            timed()
-        hlo = runner.decode.lower(*step_args, holder[0], first, rows, table, live, static).compile().as_text()
-        (where / "decode.hlo.txt").write_text(hlo)
-        trace_summary.summarize(where, steps, hlo=hlo)
+        traced(Path(args.trace) / f"tp{tp}_b{batch}_{mode}_{kmode}", timed,
+               runner.decode.lower(*step_args, holder[0], first, rows, table, live, static), steps)
     engine_ms = None
     if args.engine:
         del holder[0], first  # the Engine allocates its own cache

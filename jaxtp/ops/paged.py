@@ -26,14 +26,19 @@ def take_rows(x, index, dp: int = 1):
     return per_replica(lambda a, i: a[i], dp, x, index)
 
 
+def _page_ids(table, index):
+    """The pages of table entries index [B, n] of each row's table [B, W]; past it, scratch."""
+    width = table.shape[1]
+    return jnp.where(index < width, jnp.take_along_axis(table, jnp.minimum(index, width - 1), axis=1),
+                     SCRATCH_PAGE)
+
+
 def write(pages, new, table, pos, dp: int = 1):
     """new [B, T, KVH, D] into pages [P, KVH, page_size, D] at positions pos [B, T], through
     table [B, W]. Positions past the table (padding) go to the scratch page."""
     def local(pages, new, table, pos):
-        size, width = pages.shape[2], table.shape[1]
-        index = pos // size
-        ids = jnp.where(index < width, jnp.take_along_axis(table, jnp.minimum(index, width - 1), axis=1),
-                        SCRATCH_PAGE)
+        size = pages.shape[2]
+        ids = _page_ids(table, pos // size)
         return pages.at[ids, :, pos % size, :].set(new.astype(pages.dtype), unique_indices=True)
     return per_replica(local, dp, pages, new, table, pos)
 
@@ -45,10 +50,8 @@ def write_pages(pages, new, table, start, dp: int = 1):
     same writes as `write`, but each page's [KVH, page_size, D] block is one contiguous update
     (a token's is page_size-strided)."""
     def local(pages, new, table, start):
-        (b, t, kvh, d), size, width = new.shape, pages.shape[2], table.shape[1]
-        index = start[:, None] // size + jnp.arange(t // size)[None, :]
-        ids = jnp.where(index < width, jnp.take_along_axis(table, jnp.minimum(index, width - 1), axis=1),
-                        SCRATCH_PAGE)
+        (b, t, kvh, d), size = new.shape, pages.shape[2]
+        ids = _page_ids(table, start[:, None] // size + jnp.arange(t // size)[None, :])
         blocks = new.reshape(b, t // size, size, kvh, d).swapaxes(2, 3).reshape(-1, kvh, size, d)
         return pages.at[ids.reshape(-1)].set(blocks.astype(pages.dtype), unique_indices=True)
     return per_replica(local, dp, pages, new, table, start)
