@@ -56,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--no-prefill", action="store_true", help="skip timing prefill")
     p.add_argument("--quantization", choices=["int8", "fp8", "fp8_weight_only"], default=None,
                    help="8-bit projections (jaxtp/quantize.py)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+                   help="KV pages' dtype (auto: the model's)")
     p.add_argument("--no-quant-kernel", action="store_true",
                    help="8-bit decode products all in XLA, not the Mosaic GPU kernel where ops.quant takes it")
     p.add_argument("--all-reduce", nargs="+", default=["auto"], choices=allreduce.MODES,
@@ -82,12 +84,13 @@ def config(shape: str) -> dict:
     return json.loads(Path(shape).read_text())
 
 
-def random_model(shape: str, tp: int = 1, dtype: str = "bfloat16", memory_fraction: float = 0.9, **ops):
+def random_model(shape: str, tp: int = 1, dtype: str = "bfloat16", memory_fraction: float = 0.9,
+                 kv_cache_dtype: str = "auto", **ops):
     """A Model of `shape` with random weights made on device, and a memory plan sizing its KV
     pool as jaxtp.load would."""
     from jaxtp import memory
     from jaxtp.config import ModelConfig
-    from jaxtp.entrypoints.api import DTYPES, Model
+    from jaxtp.entrypoints.api import DTYPES, KV_CACHE_DTYPES, Model
     from jaxtp.loading import random_state
     from jaxtp.ops import OpsConfig
     from jaxtp.sharding import make_mesh, validate_tp
@@ -95,9 +98,10 @@ def random_model(shape: str, tp: int = 1, dtype: str = "bfloat16", memory_fracti
     mesh = make_mesh(tp=tp)
     validate_tp(cfg, tp)
     graphdef, params = random_state(cfg, mesh, DTYPES[dtype])
-    plan = memory.plan(cfg, tp, DTYPES[dtype], 0, memory_fraction, mesh)  # params already in use
+    cache_dtype = KV_CACHE_DTYPES[kv_cache_dtype]
+    plan = memory.plan(cfg, tp, cache_dtype or DTYPES[dtype], 0, memory_fraction, mesh)  # params already in use
     return Model(cfg, mesh, None, graphdef, params, DTYPES[dtype], Path("random"), memory=plan,
-                 ops=OpsConfig.resolve(mesh, **ops))
+                 ops=OpsConfig.resolve(mesh, **ops), kv_cache_dtype=cache_dtype)
 
 
 def median_ms(fn, reps: int) -> float:
@@ -156,7 +160,7 @@ def kv_bytes_per_token(model) -> int:
     """Bytes of keys and values one device holds per token, all layers."""
     import jax.numpy as jnp
     cfg = model.config
-    return 2 * cfg.num_layers * (model.kv_heads // model.tp) * cfg.head_dim * jnp.dtype(model.dtype).itemsize
+    return 2 * cfg.num_layers * (model.kv_heads // model.tp) * cfg.head_dim * jnp.dtype(model.cache_dtype).itemsize
 
 
 def memory_bandwidth(device, mib: int = 2048) -> dict:
@@ -208,7 +212,7 @@ def run_one(cfg, tp: int, batch: int, args, all_reduce: str = "auto",
 
     from jaxtp.engine import kv_cache, runner
     from jaxtp.engine.sampling import SamplingParams
-    from jaxtp.entrypoints.api import DTYPES, Model
+    from jaxtp.entrypoints.api import DTYPES, KV_CACHE_DTYPES, Model
     from jaxtp.loading import random_state
     from jaxtp.ops import OpsConfig
     from jaxtp.sharding import REPLICATED, make_mesh, validate_tp
@@ -223,7 +227,8 @@ def run_one(cfg, tp: int, batch: int, args, all_reduce: str = "auto",
         quant.KERNEL = not args.no_quant_kernel
         from jaxtp import quantize
         graphdef, params = quantize.quantize(graphdef, params, mesh, args.quantization)
-    model = Model(cfg, mesh, None, graphdef, params, dtype, Path("random"), ops=ops)
+    model = Model(cfg, mesh, None, graphdef, params, dtype, Path("random"), ops=ops,
+                  kv_cache_dtype=KV_CACHE_DTYPES[args.kv_cache_dtype])
     step_args = model.step_args  # what the engine passes its jitted steps
 
     ctx, steps, size = args.ctx, args.steps, args.page_size
@@ -237,7 +242,7 @@ def run_one(cfg, tp: int, batch: int, args, all_reduce: str = "auto",
     prompts = put(runner.PrefillBatch.whole_prompts(tokens, table))
     rows, table, live = put(rows), put(table), put(np.arange(batch, dtype=np.int32))
     new_cache = lambda: kv_cache.init(cfg.num_layers, batch * width + 1, model.kv_heads, size,  # noqa
-                                      cfg.head_dim, dtype, mesh)
+                                      cfg.head_dim, model.cache_dtype, mesh)
     idle = lambda: put(runner.DecodeState.idle(batch, model.padded_vocab))  # noqa: E731
 
     def do_prefill(cache, state):  # prompts into every cache slot, as the engine does

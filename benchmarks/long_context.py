@@ -29,6 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--memory-fraction", type=float, default=0.9)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"])
     p.add_argument("--json", help="write the results here")
     return p.parse_args(argv)
 
@@ -62,7 +63,8 @@ def run_case(eng, batch: int, n: int, args) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     import jax
-    model = random_model(args.shape, args.tp, memory_fraction=args.memory_fraction)
+    model = random_model(args.shape, args.tp, memory_fraction=args.memory_fraction,
+                         kv_cache_dtype=args.kv_cache_dtype)
     cfg = model.config
     weights = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(model.params))
     kv_per_token = 2 * cfg.num_layers * (model.kv_heads // args.tp) * cfg.head_dim * 2

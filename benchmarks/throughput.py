@@ -43,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--chunk", type=int, default=16, help="decode steps per engine step")
     p.add_argument("--memory-fraction", type=float, default=0.9)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"])
     p.add_argument("--passes", type=int, default=2)
     p.add_argument("--no-warmup", action="store_true", help="compile on first use, inside the pass")
     p.add_argument("--warmup-threads", type=int, default=None,
@@ -202,7 +203,8 @@ def main(argv=None):
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, secs, **kw: compiled.append(secs) if event == "/jax/core/compile/backend_compile_duration"
         else None)
-    model = random_model(args.shape, args.tp, memory_fraction=args.memory_fraction)
+    model = random_model(args.shape, args.tp, memory_fraction=args.memory_fraction,
+                         kv_cache_dtype=args.kv_cache_dtype)
     pairs = lengths(args)
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: {args.shape} tp={args.tp}, {len(pairs)} requests, "
           f"prompt median {statistics.median(p for p, _ in pairs)} / max {max(p for p, _ in pairs)}, output median "

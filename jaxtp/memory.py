@@ -104,7 +104,7 @@ def kv_bytes_per_token(cfg: ModelConfig, tp: int, dtype, pp: int = 1) -> int:
             * np.dtype(dtype).itemsize)
 
 
-def plan(cfg: ModelConfig, tp: int, dtype, weights: int, fraction: float, mesh: Mesh,
+def plan(cfg: ModelConfig, tp: int, kv_dtype, weights: int, fraction: float, mesh: Mesh,
          device_bytes: int | None = None) -> MemoryPlan:
     """Size the KV cache, or raise a ValueError with the numbers if the model or one full-length
     sequence (max_position_embeddings tokens) does not fit. device_bytes overrides the device's
@@ -114,7 +114,7 @@ def plan(cfg: ModelConfig, tp: int, dtype, weights: int, fraction: float, mesh: 
     limit, in_use = device_memory(mesh)
     if device_bytes is not None:
         limit, in_use = int(device_bytes), 0
-    per_token = kv_bytes_per_token(cfg, tp, dtype, mesh.shape.get("pp", 1))
+    per_token = kv_bytes_per_token(cfg, tp, kv_dtype, mesh.shape.get("pp", 1))
     p = MemoryPlan(limit, fraction, in_use, weights, per_token, 0)
     if p.kv_budget_bytes <= 0:
         raise ValueError(f"the model does not fit: {p.describe()}. Use a larger tp, a smaller dtype "

@@ -235,7 +235,7 @@ class Attention(nnx.Module):
             out = paged.take_rows(out.reshape(-1, self.num_heads * self.head_dim), at.packing.pack, dp)
             return out.astype(x.dtype).reshape(x.shape[0], t, -1), k_cache, v_cache, counters
         step = attention.decode(ops, qkv, at.cos, at.sin, k_cache, v_cache, at.pos, at.table, self.window,
-                                self.num_heads, counters)
+                                self.num_heads, x.dtype, counters)
         if step is None:  # XLA's kernels
             out, k_cache, v_cache = self.xla_step(qkv, at, k_cache, v_cache, ops)
         else:
@@ -291,7 +291,8 @@ class Attention(nnx.Module):
 
     def attend(self, q, keys, values, positions):
         """XLA's attention of q [B, T, KVH, G, D] over keys / values [B, KVH, S, D] (position s
-        at index s) -> [B, T, KVH, G, D] (float32)."""
+        at index s) -> [B, T, KVH, G, D] (float32). 8-bit pages are read as q's dtype."""
+        keys, values = keys.astype(q.dtype), values.astype(q.dtype)
         scores = einsum_f32("btkgd,bksd->bkgts", q, keys)
         scores = scores * (self.head_dim ** -0.5)
         key_pos = jnp.arange(keys.shape[2])

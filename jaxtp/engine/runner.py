@@ -420,7 +420,7 @@ class ModelRunner:
         self.max_prefill_rows = self.prefill_shapes[-1][1]
         self.width = -(-max_len // page_size)  # block-table entries per sequence
         self.cache = kv_cache.init(cfg.num_layers, pages * dp, model.kv_heads, page_size, cfg.head_dim,
-                                   model.dtype, model.mesh)
+                                   model.cache_dtype, model.mesh)
         self.per_row = NamedSharding(model.mesh, ROWS_SPEC)
         idle = SamplingParams(max_tokens=1, temperature=0.0)
         self.host_rows = Rows.build([idle] * slots, [0] * slots, [[]] * slots)

@@ -25,6 +25,10 @@ from jaxtp.sharding import (REPLICATED, kv_heads_on_mesh, make_mesh, named, padd
                             validate_tp)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# vLLM's kv_cache_dtype names; "auto" is the model's dtype. fp8 pages are stored unscaled (vLLM's
+# k_scale = v_scale = 1.0 when a checkpoint brings none): e4m3 keeps 3 mantissa bits up to 448.
+KV_CACHE_DTYPES = {"auto": None, "fp8": jnp.float8_e4m3fn, "fp8_e4m3": jnp.float8_e4m3fn,
+                   "fp8_e5m2": jnp.float8_e5m2}
 
 
 @dataclasses.dataclass
@@ -47,6 +51,7 @@ its ops run on the mesh (`ops`: the all-reduce and decode-kernel modes, see jaxt
     memory: MemoryPlan | None = None
     ops: OpsConfig | None = None  # None: XLA's all-reduce and kernels on `mesh`
     enable_prefix_caching: bool = True  # engines on this model reuse the KV pages of known prefixes
+    kv_cache_dtype: object = None  # the KV pages' dtype; None: the model's dtype
     _step_args: tuple | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -61,6 +66,10 @@ its ops run on the mesh (`ops`: the all-reduce and decode-kernel modes, see jaxt
         if made is None or made[0] is not self.graphdef or made[1] is not self.params:
             made = self._step_args = (self.graphdef, self.params, engine.split(self.graphdef, self.params))
         return made[2]
+
+    @property
+    def cache_dtype(self):
+        return self.dtype if self.kv_cache_dtype is None else self.kv_cache_dtype
 
     @property
     def max_kv_tokens(self) -> int | None:
@@ -104,7 +113,7 @@ its ops run on the mesh (`ops`: the all-reduce and decode-kernel modes, see jaxt
 def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, devices=None,
          pp: int = 1, memory_fraction: float = 0.9, device_memory_bytes: int | None = None,
          quantization: str | None = None, all_reduce: str = "auto", kernels: str = "auto",
-         enable_prefix_caching: bool = True) -> Model:
+         enable_prefix_caching: bool = True, kv_cache_dtype: str = "auto") -> Model:
     """Load a Hugging Face checkpoint (local dir or hub id), or a directory made by
     scripts/convert.py (orbax, any tp), sharded over a (pp, dp, tp) mesh: tp-way tensor parallel,
     dp data-parallel replicas (splitting the batch), pp pipeline stages (splitting the layers). In
@@ -127,9 +136,15 @@ def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, d
     "pallas"; see jaxtp/ops/attention.py.
     enable_prefix_caching: engines on the model compute a prompt prefix they have seen once and
     share its KV pages (vLLM's automatic prefix caching; engine/block_manager.py).
+    kv_cache_dtype: "auto" (the model's dtype) or "fp8" / "fp8_e4m3" / "fp8_e5m2": 8-bit KV pages,
+    twice the tokens in the same memory and half the bytes attention reads (vLLM's option; the
+    README states its accuracy).
     """
     if dtype not in (*DTYPES, "auto"):
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or 'auto', got {dtype!r}")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(map(repr, KV_CACHE_DTYPES))}, "
+                         f"got {kv_cache_dtype!r}")
     if quantization not in (None, *quantize.METHODS):
         raise ValueError(f"quantization must be None or one of {', '.join(map(repr, quantize.METHODS))}, "
                          f"got {quantization!r}")
@@ -154,13 +169,15 @@ def load(model: str | Path, tp: int = 1, dtype: str = "bfloat16", dp: int = 1, d
         raise ValueError(f"{path} is an orbax checkpoint, which loads with pp=1 only; load the "
                          f"Hugging Face checkpoint it was converted from for pp={pp}")
     weights = memory.weight_bytes(param_shapes(cfg, mesh, DTYPES[dtype]), DTYPES[dtype])
-    plan = memory.plan(cfg, tp, DTYPES[dtype], weights, memory_fraction, mesh, device_memory_bytes)
+    cache_dtype = KV_CACHE_DTYPES[kv_cache_dtype] or DTYPES[dtype]
+    plan = memory.plan(cfg, tp, cache_dtype, weights, memory_fraction, mesh, device_memory_bytes)
     graphdef, params = (checkpoint.restore if orbax else load_state)(path, cfg, mesh, DTYPES[dtype])
     if quantization is not None:
         graphdef, params = quantize.quantize(graphdef, params, mesh, quantization)  # then size the cache anew
-        plan = memory.plan(cfg, tp, DTYPES[dtype], memory.array_bytes(params), memory_fraction, mesh,
+        plan = memory.plan(cfg, tp, cache_dtype, memory.array_bytes(params), memory_fraction, mesh,
                            device_memory_bytes)
-    return Model(cfg, mesh, _tokenizer(path), graphdef, params, DTYPES[dtype], path, plan, ops, enable_prefix_caching)
+    return Model(cfg, mesh, _tokenizer(path), graphdef, params, DTYPES[dtype], path, plan, ops, enable_prefix_caching,
+                 KV_CACHE_DTYPES[kv_cache_dtype])
 
 
 def _tokenizer(path: Path):
@@ -244,7 +261,8 @@ class LLM:
     def __init__(self, model: str, tensor_parallel_size: int = 1, dtype: str = "auto",
                  seed: int | None = None, data_parallel_size: int = 1, pipeline_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.9, quantization: str | None = None,
-                 disable_custom_all_reduce: bool = False, enable_prefix_caching: bool = True, **kwargs):
+                 disable_custom_all_reduce: bool = False, enable_prefix_caching: bool = True,
+                 kv_cache_dtype: str = "auto", **kwargs):
         if kwargs:
             raise TypeError(f"unsupported LLM argument(s): {', '.join(sorted(kwargs))}")
         if seed is not None:
@@ -252,7 +270,7 @@ class LLM:
         self.model = load(model, tp=tensor_parallel_size, dtype=dtype, dp=data_parallel_size,
                           pp=pipeline_parallel_size, memory_fraction=gpu_memory_utilization,
                           quantization=quantization, all_reduce="xla" if disable_custom_all_reduce else "auto",
-                          enable_prefix_caching=enable_prefix_caching)
+                          enable_prefix_caching=enable_prefix_caching, kv_cache_dtype=kv_cache_dtype)
 
     def get_tokenizer(self):
         return self.model.tokenizer

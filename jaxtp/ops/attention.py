@@ -70,7 +70,7 @@ def qkv_splits(ops: "OpsConfig | None", rows: int, d_model: int, k_pages, positi
 
 
 def decode(ops: "OpsConfig | None", qkv, cos, sin, k_pages, v_pages, positions, table, window: int | None,
-           num_heads: int, counters=None):
+           num_heads: int, dtype, counters=None):
     """One decode step of attention (rope, cache write, attention) in the Pallas kernel, or None
     where it does not apply (then XLA's kernels run).
 
@@ -78,7 +78,7 @@ def decode(ops: "OpsConfig | None", qkv, cos, sin, k_pages, v_pages, positions, 
     the B = positions.shape[0] real ones), or float32 [S, R, ...] split-K partials (qkv_splits);
     cos, sin [B, 1, D]; pages [P, KVH, page_size, D]; positions [B, 1]; table [B, W] (the block
     tables); counters: the kernel's arrival counters as the previous layer handed them back
-    (None: fresh zeros). Returns (out [R, 1, KVH, G, D] in the pages' dtype, padding rows zero,
+    (None: fresh zeros); dtype: the activations'. Returns (out [R, 1, KVH, G, D] in it, padding rows zero,
     k_pages, v_pages, counters) for the next layer to take.
     """
     if not applies(ops, k_pages, positions):
@@ -93,7 +93,7 @@ def decode(ops: "OpsConfig | None", qkv, cos, sin, k_pages, v_pages, positions, 
     def local(qkv, cos, sin, k_pages, v_pages, table, pos, lo, counters):
         out, k_pages, v_pages, counters = decode_attention.attend(
             qkv.reshape(*qkv.shape[:split + 1], -1, d), cos, sin, k_pages, v_pages, table, pos, lo, heads,
-            counters)
+            counters, dtype)
         return out[:, None], k_pages, v_pages, counters
 
     out_spec, counter_spec = P(None, None, KV_CACHE_SPEC[1], None, None), P(*KV_CACHE_SPEC[:2])

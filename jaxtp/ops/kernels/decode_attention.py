@@ -70,6 +70,7 @@ class _Plan:
     splits: int         # sequence splits per (row, KV head)
     block: int          # keys per loop step: one page
     dt: object          # the activations' dtype
+    cache: object       # the pages' dtype
     precision: tuple | None
     interpret: bool
 
@@ -82,7 +83,7 @@ class _Plan:
         return self.d ** -0.5
 
 
-def _plan(qkv, k_pages, table, num_heads: int, config: Config, interpret: bool | None) -> _Plan:
+def _plan(qkv, k_pages, table, num_heads: int, dtype, config: Config, interpret: bool | None) -> _Plan:
     (_, kvh, block, d), (b, width) = k_pages.shape, table.shape
     if not supported(block, d):
         raise ValueError(f"decode attention: unsupported page size {block} / head_dim {d}")
@@ -96,15 +97,17 @@ def _plan(qkv, k_pages, table, num_heads: int, config: Config, interpret: bool |
     # Triton multiplies float32 in TF32 unless told otherwise; follow jax's matmul precision
     # setting as XLA's dots do ("highest" / "float32": full float32).
     full = str(jax.config.jax_default_matmul_precision).lower() in ("highest", "float32")
+    if dtype is None:
+        dtype = k_pages.dtype if parts else qkv.dtype
     return _Plan(b, r, kvh, num_heads // kvh, d, max(16, pl.next_power_of_2(num_heads // kvh)), parts,
-                 num_heads, splits, block, k_pages.dtype if parts else qkv.dtype,
+                 num_heads, splits, block, jnp.dtype(dtype), jnp.dtype(k_pages.dtype),
                  (jax.lax.Precision.HIGHEST,) * 2 if full else None,
                  jax.default_backend() != "gpu" if interpret is None else interpret)
 
 
 def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
            table: jax.Array, pos: jax.Array, lo: jax.Array, num_heads: int, counters: jax.Array | None = None,
-           config: Config = Config(), interpret: bool | None = None):
+           dtype=None, config: Config = Config(), interpret: bool | None = None):
     """One decode step of attention for rows b < B = pos.shape[0].
 
     qkv [R, num_heads + 2 * KVH, D] with B <= R <= 2B: the projected q | k | v heads of the new
@@ -116,12 +119,13 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array, v
     windows); counters: int32 [B, KVH] zeros, the splits'
     arrival counters, or None for fresh ones. Every call hands them back zeroed (the last
     program of a row and head resets its own), so a step's layers can share one array instead
-    of a memset each.
-    Returns (out [R, KVH, G, D] in the caches' dtype: softmax(q k^T / sqrt(D)) v over positions
+    of a memset each. dtype: the activations' (qkv's, or the caches' for float32 partials, if
+    None); 8-bit pages are read as it, and the new key and value attend as the pages hold them.
+    Returns (out [R, KVH, G, D] in `dtype`: softmax(q k^T / sqrt(D)) v over positions
     [lo, pos] for rows < B, zeros for the padding rows; k_pages, v_pages with the new key and
     value written at pos; counters, or the ones given where this call needed none).
     """
-    plan = _plan(qkv, k_pages, table, num_heads, config, interpret)
+    plan = _plan(qkv, k_pages, table, num_heads, dtype, config, interpret)
     b, kvh, d, f32 = plan.b, plan.kvh, plan.d, jnp.float32
     out_shape = [jax.ShapeDtypeStruct((plan.r, num_heads, d), plan.dt),
                  jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
@@ -204,7 +208,13 @@ def _new_token(plan: _Plan, qkv_ref, row, head, c, sn, real):
     k1, k2 = _rotate(plan.dt, _load_qkv(plan, qkv_ref, row, n + head, pl.ds(0, half)),
                      _load_qkv(plan, qkv_ref, row, n + head, pl.ds(half, half)), c, sn)
     v_new = _load_qkv(plan, qkv_ref, row, n + plan.kvh + head, pl.ds(0, plan.d))
-    return q1, q2, k1, k2, v_new
+    return q1, q2, *(_as_cached(plan, x) for x in (k1, k2, v_new))
+
+
+def _as_cached(plan: _Plan, x):
+    """x as the pages hold it (rounded through 8-bit pages; as it is otherwise), so the new token
+    scores the same in this step as in later ones."""
+    return x if plan.cache == plan.dt else x.astype(plan.cache).astype(plan.dt)
 
 
 def _attend_cached(plan: _Plan, k_ref, v_ref, table_ref, row, head, base, end, start, now, q1, q2):
@@ -226,7 +236,7 @@ def _attend_cached(plan: _Plan, k_ref, v_ref, table_ref, row, head, base, end, s
                             precision=plan.precision))
         scores = jnp.where(live, scores * plan.scale, -jnp.inf)
         m_new, alpha, p = online(m, scores, axis=1)
-        vt = load(v_ref, pl.ds(0, plan.d))
+        vt = load(v_ref, pl.ds(0, plan.d)).astype(plan.dt)
         pv = plt.dot(p.astype(vt.dtype), vt, precision=plan.precision)
         return m_new, l * alpha + p.sum(axis=1), acc * alpha[:, None] + pv, following
 
