@@ -230,7 +230,8 @@ def _attend_cached(plan: _Plan, k_ref, v_ref, table_ref, row, head, base, end, s
         live = (at_pos >= start) & (at_pos < now)  # positions outside it are never read from memory
 
         def load(ref, lanes):
-            return plt.load(ref.at[page, head, keys, lanes], mask=live[:, None], other=0)
+            # a float fill: Triton casts no integer constant to fp8 pages' dtype
+            return plt.load(ref.at[page, head, keys, lanes], mask=live[:, None], other=0.0)
         scores = (plt.dot(q1, load(k_ref, pl.ds(0, half)).astype(plan.dt), trans_b=True, precision=plan.precision)
                   + plt.dot(q2, load(k_ref, pl.ds(half, half)).astype(plan.dt), trans_b=True,
                             precision=plan.precision))
