@@ -1,6 +1,8 @@
 """8-bit KV pages (`kv_cache_dtype="fp8"`, vLLM's option): the pool holds the tokens the bytes
 allow, every attention path reads the pages the same way, and log-probabilities stay within the
 README's bounds of the model's own cache."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -9,6 +11,7 @@ from jaxtp import engine
 from helpers import drive, make_checkpoint
 from jaxtp.ops.kernels import decode_attention
 
+DEFAULT = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-arith"
 MEMORY = 2 ** 30  # a fixed device size, so that plans compare
 RNG = np.random.default_rng(0)
 PROMPTS = [RNG.integers(3, 200, 100).tolist(), RNG.integers(3, 200, 61).tolist()]
@@ -72,3 +75,10 @@ def test_an_unknown_kv_cache_dtype_is_named(checkpoint):
     with pytest.raises(ValueError, match=r"kv_cache_dtype must be one of 'auto', 'fp8', 'fp8_e4m3', 'fp8_e5m2', "
                                          r"got 'int4'"):
         jaxtp.load(checkpoint("llama")[0], kv_cache_dtype="int4")
+
+
+def test_the_default_model_keeps_its_answers_with_fp8_pages():
+    model = jaxtp.load(DEFAULT, kv_cache_dtype="fp8")
+    pairs = np.random.default_rng(3).integers(0, 1000, size=(100, 2))
+    outs = jaxtp.generate(model, [f"{a}+{b}=" for a, b in pairs], jaxtp.SamplingParams(max_tokens=8, temperature=0))
+    assert sum(o.text == str(a + b) for o, (a, b) in zip(outs, pairs)) >= 97
