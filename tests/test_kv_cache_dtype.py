@@ -3,12 +3,14 @@ allow, every attention path reads the pages the same way, and log-probabilities 
 README's bounds of the model's own cache."""
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxtp
 from jaxtp import engine
 from helpers import drive, make_checkpoint
+from jaxtp.ops import paged
 from jaxtp.ops.kernels import decode_attention
 
 DEFAULT = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-arith"
@@ -82,3 +84,19 @@ def test_the_default_model_keeps_its_answers_with_fp8_pages():
     pairs = np.random.default_rng(3).integers(0, 1000, size=(100, 2))
     outs = jaxtp.generate(model, [f"{a}+{b}=" for a, b in pairs], jaxtp.SamplingParams(max_tokens=8, temperature=0))
     assert sum(o.text == str(a + b) for o, (a, b) in zip(outs, pairs)) >= 97
+
+
+def test_keys_beyond_e4m3s_range_saturate_in_every_path():
+    """XLA's convert makes NaN of what e4m3 cannot hold; pages saturate at 448 instead, in the
+    XLA writes and in the decode kernel's, as vLLM's and Triton's conversions do."""
+    pages = jnp.zeros((2, 1, 16, 32), jnp.float8_e4m3fn)
+    table, pos = jnp.array([[1]]), jnp.array([3])
+    big = jnp.full((1, 1, 1, 32), 1000.0).at[..., 0].set(-1e4)
+    written = paged.write(pages, big, table, pos[:, None])[1, 0, 3].astype(jnp.float32)
+    np.testing.assert_array_equal(written, np.r_[-448.0, [448.0] * 31])
+    qkv = jnp.concatenate([jnp.ones((1, 1, 32)), big[0], big[0]], axis=1)  # q | k | v of one head
+    cos, sin = jnp.ones((1, 32)), jnp.zeros((1, 32))  # no rotation
+    out, k_pages, v_pages, _ = decode_attention.attend(qkv, cos, sin, pages, pages, table, pos, jnp.array([0]), 1)
+    np.testing.assert_array_equal(k_pages[1, 0, 3].astype(jnp.float32), written)
+    np.testing.assert_array_equal(v_pages[1, 0, 3].astype(jnp.float32), written)
+    assert np.isfinite(np.asarray(out, np.float32)).all()

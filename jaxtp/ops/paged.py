@@ -12,6 +12,15 @@ SCRATCH_PAGE = 0  # never handed out (engine.block_manager): idle and padding ro
 # so they are scattered as unique (plain stores; else a 16-bit scatter is a compare-and-swap loop).
 
 
+def as_cached(x, dtype):
+    """x in the pages' dtype; 8-bit floats saturate at their largest value (XLA's convert makes
+    NaN of what e4m3 cannot hold; vLLM's and Triton's fp8 conversions saturate)."""
+    if jnp.dtype(dtype).itemsize == 1:
+        top = float(jnp.finfo(dtype).max)
+        x = jnp.clip(x, -top, top)
+    return x.astype(dtype)
+
+
 def per_replica(fn, dp: int, *args):
     """fn on each replica's share: every argument's leading axis split into [dp, n / dp]."""
     if dp == 1:
@@ -39,7 +48,7 @@ def write(pages, new, table, pos, dp: int = 1):
     def local(pages, new, table, pos):
         size = pages.shape[2]
         ids = _page_ids(table, pos // size)
-        return pages.at[ids, :, pos % size, :].set(new.astype(pages.dtype), unique_indices=True)
+        return pages.at[ids, :, pos % size, :].set(as_cached(new, pages.dtype), unique_indices=True)
     return per_replica(local, dp, pages, new, table, pos)
 
 
@@ -53,7 +62,7 @@ def write_pages(pages, new, table, start, dp: int = 1):
         (b, t, kvh, d), size = new.shape, pages.shape[2]
         ids = _page_ids(table, start[:, None] // size + jnp.arange(t // size)[None, :])
         blocks = new.reshape(b, t // size, size, kvh, d).swapaxes(2, 3).reshape(-1, kvh, size, d)
-        return pages.at[ids.reshape(-1)].set(blocks.astype(pages.dtype), unique_indices=True)
+        return pages.at[ids.reshape(-1)].set(as_cached(blocks, pages.dtype), unique_indices=True)
     return per_replica(local, dp, pages, new, table, start)
 
 

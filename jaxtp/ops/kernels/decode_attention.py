@@ -34,6 +34,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from jaxtp.ops import paged
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -214,7 +216,7 @@ def _new_token(plan: _Plan, qkv_ref, row, head, c, sn, real):
 def _as_cached(plan: _Plan, x):
     """x as the pages hold it (rounded through 8-bit pages; as it is otherwise), so the new token
     scores the same in this step as in later ones."""
-    return x if plan.cache == plan.dt else x.astype(plan.cache).astype(plan.dt)
+    return x if plan.cache == plan.dt else paged.as_cached(x, plan.cache).astype(plan.dt)
 
 
 def _attend_cached(plan: _Plan, k_ref, v_ref, table_ref, row, head, base, end, start, now, q1, q2):
