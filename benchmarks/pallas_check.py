@@ -7,9 +7,10 @@ before handed back (the splits are merged by whichever program arrives last: a m
 acquire, or a counter not reset, would show here as a changed output). Timing is left
 to the decode step (benchmark.py): stand-alone timings disagreed with it (docs/performance.md).
 The prefill kernel (kernels/prefill_attention.py) is checked the same way against XLA's softmax
-for a chunk that starts after earlier context.
+for a chunk that starts after earlier context. `--kv-cache-dtype fp8` runs both on e4m3 pages
+(XLA's path as the model's: saturated writes, pages read as bf16).
 
-    python benchmarks/pallas_check.py [--batch 1 8 32] [--repeats 200]
+    python benchmarks/pallas_check.py [--batch 1 8 32] [--repeats 200] [--kv-cache-dtype fp8]
 """
 from __future__ import annotations
 
@@ -24,9 +25,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxtp import rope  # noqa: E402
+from jaxtp.ops import paged  # noqa: E402
 from jaxtp.ops.kernels import decode_attention, prefill_attention  # noqa: E402
 
 PAGE = 64
+CACHE_DTYPES = {"auto": jnp.bfloat16, "fp8": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
 
 
 def write(cache, new, pos):
@@ -53,24 +56,24 @@ def xla_step(qkv, cos, sin, k_cache, v_cache, pos, num_heads):
     b, kvh, s, d = k_cache.shape
     q, k, v = jnp.split(qkv[:b, None], [num_heads, num_heads + kvh], axis=2)
     q, k = rope.apply(q, cos[:, None], sin[:, None]), rope.apply(k, cos[:, None], sin[:, None])
-    k_cache = write(k_cache, k.transpose(0, 2, 1, 3), pos)
-    v_cache = write(v_cache, v.transpose(0, 2, 1, 3), pos)
-    scores = jnp.einsum("bkgd,bksd->bkgs", q[:, 0].reshape(b, kvh, -1, d), k_cache,
+    k_cache = write(k_cache, paged.as_cached(k.transpose(0, 2, 1, 3), k_cache.dtype), pos)
+    v_cache = write(v_cache, paged.as_cached(v.transpose(0, 2, 1, 3), v_cache.dtype), pos)
+    scores = jnp.einsum("bkgd,bksd->bkgs", q[:, 0].reshape(b, kvh, -1, d), k_cache.astype(q.dtype),
                         preferred_element_type=jnp.float32) * d ** -0.5
     scores = jnp.where(jnp.arange(s)[None, None, None] <= pos[:, None, None, None], scores,
                        jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-    out = jnp.einsum("bkgs,bksd->bkgd", probs, v_cache, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgs,bksd->bkgd", probs, v_cache.astype(q.dtype), preferred_element_type=jnp.float32)
     return out, k_cache, v_cache
 
 
 def check(name: str, batch: int, heads: int, kv_heads: int, repeats: int, max_len: int = 1152,
-          d: int = 128) -> bool:
+          d: int = 128, cache_dtype=jnp.bfloat16) -> bool:
     key = jax.random.key(batch)
     k1, k2, k3 = jax.random.split(key, 3)
     shape = (batch, kv_heads, max_len, d)
-    k_cache = jax.random.normal(k1, shape, jnp.bfloat16)
-    v_cache = jax.random.normal(k2, shape, jnp.bfloat16)
+    k_cache = paged.as_cached(jax.random.normal(k1, shape, jnp.bfloat16), cache_dtype)
+    v_cache = paged.as_cached(jax.random.normal(k2, shape, jnp.bfloat16), cache_dtype)
     qkv = jax.random.normal(k3, (batch + (batch == 1), heads + 2 * kv_heads, d), jnp.bfloat16)
     pos = jnp.asarray(np.random.default_rng(batch).integers(0, max_len, batch), jnp.int32)
     freq, scale = rope.inv_freq(d, 10000.0, {}, 4096)
@@ -94,14 +97,16 @@ def check(name: str, batch: int, heads: int, kv_heads: int, repeats: int, max_le
     return ok
 
 
-def check_prefill(heads: int, kv_heads: int, t: int = 1024, start: int = 3072, d: int = 128) -> bool:
+def check_prefill(heads: int, kv_heads: int, t: int = 1024, start: int = 3072, d: int = 128,
+                  cache_dtype=jnp.bfloat16) -> bool:
     """One chunk of t queries at position `start` against the pages, vs XLA's softmax."""
     k1, k2, k3 = jax.random.split(jax.random.key(t), 3)
     s = start + t
     q = jax.random.normal(k1, (1, t, heads, d), jnp.bfloat16)
-    k_cache = jax.random.normal(k2, (1, kv_heads, s, d), jnp.bfloat16)
-    v_cache = jax.random.normal(k3, (1, kv_heads, s, d), jnp.bfloat16)
+    k_cache = paged.as_cached(jax.random.normal(k2, (1, kv_heads, s, d), jnp.bfloat16), cache_dtype)
+    v_cache = paged.as_cached(jax.random.normal(k3, (1, kv_heads, s, d), jnp.bfloat16), cache_dtype)
     (k_pages, table), (v_pages, _) = to_pages(k_cache), to_pages(v_cache)
+    k_cache, v_cache = k_cache.astype(jnp.bfloat16), v_cache.astype(jnp.bfloat16)
     got = jax.jit(prefill_attention.attend)(q, k_pages, v_pages, table, jnp.array([start]))
     g = heads // kv_heads
     scores = jnp.einsum("bthd,bhsd->bhts", q, jnp.repeat(k_cache, g, axis=1),
@@ -120,15 +125,17 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=CACHE_DTYPES)
     args = p.parse_args()
+    dtype = CACHE_DTYPES[args.kv_cache_dtype]
     print(jax.devices()[0].device_kind, jax.__version__, flush=True)
     ok = True
     for b in args.batch:
         for name, heads, kv_heads in [("llama2 tp1", 32, 32), ("llama2 tp2", 16, 16),
                                       ("llama3 tp1", 32, 8), ("llama3 tp2", 16, 4)]:
-            ok &= check(name, b, heads, kv_heads, args.repeats)
+            ok &= check(name, b, heads, kv_heads, args.repeats, cache_dtype=dtype)
     for heads, kv_heads in [(32, 32), (32, 8)]:
-        ok &= check_prefill(heads, kv_heads)
+        ok &= check_prefill(heads, kv_heads, cache_dtype=dtype)
     raise SystemExit(0 if ok else 1)
 
 
