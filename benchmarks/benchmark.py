@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's jaxtp, installed or not
 
+from jaxtp.entrypoints.api import KV_CACHE_DTYPES  # noqa: E402
 from jaxtp.ops import allreduce, attention, quant  # noqa: E402  (no jax backend starts here)
 
 SHAPES = {  # config.json fields of well-known models
@@ -56,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--no-prefill", action="store_true", help="skip timing prefill")
     p.add_argument("--quantization", choices=["int8", "fp8", "fp8_weight_only"], default=None,
                    help="8-bit projections (jaxtp/quantize.py)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="KV pages' dtype (auto: the model's)")
     p.add_argument("--no-quant-kernel", action="store_true",
                    help="8-bit decode products all in XLA, not the Mosaic GPU kernel where ops.quant takes it")
@@ -90,7 +91,7 @@ def random_model(shape: str, tp: int = 1, dtype: str = "bfloat16", memory_fracti
     pool as jaxtp.load would."""
     from jaxtp import memory
     from jaxtp.config import ModelConfig
-    from jaxtp.entrypoints.api import DTYPES, KV_CACHE_DTYPES, Model
+    from jaxtp.entrypoints.api import DTYPES, Model
     from jaxtp.loading import random_state
     from jaxtp.ops import OpsConfig
     from jaxtp.sharding import make_mesh, validate_tp
@@ -212,7 +213,7 @@ def run_one(cfg, tp: int, batch: int, args, all_reduce: str = "auto",
 
     from jaxtp.engine import kv_cache, runner
     from jaxtp.engine.sampling import SamplingParams
-    from jaxtp.entrypoints.api import DTYPES, KV_CACHE_DTYPES, Model
+    from jaxtp.entrypoints.api import DTYPES, Model
     from jaxtp.loading import random_state
     from jaxtp.ops import OpsConfig
     from jaxtp.sharding import REPLICATED, make_mesh, validate_tp

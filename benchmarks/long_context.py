@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import SHAPES, memory_bandwidth, random_model  # noqa: E402
+from benchmark import KV_CACHE_DTYPES, SHAPES, kv_bytes_per_token, memory_bandwidth, random_model  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -29,7 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--memory-fraction", type=float, default=0.9)
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
     p.add_argument("--json", help="write the results here")
     return p.parse_args(argv)
 
@@ -65,9 +65,8 @@ def main(argv=None):
     import jax
     model = random_model(args.shape, args.tp, memory_fraction=args.memory_fraction,
                          kv_cache_dtype=args.kv_cache_dtype)
-    cfg = model.config
     weights = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(model.params))
-    kv_per_token = 2 * cfg.num_layers * (model.kv_heads // args.tp) * cfg.head_dim * 2
+    kv_per_token = kv_bytes_per_token(model)
     bandwidth = max(memory_bandwidth(jax.devices()[0]).values())
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: {args.shape} tp={args.tp}, "
           f"{weights / 1e9:.2f} GB of weights per device, {bandwidth / 1e12:.2f} TB/s", flush=True)

@@ -25,11 +25,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxtp import rope  # noqa: E402
+from jaxtp.entrypoints.api import KV_CACHE_DTYPES  # noqa: E402
 from jaxtp.ops import paged  # noqa: E402
 from jaxtp.ops.kernels import decode_attention, prefill_attention  # noqa: E402
 
 PAGE = 64
-CACHE_DTYPES = {"auto": jnp.bfloat16, "fp8": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
 
 
 def write(cache, new, pos):
@@ -125,9 +125,9 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--repeats", type=int, default=50)
-    p.add_argument("--kv-cache-dtype", default="auto", choices=CACHE_DTYPES)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
     args = p.parse_args()
-    dtype = CACHE_DTYPES[args.kv_cache_dtype]
+    dtype = KV_CACHE_DTYPES[args.kv_cache_dtype] or jnp.bfloat16  # the checks run in bf16
     print(jax.devices()[0].device_kind, jax.__version__, flush=True)
     ok = True
     for b in args.batch:

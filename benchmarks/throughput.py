@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import SHAPES, random_model  # noqa: E402
+from benchmark import KV_CACHE_DTYPES, SHAPES, random_model  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--chunk", type=int, default=16, help="decode steps per engine step")
     p.add_argument("--memory-fraction", type=float, default=0.9)
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
     p.add_argument("--passes", type=int, default=2)
     p.add_argument("--no-warmup", action="store_true", help="compile on first use, inside the pass")
     p.add_argument("--warmup-threads", type=int, default=None,

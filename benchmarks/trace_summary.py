@@ -36,7 +36,7 @@ def host_summary(data, steps: int, top: int = 12):
             for e in line.events:
                 by[e.name[:70]][0] += 1
                 by[e.name[:70]][1] += e.end_ns - e.start_ns
-    print(f"== host: top events by count per step")
+    print("== host: top events by count per step")
     for name, (n, t) in sorted(by.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"   {n / steps:8.1f}x/step {t / 1e3 / steps:9.1f} us/step  {name}")
 
