@@ -106,6 +106,9 @@ def test_kernel_rejects_unsupported_shapes():
     pages = jnp.zeros((2, 1, 64, 32))
     with pytest.raises(ValueError, match=r"qkv \(1, 3, 32\) does not match 2 query heads"):
         decode_attention.attend(jnp.zeros((1, 3, 32)), cos, cos, pages, pages, table, ends, ends, 2)
+    pages = pages.astype(jnp.float8_e4m3fn)
+    with pytest.raises(ValueError, match="partials over 8-bit pages need the activations' dtype"):
+        decode_attention.attend(jnp.zeros((4, 1, 3, 32)), cos, cos, pages, pages, table, ends, ends, 1)
 
 
 @pytest.mark.parametrize("family,tp", [("llama", 1), ("mistral", 2), ("qwen3", 2), ("qwen2", 4)])
@@ -142,23 +145,27 @@ def test_mode_choice_and_errors(checkpoint):
         jaxtp.load(path, pp=2, kernels="pallas")
 
 
-@pytest.mark.parametrize("groups,head_dim,max_len,rows,dtype", [
-    (1, 128, 1152, 1, jnp.bfloat16),   # Llama-2-7B (the shape measured on H200s)
-    (4, 128, 1024, 8, jnp.bfloat16),   # Llama-3-8B at tp 2: GQA
-    (8, 64, 512, 2, jnp.float16),
-    (2, 256, 256, 1, jnp.float32)])
-def test_kernel_lowers_to_triton_for_cuda(groups, head_dim, max_len, rows, dtype):
+@pytest.mark.parametrize("groups,head_dim,max_len,rows,dtype,pages_dtype,warps", [
+    (1, 128, 1152, 1, jnp.bfloat16, None, 4),   # Llama-2-7B (the shape measured on H200s)
+    (4, 128, 1024, 8, jnp.bfloat16, None, 4),   # Llama-3-8B at tp 2: GQA
+    (8, 64, 512, 2, jnp.float16, None, 4),
+    (2, 256, 256, 1, jnp.float32, None, 4),
+    (1, 128, 1024, 1, jnp.bfloat16, jnp.float8_e4m3fn, 4),    # e4m3 pages, the sequence split
+    (1, 128, 1024, 40, jnp.bfloat16, jnp.float8_e4m3fn, 2)])  # ... 160 programs unsplit
+def test_kernel_lowers_to_triton_for_cuda(groups, head_dim, max_len, rows, dtype, pages_dtype, warps):
     """The GPU path (Pallas -> Triton) lowers for shapes only interpret mode runs here."""
     kvh = 4
     qkv = jax.ShapeDtypeStruct((rows + 1, (groups + 2) * kvh, head_dim), dtype)
     cos = jax.ShapeDtypeStruct((rows, head_dim), jnp.float32)
-    pages = jax.ShapeDtypeStruct((rows * max_len // 64 + 1, kvh, 64, head_dim), dtype)
+    pages = jax.ShapeDtypeStruct((rows * max_len // 64 + 1, kvh, 64, head_dim), pages_dtype or dtype)
     table = jax.ShapeDtypeStruct((rows, max_len // 64), jnp.int32)
     ends = jax.ShapeDtypeStruct((rows,), jnp.int32)
     attend = jax.jit(lambda *a: decode_attention.attend(*a, num_heads=groups * kvh, interpret=False))
     lowered = attend.trace(qkv, cos, cos, pages, pages, table, ends, ends).lower(lowering_platforms=("cuda",))
     assert "__gpu$xla.gpu.triton" in lowered.as_text()
+    assert f"num_warps = {warps} : i32" in lowered.as_text()
     parts = jax.ShapeDtypeStruct((4, *qkv.shape), jnp.float32)  # split-K partials, summed in the kernel
+    attend = jax.jit(lambda *a: decode_attention.attend(*a, num_heads=groups * kvh, dtype=dtype, interpret=False))
     assert "__gpu$xla.gpu.triton" in attend.trace(parts, cos, cos, pages, pages, table, ends, ends).lower(
         lowering_platforms=("cuda",)).as_text()
 
@@ -193,3 +200,21 @@ def test_prefill_kernel_lowers_to_triton_for_cuda():
     attend = jax.jit(lambda *a: prefill_attention.attend(*a, interpret=False))
     assert "__gpu$xla.gpu.triton" in attend.trace(q, pages, pages, table, starts).lower(
         lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
+def test_bfloat16_rows_read_fp8_pages_as_xlas_path_does(heads, kv_heads):
+    """The GPU's case: bf16 activations with e4m3 pages (the loop's dots then take float16)."""
+    assert _check.check("fp8 pages", 3, heads, kv_heads, repeats=1, max_len=320, d=64,
+                        cache_dtype=jnp.float8_e4m3fn)
+
+
+def test_queries_beyond_float16s_range_stay_finite_on_fp8_pages():
+    b, heads, d, max_len = 2, 4, 64, 128
+    qkv = jax.random.normal(jax.random.key(0), (b, 3 * heads, d), jnp.bfloat16).at[:, :heads].multiply(3e5)
+    cache = jax.random.normal(jax.random.key(1), (b, heads, max_len, d)).astype(jnp.float8_e4m3fn)
+    (k_pages, table), (v_pages, _) = to_pages(cache, 64), to_pages(cache, 64)
+    pos = jnp.array([5, max_len - 1])
+    cos, sin = (x[:, 0] for x in rope.cos_sin(pos[:, None], np.ones(d // 2, np.float32), 1.0))
+    out = decode_attention.attend(qkv, cos, sin, k_pages, v_pages, table, pos, jnp.zeros_like(pos), heads)[0]
+    assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))

@@ -42,6 +42,7 @@ class Config:
     programs: int = 128    # split the sequence until the grid has about this many (~1 per SM)
     min_blocks: int = 2    # ...but give each split at least this many blocks
     warps: int = 4
+    wide_8bit_warps: int = 2  # 8-bit pages when rows x KV heads alone pass `programs`: 7.1 vs 7.7 ms (b32)
     stages: int = 3
 
 
@@ -84,6 +85,14 @@ class _Plan:
     def scale(self) -> float:
         return self.d ** -0.5
 
+    @property
+    def dot(self):
+        """The loop's dot operands' dtype. Triton converts 8-bit pages to float16 in one
+        instruction per two values (to bfloat16 only through float32, which made the loop
+        ALU-bound), and bfloat16 queries and probabilities round into float16 exactly but for
+        underflow below 2^-14, so bfloat16 activations read 8-bit pages as float16."""
+        return jnp.dtype(jnp.float16) if self.cache.itemsize == 1 and self.dt == jnp.bfloat16 else self.dt
+
 
 def _plan(qkv, k_pages, table, num_heads: int, dtype, config: Config, interpret: bool | None) -> _Plan:
     (_, kvh, block, d), (b, width) = k_pages.shape, table.shape
@@ -99,6 +108,8 @@ def _plan(qkv, k_pages, table, num_heads: int, dtype, config: Config, interpret:
     # Triton multiplies float32 in TF32 unless told otherwise; follow jax's matmul precision
     # setting as XLA's dots do ("highest" / "float32": full float32).
     full = str(jax.config.jax_default_matmul_precision).lower() in ("highest", "float32")
+    if dtype is None and parts and k_pages.dtype.itemsize == 1:
+        raise ValueError("decode attention: float32 qkv partials over 8-bit pages need the activations' dtype")
     if dtype is None:
         dtype = k_pages.dtype if parts else qkv.dtype
     return _Plan(b, r, kvh, num_heads // kvh, d, max(16, pl.next_power_of_2(num_heads // kvh)), parts,
@@ -145,11 +156,16 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array, v
     out, k_pages, v_pages, *split_out = pl.pallas_call(
         functools.partial(_kernel, plan), grid=(b, kvh, plan.splits), interpret=plan.interpret,
         out_shape=tuple(out_shape), input_output_aliases=aliases,
-        compiler_params=plt.CompilerParams(num_warps=config.warps, num_stages=config.stages),
+        compiler_params=plt.CompilerParams(num_warps=_warps(plan, config), num_stages=config.stages),
     )(*args)
     if plan.splits > 1:
         counters = split_out[3]
     return out.reshape(plan.r, kvh, plan.g, d), k_pages, v_pages, counters
+
+
+def _warps(plan: _Plan, config: Config) -> int:
+    wide = plan.b * plan.kvh > config.programs  # the grid is past one program per SM without splits
+    return config.wide_8bit_warps if wide and plan.cache.itemsize == 1 else config.warps
 
 
 def _kernel(plan: _Plan, pos_ref, lo_ref, table_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, *refs):
@@ -223,6 +239,8 @@ def _attend_cached(plan: _Plan, k_ref, v_ref, table_ref, row, head, base, end, s
     """Online softmax over the cached keys in [start, now) of this split's pages [base, end):
     (max, sum, acc [rows, D])."""
     block, half, keys, width = plan.block, plan.half, pl.ds(0, plan.block), table_ref.shape[1]
+    dot = plan.dot
+    f1, f2 = (_in_range(q, dot) for q in (q1, q2))
 
     def body(i, carry):
         m, l, acc, page = carry
@@ -234,13 +252,13 @@ def _attend_cached(plan: _Plan, k_ref, v_ref, table_ref, row, head, base, end, s
         def load(ref, lanes):
             # a float fill: Triton casts no integer constant to fp8 pages' dtype
             return plt.load(ref.at[page, head, keys, lanes], mask=live[:, None], other=0.0)
-        scores = (plt.dot(q1, load(k_ref, pl.ds(0, half)).astype(plan.dt), trans_b=True, precision=plan.precision)
-                  + plt.dot(q2, load(k_ref, pl.ds(half, half)).astype(plan.dt), trans_b=True,
+        scores = (plt.dot(f1, load(k_ref, pl.ds(0, half)).astype(dot), trans_b=True, precision=plan.precision)
+                  + plt.dot(f2, load(k_ref, pl.ds(half, half)).astype(dot), trans_b=True,
                             precision=plan.precision))
         scores = jnp.where(live, scores * plan.scale, -jnp.inf)
         m_new, alpha, p = online(m, scores, axis=1)
-        vt = load(v_ref, pl.ds(0, plan.d)).astype(plan.dt)
-        pv = plt.dot(p.astype(vt.dtype), vt, precision=plan.precision)
+        vt = load(v_ref, pl.ds(0, plan.d)).astype(dot)
+        pv = plt.dot(p.astype(plan.dt).astype(dot), vt, precision=plan.precision)  # probabilities rounded as XLA's
         return m_new, l * alpha + p.sum(axis=1), acc * alpha[:, None] + pv, following
 
     first = base // block
@@ -248,6 +266,13 @@ def _attend_cached(plan: _Plan, k_ref, v_ref, table_ref, row, head, base, end, s
     init = (jnp.full((plan.rows,), -jnp.inf, jnp.float32), jnp.zeros((plan.rows,), jnp.float32),
             jnp.zeros((plan.rows, plan.d), jnp.float32), table_ref[row, jnp.minimum(first, width - 1)])
     return jax.lax.fori_loop(first, last, body, init)[:3]
+
+
+def _in_range(x, dtype):  # x as dtype, clipped to its finite range (float16 holds less than bfloat16)
+    if x.dtype == dtype:
+        return x
+    top = float(jnp.finfo(dtype).max)
+    return jnp.clip(x.astype(jnp.float32), -top, top).astype(dtype)
 
 
 def _attend_new(plan: _Plan, m, l, acc, mine, q1, q2, k1, k2, v_new):
