@@ -10,7 +10,9 @@ by the HBM bandwidth measured in the same run (the best of a copy and a full rea
 after the configurations); `roofline` = that floor / measured ms per step.
 """
 import argparse
+import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import statistics
@@ -23,6 +25,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's jaxtp, installed or not
 
 from jaxtp.entrypoints.api import KV_CACHE_DTYPES  # noqa: E402
 from jaxtp.ops import allreduce, attention, quant  # noqa: E402  (no jax backend starts here)
+from jaxtp.ops.kernels.decode_attention import Config as DecodeConfig  # noqa: E402
 
 SHAPES = {  # config.json fields of well-known models
     "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -67,6 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--kernels", nargs="+", default=["auto"], choices=attention.MODES,
                    help="decode kernel modes to time (jaxtp/ops/attention.py); each is checked to give "
                    "the same greedy tokens")
+    p.add_argument("--decode-kernel", nargs="+", default=[decode_config("default")], type=decode_config,
+                   metavar="FIELD=N,...", help="decode kernel tilings to run, each 'default' or decode_attention.Config fields "
+                        "(e.g. warps=2,stages=4)")
     p.add_argument("--engine", type=int, default=0, metavar="TOKENS",
                    help="also time the Engine's own loop (jaxtp.generate's: 16-step chunks queued "
                         "ahead, host bookkeeping) generating TOKENS per row after one prefill (0: not run)")
@@ -76,6 +82,20 @@ def parse_args(argv=None):
     p.add_argument("--cpu-devices", type=int, default=8, help="simulated devices on a CPU-only host")
     p.add_argument("--bandwidth-mib", type=int, default=2048, help="array size for the bandwidth measurement")
     return p.parse_args(argv)
+
+
+def decode_config(spec: str):
+    """'default' or 'field=N,...' -> (spec, decode_attention.Config)."""
+    if spec == "default":
+        return spec, DecodeConfig()
+    fields = {f.name for f in dataclasses.fields(DecodeConfig)}
+    try:
+        pairs = dict(item.split("=") for item in spec.split(","))
+        if not set(pairs) <= fields:
+            raise ValueError
+        return spec, DecodeConfig(**{k: int(v) for k, v in pairs.items()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{spec!r}: want 'default' or FIELD=N,... with fields {sorted(fields)}")
 
 
 def config(shape: str) -> dict:
@@ -205,7 +225,7 @@ def traced(where: Path, run, lowered, steps: int) -> None:
 
 
 def run_one(cfg, tp: int, batch: int, args, all_reduce: str = "auto",
-            kernels: str = "auto") -> dict:
+            kernels: str = "auto", decode=("default", DecodeConfig())) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -221,8 +241,8 @@ def run_one(cfg, tp: int, batch: int, args, all_reduce: str = "auto",
     dtype = DTYPES[args.dtype]
     mesh = make_mesh(tp=tp)
     validate_tp(cfg, tp)
-    ops = OpsConfig.resolve(mesh, all_reduce, kernels)
-    mode, kmode = ops.all_reduce, ops.kernels
+    ops = OpsConfig.resolve(mesh, all_reduce, kernels, decode[1])
+    mode, kmode = ops.all_reduce, ops.kernels + ("" if decode[0] == "default" else f"[{decode[0]}]")
     graphdef, params = random_state(cfg, mesh, dtype)
     if args.quantization:
         quant.KERNEL = not args.no_quant_kernel
@@ -324,9 +344,9 @@ def main(argv=None):
     results = []
     for tp in args.tp:
         for mode in (args.all_reduce if tp > 1 else ["xla"]):
-            for kernels in args.kernels:
+            for kernels, decode in itertools.product(args.kernels, args.decode_kernel):
                 for batch in args.batch:
-                    r = with_roofline(run_one(cfg, tp, batch, args, mode, kernels), bandwidth)
+                    r = with_roofline(run_one(cfg, tp, batch, args, mode, kernels, decode), bandwidth)
                     results.append(r)
                     print(json.dumps(r), flush=True)
     # Measured again after the runs (a GPU still settling its clocks reads low at the start): the

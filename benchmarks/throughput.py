@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import KV_CACHE_DTYPES, SHAPES, random_model  # noqa: E402
+from benchmark import KV_CACHE_DTYPES, SHAPES, decode_config, random_model  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -44,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--chunk", type=int, default=16, help="decode steps per engine step")
     p.add_argument("--memory-fraction", type=float, default=0.9)
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
+    p.add_argument("--decode-kernel", type=decode_config, default=decode_config("default"), metavar="FIELD=N,...",
+                   help="the decode kernel's tiling (benchmark.py --decode-kernel)")
     p.add_argument("--passes", type=int, default=2)
     p.add_argument("--no-warmup", action="store_true", help="compile on first use, inside the pass")
     p.add_argument("--warmup-threads", type=int, default=None,
@@ -204,7 +206,7 @@ def main(argv=None):
         lambda event, secs, **kw: compiled.append(secs) if event == "/jax/core/compile/backend_compile_duration"
         else None)
     model = random_model(args.shape, args.tp, memory_fraction=args.memory_fraction,
-                         kv_cache_dtype=args.kv_cache_dtype)
+                         kv_cache_dtype=args.kv_cache_dtype, decode=args.decode_kernel[1])
     pairs = lengths(args)
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: {args.shape} tp={args.tp}, {len(pairs)} requests, "
           f"prompt median {statistics.median(p for p, _ in pairs)} / max {max(p for p, _ in pairs)}, output median "

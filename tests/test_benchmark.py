@@ -42,3 +42,12 @@ def test_benchmark_times_the_engine_loop_and_sync_chunks(tmp_path):
                     "--no-prefill", "--chunks", "sync", "--engine", "6", "--bandwidth-mib", "8", "--json", str(out)])
     (r,) = json.loads(out.read_text())
     assert r["chunks"] == "sync" and r["ms_per_step"] > 0 and r["engine_ms_per_step"] > 0
+
+
+def test_benchmark_runs_each_decode_kernel_tiling(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    benchmark.main(["--shape", "tiny", "--batch", "2", "--ctx", "20", "--steps", "3", "--reps", "1",
+                    "--kernels", "pallas", "--decode-kernel", "default", "programs=2,min_blocks=1",
+                    "--page-size", "16", "--no-prefill", "--bandwidth-mib", "8", "--json", str(out)])
+    assert [r["kernels"] for r in json.loads(out.read_text())] == ["pallas", "pallas[programs=2,min_blocks=1]"]
+    assert "tp=1 batch=2: greedy tokens identical across modes" in capsys.readouterr().out

@@ -7,7 +7,7 @@ import pytest
 
 import jaxtp
 from jaxtp import rope
-from jaxtp.ops import attention
+from jaxtp.ops import OpsConfig, attention
 from jaxtp.ops.kernels import decode_attention, prefill_attention
 from jaxtp.sharding import make_mesh
 from jaxtp import engine
@@ -218,3 +218,14 @@ def test_queries_beyond_float16s_range_stay_finite_on_fp8_pages():
     cos, sin = (x[:, 0] for x in rope.cos_sin(pos[:, None], np.ones(d // 2, np.float32), 1.0))
     out = decode_attention.attend(qkv, cos, sin, k_pages, v_pages, table, pos, jnp.zeros_like(pos), heads)[0]
     assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+
+
+def test_the_models_ops_config_picks_the_decode_tiling(monkeypatch):
+    tiling = decode_attention.Config(programs=3, warps=2)
+    ops = OpsConfig.resolve(make_mesh(tp=1), "xla", "pallas", tiling)
+    seen = []
+    monkeypatch.setattr(decode_attention, "attend", lambda *a: seen.append(a[-1]) or (a[0][:, :1], *a[3:5], a[9]))
+    pages = jnp.zeros((2, 1, 16, 32))
+    attention.decode(ops, jnp.zeros((1, 1, 1, 3, 32)), jnp.zeros((1, 1, 32)), jnp.zeros((1, 1, 32)), pages, pages,
+                     jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32), None, 1, jnp.float32)
+    assert seen == [tiling]

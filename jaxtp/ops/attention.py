@@ -93,7 +93,7 @@ def decode(ops: "OpsConfig | None", qkv, cos, sin, k_pages, v_pages, positions, 
     def local(qkv, cos, sin, k_pages, v_pages, table, pos, lo, counters):
         out, k_pages, v_pages, counters = decode_attention.attend(
             qkv.reshape(*qkv.shape[:split + 1], -1, d), cos, sin, k_pages, v_pages, table, pos, lo, heads,
-            counters, dtype)
+            counters, dtype, ops.decode)
         return out[:, None], k_pages, v_pages, counters
 
     out_spec, counter_spec = P(None, None, KV_CACHE_SPEC[1], None, None), P(*KV_CACHE_SPEC[:2])
