@@ -12,13 +12,19 @@ SCRATCH_PAGE = 0  # never handed out (engine.block_manager): idle and padding ro
 # so they are scattered as unique (plain stores; else a 16-bit scatter is a compare-and-swap loop).
 
 
+def saturate(x, dtype):
+    """x as the float dtype, values past its range clipped to its largest (clipped in float32:
+    float16's largest is no bfloat16 value)."""
+    if x.dtype == dtype:
+        return x
+    top = float(jnp.finfo(dtype).max)
+    return jnp.clip(x.astype(jnp.float32), -top, top).astype(dtype)
+
+
 def as_cached(x, dtype):
     """x in the pages' dtype; 8-bit floats saturate at their largest value (XLA's convert makes
     NaN of what e4m3 cannot hold; vLLM's and Triton's fp8 conversions saturate)."""
-    if jnp.dtype(dtype).itemsize == 1:
-        top = float(jnp.finfo(dtype).max)
-        x = jnp.clip(x, -top, top)
-    return x.astype(dtype)
+    return saturate(x, dtype) if jnp.dtype(dtype).itemsize == 1 else x.astype(dtype)
 
 
 def per_replica(fn, dp: int, *args):

@@ -88,8 +88,8 @@ class _Plan:
     @property
     def dot(self):
         """The loop's dot operands' dtype. Triton converts 8-bit pages to float16 in one
-        instruction per two values (to bfloat16 only through float32, which made the loop
-        ALU-bound), and bfloat16 queries and probabilities round into float16 exactly but for
+        instruction per two values (to bfloat16 only through float32, which measured slower),
+        and bfloat16 queries and probabilities round into float16 exactly but for
         underflow below 2^-14, so bfloat16 activations read 8-bit pages as float16."""
         return jnp.dtype(jnp.float16) if self.cache.itemsize == 1 and self.dt == jnp.bfloat16 else self.dt
 
@@ -240,7 +240,7 @@ def _attend_cached(plan: _Plan, k_ref, v_ref, table_ref, row, head, base, end, s
     (max, sum, acc [rows, D])."""
     block, half, keys, width = plan.block, plan.half, pl.ds(0, plan.block), table_ref.shape[1]
     dot = plan.dot
-    f1, f2 = (_in_range(q, dot) for q in (q1, q2))
+    f1, f2 = (paged.saturate(q, dot) for q in (q1, q2))  # float16 holds less than bfloat16
 
     def body(i, carry):
         m, l, acc, page = carry
@@ -266,13 +266,6 @@ def _attend_cached(plan: _Plan, k_ref, v_ref, table_ref, row, head, base, end, s
     init = (jnp.full((plan.rows,), -jnp.inf, jnp.float32), jnp.zeros((plan.rows,), jnp.float32),
             jnp.zeros((plan.rows, plan.d), jnp.float32), table_ref[row, jnp.minimum(first, width - 1)])
     return jax.lax.fori_loop(first, last, body, init)[:3]
-
-
-def _in_range(x, dtype):  # x as dtype, clipped to its finite range (float16 holds less than bfloat16)
-    if x.dtype == dtype:
-        return x
-    top = float(jnp.finfo(dtype).max)
-    return jnp.clip(x.astype(jnp.float32), -top, top).astype(dtype)
 
 
 def _attend_new(plan: _Plan, m, l, acc, mine, q1, q2, k1, k2, v_new):
