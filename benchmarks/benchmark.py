@@ -225,7 +225,7 @@ def traced(where: Path, run, lowered, steps: int) -> None:
 
 
 def run_one(cfg, tp: int, batch: int, args, all_reduce: str = "auto",
-            kernels: str = "auto", decode=("default", DecodeConfig())) -> dict:
+            kernels: str = "auto", decode=decode_config("default")) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np

@@ -42,7 +42,7 @@ class Config:
     programs: int = 128    # split the sequence until the grid has about this many (~1 per SM)
     min_blocks: int = 2    # ...but give each split at least this many blocks
     warps: int = 4
-    wide_8bit_warps: int = 2  # 8-bit pages when rows x KV heads alone pass `programs`: 7.1 vs 7.7 ms (b32)
+    wide_8bit_warps: int = 2  # 8-bit pages when rows x KV heads alone pass `programs` (docs/performance.md)
     stages: int = 3
 
 
