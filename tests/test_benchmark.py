@@ -51,3 +51,17 @@ def test_benchmark_runs_each_decode_kernel_tiling(tmp_path, capsys):
                     "--page-size", "16", "--no-prefill", "--bandwidth-mib", "8", "--json", str(out)])
     assert [r["kernels"] for r in json.loads(out.read_text())] == ["pallas", "pallas[programs=2,min_blocks=1]"]
     assert "tp=1 batch=2: greedy tokens identical across modes" in capsys.readouterr().out
+
+
+def test_kernel_sass_finds_the_triton_ir_and_its_launch_options():
+    """benchmarks/kernel_sass.py's half that needs no `triton` package: the decode kernel's
+    Triton IR, printed by Pallas, comes out whole and without locations, with the kernel's warps
+    and stages (2 and 3 for 8-bit pages at 32 rows)."""
+    sass = script("benchmarks/kernel_sass.py")
+    args = sass.argparse.Namespace(kernel="decode", rows=32, kv_heads=32, groups=1, head_dim=128, context=1024,
+                                   chunk=256, kv_cache_dtype="fp8")
+    printed = sass.lower(args)
+    ir = sass.triton_ir(printed)
+    assert ir.startswith("module {\n  tt.func public @_kernel(") and ir.rstrip().endswith("}")
+    assert "loc" not in ir and "[unknown]" not in ir and "tt.dot" in ir and "f8E4M3FN" in ir
+    assert sass.launch_options(printed) == {"num_warps": 2, "num_stages": 3}
