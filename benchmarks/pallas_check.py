@@ -36,19 +36,28 @@ def write(cache, new, pos):
     return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (0, s, 0)))(cache, new, pos)
 
 
-def to_pages(cache, size: int = PAGE, seed: int = 0):
+def to_pages(cache, size: int = PAGE, seed: int = 0, positions_last: bool = False):
     """A contiguous cache [B, KVH, S, D] as a pool of `size`-token pages in shuffled order (page
-    0 left as scratch) and its block table [B, S / size]. The tests use it too."""
+    0 left as scratch; [P, KVH, size, D], or [P, KVH, D, size] for values: positions_last) and
+    its block table [B, S / size]. The tests use it too."""
     b, kvh, s, d = cache.shape
     w = s // size
     table = jnp.asarray(np.random.default_rng(seed).permutation(b * w).reshape(b, w) + 1, jnp.int32)
     blocks = cache.reshape(b, kvh, w, size, d).transpose(0, 2, 1, 3, 4).reshape(b * w, kvh, size, d)
-    return jnp.zeros((b * w + 1, kvh, size, d), cache.dtype).at[table.reshape(-1)].set(blocks), table
+    blocks = blocks.swapaxes(2, 3) if positions_last else blocks
+    return jnp.zeros((b * w + 1, *blocks.shape[1:]), cache.dtype).at[table.reshape(-1)].set(blocks), table
 
 
-def from_pages(pages, table):
-    b, w = table.shape
-    return pages[table].transpose(0, 2, 1, 3, 4).reshape(b, pages.shape[1], w * pages.shape[2], -1)
+def to_value_pages(cache, size: int = PAGE, seed: int = 0):
+    return to_pages(cache, size, seed, positions_last=True)
+
+
+def from_pages(pages, table, positions_last: bool = False):
+    return paged.gather(pages, table, positions_last=positions_last)
+
+
+def from_value_pages(pages, table):
+    return from_pages(pages, table, positions_last=True)
 
 
 def xla_step(qkv, cos, sin, k_cache, v_cache, pos, num_heads):
@@ -79,12 +88,12 @@ def check(name: str, batch: int, heads: int, kv_heads: int, repeats: int, max_le
     freq, scale = rope.inv_freq(d, 10000.0, {}, 4096)
     cos, sin = (x[:, 0] for x in rope.cos_sin(pos[:, None], freq, scale))
     want = jax.jit(xla_step, static_argnums=6)(qkv, cos, sin, k_cache, v_cache, pos, heads)
-    (k_pages, table), (v_pages, _) = to_pages(k_cache, seed=batch), to_pages(v_cache, seed=batch)
+    (k_pages, table), (v_pages, _) = to_pages(k_cache, seed=batch), to_value_pages(v_cache, seed=batch)
     step = jax.jit(lambda *a: decode_attention.attend(*a[:8], num_heads=heads, counters=a[8]))
     counters = jnp.zeros((batch, kv_heads), jnp.int32)
     out0, k_got, v_got, counters = step(qkv, cos, sin, k_pages, v_pages, table, pos, jnp.zeros_like(pos), counters)
     err = float(jnp.max(jnp.abs(out0[:batch] - want[0])))
-    same = [bool(jnp.array_equal(from_pages(g, table), w)) for g, w in zip((k_got, v_got), want[1:])]
+    same = [bool(jnp.array_equal(f(g, table), w)) for f, g, w in zip((from_pages, from_value_pages), (k_got, v_got), want[1:])]
     zero = bool(jnp.all(out0[batch:] == 0))
     again = True
     for _ in range(repeats):  # each call gets the counters the last one handed back, as layers do
@@ -105,7 +114,7 @@ def check_prefill(heads: int, kv_heads: int, t: int = 1024, start: int = 3072, d
     q = jax.random.normal(k1, (1, t, heads, d), jnp.bfloat16)
     k_cache = paged.as_cached(jax.random.normal(k2, (1, kv_heads, s, d), jnp.bfloat16), cache_dtype)
     v_cache = paged.as_cached(jax.random.normal(k3, (1, kv_heads, s, d), jnp.bfloat16), cache_dtype)
-    (k_pages, table), (v_pages, _) = to_pages(k_cache), to_pages(v_cache)
+    (k_pages, table), (v_pages, _) = to_pages(k_cache), to_value_pages(v_cache)
     k_cache, v_cache = k_cache.astype(jnp.bfloat16), v_cache.astype(jnp.bfloat16)
     got = jax.jit(prefill_attention.attend)(q, k_pages, v_pages, table, jnp.array([start]))
     g = heads // kv_heads

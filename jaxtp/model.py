@@ -253,10 +253,10 @@ class Attention(nnx.Module):
         q, k = rope.apply(q, at.cos, at.sin), rope.apply(k, at.cos, at.sin)
         if at.packing is not None and t % k_cache.shape[2] == 0:  # the engine's rows: whole pages
             k_cache = paged.write_pages(k_cache, k, at.table, at.start, dp)
-            v_cache = paged.write_pages(v_cache, v, at.table, at.start, dp)
+            v_cache = paged.write_pages(v_cache, v, at.table, at.start, dp, positions_last=True)
         else:
             k_cache = paged.write(k_cache, k, at.table, at.pos, dp)
-            v_cache = paged.write(v_cache, v, at.table, at.pos, dp)
+            v_cache = paged.write(v_cache, v, at.table, at.pos, dp, positions_last=True)
         shape = (b, t, self.num_kv_heads, self.num_heads // self.num_kv_heads, d)
         out = attention.prefill(ops, q, k_cache, v_cache, at.table, at.start, self.window)
         if out is not None:
@@ -278,10 +278,12 @@ class Attention(nnx.Module):
 
             def group(args):
                 q, pos, table = args
-                return self.attend(q, paged.gather(k_cache, table, dp), paged.gather(v_cache, table, dp), pos)
+                values = paged.gather(v_cache, table, dp, positions_last=True)
+                return self.attend(q, paged.gather(k_cache, table, dp), values, pos)
             out = jax.lax.map(group, (split(q), split(at.pos), split(at.table)))
             return out.reshape(groups, dp, rows, *q.shape[1:]).swapaxes(0, 1).reshape(q.shape)
-        keys, values = paged.gather(k_cache, at.table, dp), paged.gather(v_cache, at.table, dp)
+        keys = paged.gather(k_cache, at.table, dp)
+        values = paged.gather(v_cache, at.table, dp, positions_last=True)
         if t > QUERY_BLOCK:
             blocks = q.reshape(b, t // QUERY_BLOCK, QUERY_BLOCK, *q.shape[2:]).swapaxes(0, 1)
             pos = at.pos.reshape(b, t // QUERY_BLOCK, QUERY_BLOCK).swapaxes(0, 1)

@@ -29,7 +29,8 @@ def reference_step(qkv, cos, sin, k_cache, v_cache, pos, lo, num_heads):
 
 
 _check = script("benchmarks/pallas_check.py")  # its paging helpers
-to_pages, from_pages = _check.to_pages, _check.from_pages
+to_pages, from_pages, to_value_pages, from_value_pages = (
+    _check.to_pages, _check.from_pages, _check.to_value_pages, _check.from_value_pages)
 
 
 @pytest.mark.parametrize("groups,max_len,head_dim,page,config", [
@@ -45,7 +46,7 @@ def test_kernel_matches_reference(groups, max_len, head_dim, page, config):
     qkv = jax.random.normal(kq, (b + 1, num_heads + 2 * kvh, head_dim))   # + a padding row
     k_cache = jax.random.normal(kk, (b, kvh, max_len, head_dim))
     v_cache = jax.random.normal(kv, (b, kvh, max_len, head_dim))
-    (k_pages, table), (v_pages, _) = to_pages(k_cache, page), to_pages(v_cache, page)
+    (k_pages, table), (v_pages, _) = to_pages(k_cache, page), to_value_pages(v_cache, page)
     pos = jnp.array([0, 99, max_len - 1])  # the first position, a middle one, the last slot
     lo = jnp.array([0, 40, 0])             # row 1: a sliding window starting at 40
     freq = np.geomspace(1.0, 1e-3, head_dim // 2).astype(np.float32)
@@ -55,7 +56,7 @@ def test_kernel_matches_reference(groups, max_len, head_dim, page, config):
     want = reference_step(qkv, cos, sin, k_cache, v_cache, pos, lo, num_heads)
     assert out.shape == (b + 1, kvh, groups, head_dim)
     np.testing.assert_array_equal(out[b:], 0)  # the padding row comes out zero
-    for g, w in zip((out[:b], from_pages(k_got, table), from_pages(v_got, table)), want):
+    for g, w in zip((out[:b], from_pages(k_got, table), from_value_pages(v_got, table)), want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(k_got[0], 0)  # nothing written to the scratch page
     if decode_attention.splits_for(b, kvh, max_len, page, config) > 1:
@@ -75,7 +76,7 @@ def test_kernel_sums_split_k_partials():
     kq, kk, kv = jax.random.split(jax.random.key(7), 3)
     parts = jax.random.normal(kq, (4, b + 1, num_heads + 2 * kvh, head_dim))
     k_pages, table = to_pages(jax.random.normal(kk, (b, kvh, max_len, head_dim), jnp.bfloat16), 64)
-    v_pages, _ = to_pages(jax.random.normal(kv, (b, kvh, max_len, head_dim), jnp.bfloat16), 64)
+    v_pages, _ = to_value_pages(jax.random.normal(kv, (b, kvh, max_len, head_dim), jnp.bfloat16), 64)
     pos, lo = jnp.array([5, 77]), jnp.array([0, 0])
     freq = np.geomspace(1.0, 1e-3, head_dim // 2).astype(np.float32)
     cos, sin = (x[:, 0] for x in rope.cos_sin(pos[:, None], freq, 1.0))
@@ -104,11 +105,13 @@ def test_kernel_rejects_unsupported_shapes():
     with pytest.raises(ValueError, match="unsupported page size 64 / head_dim 16"):
         decode_attention.attend(qkv, cos, cos, pages, pages, table, ends, ends, 1)
     pages = jnp.zeros((2, 1, 64, 32))
+    with pytest.raises(ValueError, match=r"value pages \(2, 1, 64, 32\) float32 are not \(2, 1, 32, 64\)"):
+        decode_attention.attend(jnp.zeros((1, 3, 32)), cos, cos, pages, pages, table, ends, ends, 1)
     with pytest.raises(ValueError, match=r"qkv \(1, 3, 32\) does not match 2 query heads"):
-        decode_attention.attend(jnp.zeros((1, 3, 32)), cos, cos, pages, pages, table, ends, ends, 2)
+        decode_attention.attend(jnp.zeros((1, 3, 32)), cos, cos, pages, pages.swapaxes(2, 3), table, ends, ends, 2)
     pages = pages.astype(jnp.float8_e4m3fn)
     with pytest.raises(ValueError, match="partials over 8-bit pages need the activations' dtype"):
-        decode_attention.attend(jnp.zeros((4, 1, 3, 32)), cos, cos, pages, pages, table, ends, ends, 1)
+        decode_attention.attend(jnp.zeros((4, 1, 3, 32)), cos, cos, pages, pages.swapaxes(2, 3), table, ends, ends, 1)
 
 
 @pytest.mark.parametrize("family,tp", [("llama", 1), ("mistral", 2), ("qwen3", 2), ("qwen2", 4)])
@@ -158,15 +161,16 @@ def test_kernel_lowers_to_triton_for_cuda(groups, head_dim, max_len, rows, dtype
     qkv = jax.ShapeDtypeStruct((rows + 1, (groups + 2) * kvh, head_dim), dtype)
     cos = jax.ShapeDtypeStruct((rows, head_dim), jnp.float32)
     pages = jax.ShapeDtypeStruct((rows * max_len // 64 + 1, kvh, 64, head_dim), pages_dtype or dtype)
+    v_pages = jax.ShapeDtypeStruct((rows * max_len // 64 + 1, kvh, head_dim, 64), pages_dtype or dtype)
     table = jax.ShapeDtypeStruct((rows, max_len // 64), jnp.int32)
     ends = jax.ShapeDtypeStruct((rows,), jnp.int32)
     attend = jax.jit(lambda *a: decode_attention.attend(*a, num_heads=groups * kvh, interpret=False))
-    lowered = attend.trace(qkv, cos, cos, pages, pages, table, ends, ends).lower(lowering_platforms=("cuda",))
+    lowered = attend.trace(qkv, cos, cos, pages, v_pages, table, ends, ends).lower(lowering_platforms=("cuda",))
     assert "__gpu$xla.gpu.triton" in lowered.as_text()
     assert f"num_warps = {warps} : i32" in lowered.as_text()
     parts = jax.ShapeDtypeStruct((4, *qkv.shape), jnp.float32)  # split-K partials, summed in the kernel
     attend = jax.jit(lambda *a: decode_attention.attend(*a, num_heads=groups * kvh, dtype=dtype, interpret=False))
-    assert "__gpu$xla.gpu.triton" in attend.trace(parts, cos, cos, pages, pages, table, ends, ends).lower(
+    assert "__gpu$xla.gpu.triton" in attend.trace(parts, cos, cos, pages, v_pages, table, ends, ends).lower(
         lowering_platforms=("cuda",)).as_text()
 
 
@@ -179,7 +183,7 @@ def test_prefill_kernel_matches_a_plain_softmax(window, pages):
     q = jax.random.normal(kq, (b, t, kvh * groups, d))
     k_cache = jax.random.normal(kk, (b, kvh, width * size, d))
     v_cache = jax.random.normal(kv, (b, kvh, width * size, d))
-    (k_pages, table), (v_pages, _) = to_pages(k_cache, size), to_pages(v_cache, size)
+    (k_pages, table), (v_pages, _) = to_pages(k_cache, size), to_value_pages(v_cache, size)
     starts = jnp.array([0, 40])
     got = prefill_attention.attend(q, k_pages, v_pages, table, starts, window,
                                    config=prefill_attention.Config(block_q=16, pages=pages))
@@ -196,9 +200,10 @@ def test_prefill_kernel_matches_a_plain_softmax(window, pages):
 def test_prefill_kernel_lowers_to_triton_for_cuda():
     q = jax.ShapeDtypeStruct((1, 256, 32, 128), jnp.bfloat16)
     pages = jax.ShapeDtypeStruct((65, 8, 64, 128), jnp.bfloat16)
+    v_pages = jax.ShapeDtypeStruct((65, 8, 128, 64), jnp.bfloat16)
     table, starts = jax.ShapeDtypeStruct((1, 64), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)
     attend = jax.jit(lambda *a: prefill_attention.attend(*a, interpret=False))
-    assert "__gpu$xla.gpu.triton" in attend.trace(q, pages, pages, table, starts).lower(
+    assert "__gpu$xla.gpu.triton" in attend.trace(q, pages, v_pages, table, starts).lower(
         lowering_platforms=("cuda",)).as_text()
 
 
@@ -213,7 +218,7 @@ def test_queries_beyond_float16s_range_stay_finite_on_fp8_pages():
     b, heads, d, max_len = 2, 4, 64, 128
     qkv = jax.random.normal(jax.random.key(0), (b, 3 * heads, d), jnp.bfloat16).at[:, :heads].multiply(3e5)
     cache = jax.random.normal(jax.random.key(1), (b, heads, max_len, d)).astype(jnp.float8_e4m3fn)
-    (k_pages, table), (v_pages, _) = to_pages(cache, 64), to_pages(cache, 64)
+    (k_pages, table), (v_pages, _) = to_pages(cache, 64), to_value_pages(cache, 64)
     pos = jnp.array([5, max_len - 1])
     cos, sin = (x[:, 0] for x in rope.cos_sin(pos[:, None], np.ones(d // 2, np.float32), 1.0))
     out = decode_attention.attend(qkv, cos, sin, k_pages, v_pages, table, pos, jnp.zeros_like(pos), heads)[0]

@@ -96,7 +96,8 @@ def test_keys_beyond_e4m3s_range_saturate_in_every_path():
     np.testing.assert_array_equal(written, np.r_[-448.0, [448.0] * 31])
     qkv = jnp.concatenate([jnp.ones((1, 1, 32)), big[0], big[0]], axis=1)  # q | k | v of one head
     cos, sin = jnp.ones((1, 32)), jnp.zeros((1, 32))  # no rotation
-    out, k_pages, v_pages, _ = decode_attention.attend(qkv, cos, sin, pages, pages, table, pos, jnp.array([0]), 1)
+    out, k_pages, v_pages, _ = decode_attention.attend(qkv, cos, sin, pages, pages.swapaxes(2, 3), table, pos,
+                                                       jnp.array([0]), 1)
     np.testing.assert_array_equal(k_pages[1, 0, 3].astype(jnp.float32), written)
-    np.testing.assert_array_equal(v_pages[1, 0, 3].astype(jnp.float32), written)
+    np.testing.assert_array_equal(v_pages[1, 0, :, 3].astype(jnp.float32), written)
     assert np.isfinite(np.asarray(out, np.float32)).all()

@@ -127,21 +127,25 @@ def test_prefill_projections_run_on_packed_tokens(checkpoint, monkeypatch, dp):
     assert shapes == [(512, (64, 16)) if dp == 1 else (2 * 256, (2 * 32, 16))]
 
 
-@pytest.mark.parametrize("dp", [1, 2])
-def test_whole_page_writes_equal_token_writes(dp):
+@pytest.mark.parametrize("dp,positions_last", [(1, False), (2, False), (2, True)])
+def test_whole_page_writes_equal_token_writes(dp, positions_last):
     """paged.write_pages (page-aligned rows of whole pages: the engine's prefill rows) leaves the
-    pages as token-by-token writes do, rows running past their table going to scratch."""
+    pages as token-by-token writes do, rows running past their table going to scratch; and
+    gather reads back what was written, in either layout."""
     rng = np.random.default_rng(0)
-    pages = jax.numpy.asarray(rng.normal(size=(dp * 9, 2, 4, 3)), jax.numpy.float32)
+    pages = jax.numpy.asarray(rng.normal(size=(dp * 9, 2, 3, 4) if positions_last else (dp * 9, 2, 4, 3)),
+                              jax.numpy.float32)
     new = jax.numpy.asarray(rng.normal(size=(dp * 3, 8, 2, 3)), jax.numpy.float32)
     table = np.array([[1, 2, 3], [4, 5, 0], [6, 7, 8]] * dp, np.int32)  # row 1: its last entry unused
     start = np.array([0, 4, 4] * dp, np.int32)  # row 2's second page is past its table
     pos = start[:, None] + np.arange(8)[None, :]
-    want = paged.write(pages, new, table, pos, dp)
-    got = paged.write_pages(pages, new, table, start, dp)
+    want = paged.write(pages, new, table, pos, dp, positions_last)
+    got = paged.write_pages(pages, new, table, start, dp, positions_last)
     keep = np.arange(dp * 9) % 9 != SCRATCH_PAGE  # what lands on scratch is never read
     np.testing.assert_array_equal(np.asarray(got)[keep], np.asarray(want)[keep])
     assert not np.array_equal(np.asarray(got)[keep], np.asarray(pages)[keep])
+    history = np.asarray(paged.gather(got, table, dp, positions_last))  # [B, KVH, 12, D]
+    np.testing.assert_array_equal(history[0, :, :8], np.asarray(new)[0].swapaxes(0, 1))
 
 
 def test_chunks_cut_by_the_budget_start_on_page_boundaries(checkpoint, monkeypatch):

@@ -1,6 +1,8 @@
-"""The KV cache: per layer, a pool of pages of keys and values [pages, kv_heads, page_size,
-head_dim], split on heads over tp and on pages over dp (each replica owns its own pages and
-indexes them from 0). A sequence's block table lists the pages holding its positions, so memory
+"""The KV cache: per layer, a pool of pages of keys [pages, kv_heads, page_size, head_dim] and
+of values [pages, kv_heads, head_dim, page_size], split on heads over tp and on pages over dp
+(each replica owns its own pages and indexes them from 0). Values keep their positions last, so
+attention's probabilities-times-values product reads them along its contraction, as the tensor
+cores' operand wants (8-bit values have no transposing shared-memory load). A sequence's block table lists the pages holding its positions, so memory
 goes to the tokens that exist, not to a fixed maximum length per row.
 
 The cache is donated to every step and updated in place. With pipeline stages (pp > 1) there is
@@ -22,7 +24,7 @@ PAGE_SIZE = 64  # tokens per page: one block of the decode kernel's loop (docs/p
 
 class KVCache(NamedTuple):
     k: list  # num_layers x [P, KVH, page_size, D]
-    v: list
+    v: list  # num_layers x [P, KVH, D, page_size]
 
 
 def cache_sharding(mesh: Mesh, ndim: int = 4):
@@ -30,17 +32,19 @@ def cache_sharding(mesh: Mesh, ndim: int = 4):
 
 
 def shape(num_layers: int, pages: int, kv_heads: int, page_size: int, head_dim: int,
-          pp: int = 1) -> tuple[int, tuple[int, ...]]:
-    """(number of cache entries, shape of each) for this many layers split into pp stages;
-    `pages` counts the pages of all dp replicas."""
-    one = (pages, kv_heads, page_size, head_dim)
-    return (num_layers, one) if pp == 1 else (num_layers // pp, (pp, *one))
+          pp: int = 1) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """(number of cache entries, shape of each keys entry, of each values entry) for this many
+    layers split into pp stages; `pages` counts the pages of all dp replicas."""
+    stage = () if pp == 1 else (pp,)
+    return (num_layers // pp, (*stage, pages, kv_heads, page_size, head_dim),
+            (*stage, pages, kv_heads, head_dim, page_size))
 
 
 def init(num_layers: int, pages: int, kv_heads: int, page_size: int, head_dim: int, dtype,
          mesh: Mesh) -> KVCache:
     """Allocate a zeroed pool directly in its sharding (each device gets only its heads and its
     replica's pages, and with pipeline stages only its stage's layers)."""
-    n, shp = shape(num_layers, pages, kv_heads, page_size, head_dim, pp_size(mesh))
-    zeros = jax.jit(lambda: jnp.zeros(shp, dtype), out_shardings=cache_sharding(mesh, len(shp)))
-    return KVCache([zeros() for _ in range(n)], [zeros() for _ in range(n)])
+    n, k_shape, v_shape = shape(num_layers, pages, kv_heads, page_size, head_dim, pp_size(mesh))
+    zeros = jax.jit(lambda s: jnp.zeros(s, dtype), static_argnums=0,
+                    out_shardings=cache_sharding(mesh, len(k_shape)))
+    return KVCache([zeros(k_shape) for _ in range(n)], [zeros(v_shape) for _ in range(n)])

@@ -327,10 +327,10 @@ def forward_logits(model_def: ModelDef, weights, tokens, ops: OpsConfig):
     width, local = -(-t // size), b // dp                       # pages per row, rows per replica
     table = 1 + (jnp.arange(b)[:, None] % local) * width + jnp.arange(width)[None, :]  # 0: scratch
     pp = ops.mesh.shape.get("pp", 1)
-    n, shape = kv_cache.shape(len(model.model.layers) * pp, dp * (local * width + 1), attn.num_kv_heads, size,
-                              attn.head_dim, pp)
+    n, k_shape, v_shape = kv_cache.shape(len(model.model.layers) * pp, dp * (local * width + 1),
+                                         attn.num_kv_heads, size, attn.head_dim, pp)
     dtype = model.model.norm.weight[...].dtype
-    cache = KVCache([jnp.zeros(shape, dtype)] * n, [jnp.zeros(shape, dtype)] * n)
+    cache = KVCache([jnp.zeros(k_shape, dtype)] * n, [jnp.zeros(v_shape, dtype)] * n)
     h, _ = model.hidden(tokens, _constrain_cache(cache, ops.mesh), jnp.zeros((b,), jnp.int32), table, ops)
     return model.logits(h[:rows])
 

@@ -76,7 +76,7 @@ def decode(ops: "OpsConfig | None", qkv, cos, sin, k_pages, v_pages, positions, 
 
     qkv [R, 1, tp, q|k|v heads per device, D] (QKVLinear's output; R may count padding rows past
     the B = positions.shape[0] real ones), or float32 [S, R, ...] split-K partials (qkv_splits);
-    cos, sin [B, 1, D]; pages [P, KVH, page_size, D]; positions [B, 1]; table [B, W] (the block
+    cos, sin [B, 1, D]; pages as kv_cache lays them out; positions [B, 1]; table [B, W] (the block
     tables); counters: the kernel's arrival counters as the previous layer handed them back
     (None: fresh zeros); dtype: the activations'. Returns (out [R, 1, KVH, G, D] in it, padding rows zero,
     k_pages, v_pages, counters) for the next layer to take.

@@ -1,5 +1,6 @@
 """XLA's reads and writes of the paged KV cache: keys / values go into pages through a block
-table and come back out as each row's contiguous history. Rows and pages are split on dp, and
+table and come back out as each row's contiguous history. Key pages are [P, KVH, page_size, D],
+value pages [P, KVH, D, page_size] (`positions_last`; engine.kv_cache says why). Rows and pages are split on dp, and
 each replica's table numbers its own pages from 0, so the work is mapped over replicas (a
 batched gather / scatter the SPMD partitioner keeps local to each replica)."""
 from __future__ import annotations
@@ -48,34 +49,38 @@ def _page_ids(table, index):
                      SCRATCH_PAGE)
 
 
-def write(pages, new, table, pos, dp: int = 1):
-    """new [B, T, KVH, D] into pages [P, KVH, page_size, D] at positions pos [B, T], through
-    table [B, W]. Positions past the table (padding) go to the scratch page."""
+def write(pages, new, table, pos, dp: int = 1, positions_last: bool = False):
+    """new [B, T, KVH, D] into pages [P, KVH, page_size, D] ([P, KVH, D, page_size] if
+    positions_last) at positions pos [B, T], through table [B, W]. Positions past the table
+    (padding) go to the scratch page."""
     def local(pages, new, table, pos):
-        size = pages.shape[2]
-        ids = _page_ids(table, pos // size)
-        return pages.at[ids, :, pos % size, :].set(as_cached(new, pages.dtype), unique_indices=True)
+        size = pages.shape[3 if positions_last else 2]
+        ids, at = _page_ids(table, pos // size), pos % size
+        where = (ids, slice(None), slice(None), at) if positions_last else (ids, slice(None), at, slice(None))
+        return pages.at[where].set(as_cached(new, pages.dtype), unique_indices=True)
     return per_replica(local, dp, pages, new, table, pos)
 
 
-def write_pages(pages, new, table, start, dp: int = 1):
-    """new [B, T, KVH, D] into pages [P, KVH, page_size, D] whole: row b's tokens fill the pages
-    from table entry start[b] / page_size on, for rows that start on a page boundary and span
-    whole pages (T a multiple of page_size). Entries past the table go to the scratch page. The
-    same writes as `write`, but each page's [KVH, page_size, D] block is one contiguous update
-    (a token's is page_size-strided)."""
+def write_pages(pages, new, table, start, dp: int = 1, positions_last: bool = False):
+    """new [B, T, KVH, D] into pages (as `write` lays them out) whole: row b's tokens fill the
+    pages from table entry start[b] / page_size on, for rows that start on a page boundary and
+    span whole pages (T a multiple of page_size). Entries past the table go to the scratch page.
+    The same writes as `write`, but each page's block is one contiguous update (a token's is
+    strided)."""
     def local(pages, new, table, start):
-        (b, t, kvh, d), size = new.shape, pages.shape[2]
+        (b, t, kvh, d), size = new.shape, pages.shape[3 if positions_last else 2]
         ids = _page_ids(table, start[:, None] // size + jnp.arange(t // size)[None, :])
         blocks = new.reshape(b, t // size, size, kvh, d).swapaxes(2, 3).reshape(-1, kvh, size, d)
+        blocks = blocks.swapaxes(2, 3) if positions_last else blocks
         return pages.at[ids.reshape(-1)].set(as_cached(blocks, pages.dtype), unique_indices=True)
     return per_replica(local, dp, pages, new, table, start)
 
 
-def gather(pages, table, dp: int = 1):
-    """Each row's pages in table order: [B, KVH, W * page_size, D]."""
+def gather(pages, table, dp: int = 1, positions_last: bool = False):
+    """Each row's pages (laid out as `write` lays them) in table order: [B, KVH, W * page_size, D]."""
     def local(pages, table):
         rows = pages[table]  # [B, W, KVH, page_size, D]
+        rows = rows.swapaxes(3, 4) if positions_last else rows
         b, w, kvh, size, d = rows.shape
         return rows.transpose(0, 2, 1, 3, 4).reshape(b, kvh, w * size, d)
     return per_replica(local, dp, pages, table)

@@ -94,10 +94,13 @@ class _Plan:
         return jnp.dtype(jnp.float16) if self.cache.itemsize == 1 and self.dt == jnp.bfloat16 else self.dt
 
 
-def _plan(qkv, k_pages, table, num_heads: int, dtype, config: Config, interpret: bool | None) -> _Plan:
-    (_, kvh, block, d), (b, width) = k_pages.shape, table.shape
+def _plan(qkv, k_pages, v_pages, table, num_heads: int, dtype, config: Config, interpret: bool | None) -> _Plan:
+    (pages, kvh, block, d), (b, width) = k_pages.shape, table.shape
     if not supported(block, d):
         raise ValueError(f"decode attention: unsupported page size {block} / head_dim {d}")
+    if v_pages.shape != (pages, kvh, d, block) or v_pages.dtype != k_pages.dtype:
+        raise ValueError(f"decode attention: value pages {v_pages.shape} {v_pages.dtype} are not "
+                         f"{(pages, kvh, d, block)} {k_pages.dtype} (key pages {k_pages.shape}, positions last)")
     parts = qkv.shape[0] if qkv.ndim == 4 else 0  # split-K partial sums to add, if any
     r = qkv.shape[-3] if qkv.ndim in (3, 4) else 0
     if (qkv.ndim not in (3, 4) or qkv.shape[-2:] != (num_heads + 2 * kvh, d) or not b <= r <= 2 * b
@@ -127,7 +130,7 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array, v
     token, before the rotary embedding (rows past B are padding), or [S, R, ...] float32: the
     projection's contraction split S ways, summed here and rounded to the caches' dtype in
     place of XLA's split-K reduction kernel; cos, sin [B, D] (float32, rope.cos_sin at pos);
-    pages [P, KVH, page_size, D]; table [B, W]: row b's position p is at page table[b, p //
+    k_pages [P, KVH, page_size, D], v_pages [P, KVH, D, page_size]; table [B, W]: row b's position p is at page table[b, p //
     page_size]; pos [B]: the new token's position; lo [B]: the first visible position (sliding
     windows); counters: int32 [B, KVH] zeros, the splits'
     arrival counters, or None for fresh ones. Every call hands them back zeroed (the last
@@ -138,7 +141,7 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array, v
     [lo, pos] for rows < B, zeros for the padding rows; k_pages, v_pages with the new key and
     value written at pos; counters, or the ones given where this call needed none).
     """
-    plan = _plan(qkv, k_pages, table, num_heads, dtype, config, interpret)
+    plan = _plan(qkv, k_pages, v_pages, table, num_heads, dtype, config, interpret)
     b, kvh, d, f32 = plan.b, plan.kvh, plan.d, jnp.float32
     out_shape = [jax.ShapeDtypeStruct((plan.r, num_heads, d), plan.dt),
                  jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
@@ -187,7 +190,7 @@ def _kernel(plan: _Plan, pos_ref, lo_ref, table_ref, qkv_ref, cos_ref, sin_ref, 
         page, at = table_ref[row, now // plan.block], now % plan.block
         k_out[page, head, at, pl.ds(0, plan.half)] = k1.astype(k_out.dtype)
         k_out[page, head, at, pl.ds(plan.half, plan.half)] = k2.astype(k_out.dtype)
-        v_out[page, head, at, :] = v_new.astype(v_out.dtype)
+        v_out[page, head, :, at] = v_new.astype(v_out.dtype)
 
     base = origin + split * chunk
     m, l, acc = _attend_cached(plan, k_ref, v_ref, table_ref, row, head, base, base + chunk, start, now, q1, q2)
@@ -249,16 +252,15 @@ def _attend_cached(plan: _Plan, k_ref, v_ref, table_ref, row, head, base, end, s
         at_pos = i * block + jnp.arange(block)
         live = (at_pos >= start) & (at_pos < now)  # positions outside it are never read from memory
 
-        def load(ref, lanes):
+        def load_k(lanes):
             # a float fill: Triton casts no integer constant to fp8 pages' dtype
-            return plt.load(ref.at[page, head, keys, lanes], mask=live[:, None], other=0.0)
-        scores = (plt.dot(f1, load(k_ref, pl.ds(0, half)).astype(dot), trans_b=True, precision=plan.precision)
-                  + plt.dot(f2, load(k_ref, pl.ds(half, half)).astype(dot), trans_b=True,
-                            precision=plan.precision))
+            return plt.load(k_ref.at[page, head, keys, lanes], mask=live[:, None], other=0.0).astype(dot)
+        scores = (plt.dot(f1, load_k(pl.ds(0, half)), trans_b=True, precision=plan.precision)
+                  + plt.dot(f2, load_k(pl.ds(half, half)), trans_b=True, precision=plan.precision))
         scores = jnp.where(live, scores * plan.scale, -jnp.inf)
         m_new, alpha, p = online(m, scores, axis=1)
-        vt = load(v_ref, pl.ds(0, plan.d)).astype(dot)
-        pv = plt.dot(p.astype(plan.dt).astype(dot), vt, precision=plan.precision)  # probabilities rounded as XLA's
+        v = plt.load(v_ref.at[page, head, pl.ds(0, plan.d), keys], mask=live[None, :], other=0.0).astype(dot)
+        pv = plt.dot(p.astype(plan.dt).astype(dot), v, trans_b=True, precision=plan.precision)  # p rounded as XLA's
         return m_new, l * alpha + p.sum(axis=1), acc * alpha[:, None] + pv, following
 
     first = base // block

@@ -36,12 +36,12 @@ LOG2E = 1.4426950408889634
 
 def attend(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Array, starts: jax.Array,
            window: int | None = None, config: Config = Config(), interpret: bool | None = None) -> jax.Array:
-    """q [B, T, H, D] (rotated) at positions starts[b] + t, over pages [P, KVH, page_size, D]
-    listed by table [B, W] -> [B, T, H, D] in q's dtype: softmax(q k^T / sqrt(D)) v over the
+    """q [B, T, H, D] (rotated) at positions starts[b] + t, over key pages [P, KVH, page_size, D]
+    and value pages [P, KVH, D, page_size] listed by table [B, W] -> [B, T, H, D] in q's dtype: softmax(q k^T / sqrt(D)) v over the
     positions <= each query's (and, with a sliding window, > its position - window)."""
     (b, t, h, d), (_, kvh, size, _) = q.shape, k_pages.shape
-    if not supported(size, d) or h % kvh or t & (t - 1):
-        raise ValueError(f"prefill attention: unsupported q {q.shape} / pages {k_pages.shape}")
+    if not supported(size, d) or h % kvh or t & (t - 1) or v_pages.shape != (*k_pages.shape[:2], d, size):
+        raise ValueError(f"prefill attention: unsupported q {q.shape} / pages {k_pages.shape}, {v_pages.shape}")
     block_q = min(config.block_q, t)
     full = str(jax.config.jax_default_matmul_precision).lower() in ("highest", "float32")
     kernel = functools.partial(_kernel, block_q=block_q, size=size, width=table.shape[1], group=h // kvh,
@@ -77,7 +77,7 @@ def _kernel(start_ref, table_ref, q_ref, k_ref, v_ref, out_ref, *, block_q, size
         m_new = jnp.maximum(m, scores.max(axis=1))
         safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         alpha, p = jnp.exp2(m - safe), jnp.exp2(scores - safe[:, None])
-        pv = plt.dot(p.astype(q.dtype), v_ref[page, kv, keys, :].astype(q.dtype), precision=precision)
+        pv = plt.dot(p.astype(q.dtype), v_ref[page, kv, :, keys].astype(q.dtype), trans_b=True, precision=precision)
         return m_new, l * alpha + p.sum(axis=1), acc * alpha[:, None] + pv
 
     def body(i, carry):
