@@ -259,7 +259,9 @@ def _attend_cached(plan: _Plan, k_ref, v_ref, table_ref, row, head, base, end, s
                   + plt.dot(f2, load_k(pl.ds(half, half)), trans_b=True, precision=plan.precision))
         scores = jnp.where(live, scores * plan.scale, -jnp.inf)
         m_new, alpha, p = online(m, scores, axis=1)
-        v = plt.load(v_ref.at[page, head, pl.ds(0, plan.d), keys], mask=live[None, :], other=0.0).astype(dot)
+        granule = i * block + jax.lax.div(jnp.arange(block), 16) * 16  # constant over 16: loads of 16 bytes
+        near = (granule + 16 > start) & (granule < now)
+        v = plt.load(v_ref.at[page, head, pl.ds(0, plan.d), keys], mask=near[None, :], other=0.0).astype(dot)
         pv = plt.dot(p.astype(plan.dt).astype(dot), v, trans_b=True, precision=plan.precision)  # p rounded as XLA's
         return m_new, l * alpha + p.sum(axis=1), acc * alpha[:, None] + pv, following
 
