@@ -45,8 +45,9 @@ def lower(args) -> str:
     warps and stages it asked for are)."""
     cache_dtype = KV_CACHE_DTYPES[args.kv_cache_dtype] or jnp.bfloat16
     width = args.context // PAGE
-    shape = kv_cache.shape(1, args.rows * width + 1, args.kv_heads, PAGE, args.head_dim)[1]
-    pages, table = _struct(shape, cache_dtype), _struct((args.rows, width), jnp.int32)
+    _, k_shape, v_shape = kv_cache.shape(1, args.rows * width + 1, args.kv_heads, PAGE, args.head_dim)
+    pages, v_pages = _struct(k_shape, cache_dtype), _struct(v_shape, cache_dtype)
+    table = _struct((args.rows, width), jnp.int32)
     ends = _struct((args.rows,), jnp.int32)
     heads = args.groups * args.kv_heads
     module = decode_attention if args.kernel == "decode" else prefill_attention
@@ -59,11 +60,11 @@ def lower(args) -> str:
                 qkv = _struct((args.rows, heads + 2 * args.kv_heads, args.head_dim), jnp.bfloat16)
                 cos = _struct((args.rows, args.head_dim), jnp.float32)
                 fn = jax.jit(lambda *a: decode_attention.attend(*a, num_heads=heads, interpret=False))
-                lowered = fn.trace(qkv, cos, cos, pages, pages, table, ends, ends)
+                lowered = fn.trace(qkv, cos, cos, pages, v_pages, table, ends, ends)
             else:
                 q = _struct((args.rows, args.chunk, heads, args.head_dim), jnp.bfloat16)
                 fn = jax.jit(lambda *a: prefill_attention.attend(*a, interpret=False))
-                lowered = fn.trace(q, pages, pages, table, ends)
+                lowered = fn.trace(q, pages, v_pages, table, ends)
             text = lowered.lower(lowering_platforms=("cuda",)).as_text()
         finally:
             module.pl.pallas_call = original
