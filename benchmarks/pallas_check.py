@@ -93,7 +93,8 @@ def check(name: str, batch: int, heads: int, kv_heads: int, repeats: int, max_le
     counters = jnp.zeros((batch, kv_heads), jnp.int32)
     out0, k_got, v_got, counters = step(qkv, cos, sin, k_pages, v_pages, table, pos, jnp.zeros_like(pos), counters)
     err = float(jnp.max(jnp.abs(out0[:batch] - want[0])))
-    same = [bool(jnp.array_equal(f(g, table), w)) for f, g, w in zip((from_pages, from_value_pages), (k_got, v_got), want[1:])]
+    got = (from_pages(k_got, table), from_value_pages(v_got, table))
+    same = [bool(jnp.array_equal(g, w)) for g, w in zip(got, want[1:])]
     zero = bool(jnp.all(out0[batch:] == 0))
     again = True
     for _ in range(repeats):  # each call gets the counters the last one handed back, as layers do

@@ -2,8 +2,9 @@
 of values [pages, kv_heads, head_dim, page_size], split on heads over tp and on pages over dp
 (each replica owns its own pages and indexes them from 0). Values keep their positions last, so
 attention's probabilities-times-values product reads them along its contraction, as the tensor
-cores' operand wants (8-bit values have no transposing shared-memory load). A sequence's block table lists the pages holding its positions, so memory
-goes to the tokens that exist, not to a fixed maximum length per row.
+cores' operand wants (8-bit values have no transposing shared-memory load). A sequence's block
+table lists the pages holding its positions, so memory goes to the tokens that exist, not to a
+fixed maximum length per row.
 
 The cache is donated to every step and updated in place. With pipeline stages (pp > 1) there is
 one entry per layer *of a stage*, stacked over stages: [pp, pages, kv_heads, page_size,

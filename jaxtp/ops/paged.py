@@ -1,8 +1,8 @@
 """XLA's reads and writes of the paged KV cache: keys / values go into pages through a block
 table and come back out as each row's contiguous history. Key pages are [P, KVH, page_size, D],
-value pages [P, KVH, D, page_size] (`positions_last`; engine.kv_cache says why). Rows and pages are split on dp, and
-each replica's table numbers its own pages from 0, so the work is mapped over replicas (a
-batched gather / scatter the SPMD partitioner keeps local to each replica)."""
+value pages [P, KVH, D, page_size] (`positions_last`; engine.kv_cache says why). Rows and pages
+are split on dp, and each replica's table numbers its own pages from 0, so the work is mapped
+over replicas (a batched gather / scatter the SPMD partitioner keeps local to each replica)."""
 from __future__ import annotations
 
 import jax

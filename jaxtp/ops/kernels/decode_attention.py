@@ -130,9 +130,9 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array, v
     token, before the rotary embedding (rows past B are padding), or [S, R, ...] float32: the
     projection's contraction split S ways, summed here and rounded to the caches' dtype in
     place of XLA's split-K reduction kernel; cos, sin [B, D] (float32, rope.cos_sin at pos);
-    k_pages [P, KVH, page_size, D], v_pages [P, KVH, D, page_size]; table [B, W]: row b's position p is at page table[b, p //
-    page_size]; pos [B]: the new token's position; lo [B]: the first visible position (sliding
-    windows); counters: int32 [B, KVH] zeros, the splits'
+    k_pages [P, KVH, page_size, D], v_pages [P, KVH, D, page_size]; table [B, W]: row b's
+    position p is at page table[b, p // page_size]; pos [B]: the new token's position; lo [B]:
+    the first visible position (sliding windows); counters: int32 [B, KVH] zeros, the splits'
     arrival counters, or None for fresh ones. Every call hands them back zeroed (the last
     program of a row and head resets its own), so a step's layers can share one array instead
     of a memset each. dtype: the activations' (qkv's, or the caches' for float32 partials, if
@@ -250,7 +250,7 @@ def _attend_cached(plan: _Plan, k_ref, v_ref, table_ref, row, head, base, end, s
         # The next page's id is loaded now, so its latency hides behind this page's work.
         following = table_ref[row, jnp.minimum(i + 1, width - 1)]
         at_pos = i * block + jnp.arange(block)
-        live = (at_pos >= start) & (at_pos < now)  # positions outside it are never read from memory
+        live = (at_pos >= start) & (at_pos < now)  # keys outside it are never read from memory
 
         def load_k(lanes):
             # a float fill: Triton casts no integer constant to fp8 pages' dtype
@@ -259,7 +259,10 @@ def _attend_cached(plan: _Plan, k_ref, v_ref, table_ref, row, head, base, end, s
                   + plt.dot(f2, load_k(pl.ds(half, half)), trans_b=True, precision=plan.precision))
         scores = jnp.where(live, scores * plan.scale, -jnp.inf)
         m_new, alpha, p = online(m, scores, axis=1)
-        granule = i * block + jax.lax.div(jnp.arange(block), 16) * 16  # constant over 16: loads of 16 bytes
+        # Values load in 16-position granules: a mask constant over 16 positions lets the load of
+        # [D, page] go in 16-byte copies. Stale positions in a granule get p = 0 (pages hold
+        # finite values only: writes saturate).
+        granule = i * block + jax.lax.div(jnp.arange(block), 16) * 16
         near = (granule + 16 > start) & (granule < now)
         v = plt.load(v_ref.at[page, head, pl.ds(0, plan.d), keys], mask=near[None, :], other=0.0).astype(dot)
         pv = plt.dot(p.astype(plan.dt).astype(dot), v, trans_b=True, precision=plan.precision)  # p rounded as XLA's

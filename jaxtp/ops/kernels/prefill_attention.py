@@ -37,8 +37,9 @@ LOG2E = 1.4426950408889634
 def attend(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Array, starts: jax.Array,
            window: int | None = None, config: Config = Config(), interpret: bool | None = None) -> jax.Array:
     """q [B, T, H, D] (rotated) at positions starts[b] + t, over key pages [P, KVH, page_size, D]
-    and value pages [P, KVH, D, page_size] listed by table [B, W] -> [B, T, H, D] in q's dtype: softmax(q k^T / sqrt(D)) v over the
-    positions <= each query's (and, with a sliding window, > its position - window)."""
+    and value pages [P, KVH, D, page_size] listed by table [B, W] -> [B, T, H, D] in q's dtype:
+    softmax(q k^T / sqrt(D)) v over the positions <= each query's (and, with a sliding window, >
+    its position - window)."""
     (b, t, h, d), (_, kvh, size, _) = q.shape, k_pages.shape
     if not supported(size, d) or h % kvh or t & (t - 1) or v_pages.shape != (*k_pages.shape[:2], d, size):
         raise ValueError(f"prefill attention: unsupported q {q.shape} / pages {k_pages.shape}, {v_pages.shape}")
