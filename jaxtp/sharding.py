@@ -50,8 +50,8 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
 )
 
 # Activations, cache and per-row data.
-KV_CACHE_SPEC = P("dp", "tp", None, None)   # [pages, kv_heads, page_size, head_dim]: pages per replica
-STAGED_KV_CACHE_SPEC = P("pp", *KV_CACHE_SPEC)  # [stage, pages, kv_heads, page_size, head_dim]
+KV_CACHE_SPEC = P("dp", "tp", None, None)   # [pages, kv_heads, ...]: pages per replica (engine.kv_cache)
+STAGED_KV_CACHE_SPEC = P("pp", *KV_CACHE_SPEC)  # [stage, pages, kv_heads, ...]
 ROWS_SPEC = P("dp")                         # [batch, ...]: one row per cache slot or prompt
 QKV_SPEC = P("dp", None, "tp", None, None)  # [batch, seq, tp, q|k|v heads per device, head_dim]
 HEADS_SPEC = P("dp", None, "tp", None)      # [batch, seq, heads, head_dim]: queries, attention out
