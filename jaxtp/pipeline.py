@@ -3,7 +3,7 @@
 Design. Stage s owns the contiguous layers s*L/pp .. (s+1)*L/pp - 1. They are stored *stacked*:
 `model.layers[j]` is one DecoderLayer whose every parameter has a leading [pp] axis split on
 `pp` (entry s = HF layer s*L/pp + j), and the page pool is stacked the same way
-([pp, pages, kv_heads, page_size, head_dim], split on `pp`; every stage uses the same block
+([pp, *one stage's entry], split on `pp`; every stage uses the same block
 tables), so each stage's devices hold only their
 layers' weights and KV cache. A forward pass is one SPMD program over the whole mesh:
 
@@ -55,7 +55,7 @@ class PipelinedLM(CausalLM):
         self.model.layers = nnx.List([make(jnp.arange(pp)) for _ in range(cfg.num_layers // pp)])
 
     def hidden(self, tokens, cache, start, table, ops=None, packing=None):
-        """Same contract as CausalLM.hidden; cache entries are [pp, P, KVH, page_size, D]. The
+        """Same contract as CausalLM.hidden; cache entries are [pp, *kv_cache's layout]. The
         decode kernel does not run with stages (ops.attention.resolve), so no counters pass."""
         at = self.positions(start, tokens.shape[1], table, packing)
         x = self.model.embed_tokens(tokens)

@@ -7,8 +7,8 @@ table lists the pages holding its positions, so memory goes to the tokens that e
 fixed maximum length per row.
 
 The cache is donated to every step and updated in place. With pipeline stages (pp > 1) there is
-one entry per layer *of a stage*, stacked over stages: [pp, pages, kv_heads, page_size,
-head_dim], split on `pp` (see pipeline.py).
+one entry per layer *of a stage*, stacked over stages: [pp, pages, kv_heads, ...], split on
+`pp` (see pipeline.py).
 """
 from __future__ import annotations
 
