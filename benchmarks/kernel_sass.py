@@ -14,6 +14,7 @@ import argparse
 import collections
 import contextlib
 import io
+import os
 import re
 import subprocess
 import sys
@@ -21,9 +22,6 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import os  # noqa: E402
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 is its default
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -87,6 +85,7 @@ def launch_options(printed: str) -> dict:
 
 
 def sass(printed: str, sm: int, name: str) -> str:
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 is its default
     import triton
     from triton.backends.compiler import GPUTarget
     options = launch_options(printed)

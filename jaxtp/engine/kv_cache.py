@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from jaxtp.ops.paged import value_pages_shape
 from jaxtp.sharding import KV_CACHE_SPEC, STAGED_KV_CACHE_SPEC, named, pp_size
 
 PAGE_SIZE = 64  # tokens per page: one block of the decode kernel's loop (docs/performance.md)
@@ -36,9 +37,8 @@ def shape(num_layers: int, pages: int, kv_heads: int, page_size: int, head_dim: 
           pp: int = 1) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
     """(number of cache entries, shape of each keys entry, of each values entry) for this many
     layers split into pp stages; `pages` counts the pages of all dp replicas."""
-    stage = () if pp == 1 else (pp,)
-    return (num_layers // pp, (*stage, pages, kv_heads, page_size, head_dim),
-            (*stage, pages, kv_heads, head_dim, page_size))
+    keys = (pages, kv_heads, page_size, head_dim) if pp == 1 else (pp, pages, kv_heads, page_size, head_dim)
+    return num_layers // pp, keys, value_pages_shape(keys)
 
 
 def init(num_layers: int, pages: int, kv_heads: int, page_size: int, head_dim: int, dtype,

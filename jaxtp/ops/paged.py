@@ -42,6 +42,16 @@ def take_rows(x, index, dp: int = 1):
     return per_replica(lambda a, i: a[i], dp, x, index)
 
 
+def value_pages_shape(key_pages_shape) -> tuple[int, ...]:
+    """The value pages' shape for key pages of this shape ([..., page_size, D] -> [..., D, page_size])."""
+    *lead, size, d = key_pages_shape
+    return (*lead, d, size)
+
+
+def _page_size(pages, positions_last: bool) -> int:
+    return pages.shape[3 if positions_last else 2]
+
+
 def _page_ids(table, index):
     """The pages of table entries index [B, n] of each row's table [B, W]; past it, scratch."""
     width = table.shape[1]
@@ -54,7 +64,7 @@ def write(pages, new, table, pos, dp: int = 1, positions_last: bool = False):
     positions_last) at positions pos [B, T], through table [B, W]. Positions past the table
     (padding) go to the scratch page."""
     def local(pages, new, table, pos):
-        size = pages.shape[3 if positions_last else 2]
+        size = _page_size(pages, positions_last)
         ids, at = _page_ids(table, pos // size), pos % size
         where = (ids, slice(None), slice(None), at) if positions_last else (ids, slice(None), at, slice(None))
         return pages.at[where].set(as_cached(new, pages.dtype), unique_indices=True)
@@ -68,10 +78,11 @@ def write_pages(pages, new, table, start, dp: int = 1, positions_last: bool = Fa
     The same writes as `write`, but each page's block is one contiguous update (a token's is
     strided)."""
     def local(pages, new, table, start):
-        (b, t, kvh, d), size = new.shape, pages.shape[3 if positions_last else 2]
+        (b, t, kvh, d), size = new.shape, _page_size(pages, positions_last)
         ids = _page_ids(table, start[:, None] // size + jnp.arange(t // size)[None, :])
-        blocks = new.reshape(b, t // size, size, kvh, d).swapaxes(2, 3).reshape(-1, kvh, size, d)
-        blocks = blocks.swapaxes(2, 3) if positions_last else blocks
+        blocks = new.reshape(b, t // size, size, kvh, d)  # -> one [KVH, size, D] or [KVH, D, size] a page
+        blocks = blocks.transpose(0, 1, 3, 4, 2) if positions_last else blocks.swapaxes(2, 3)
+        blocks = blocks.reshape(-1, *blocks.shape[2:])
         return pages.at[ids.reshape(-1)].set(as_cached(blocks, pages.dtype), unique_indices=True)
     return per_replica(local, dp, pages, new, table, start)
 

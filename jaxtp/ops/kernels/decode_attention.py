@@ -95,12 +95,13 @@ class _Plan:
 
 
 def _plan(qkv, k_pages, v_pages, table, num_heads: int, dtype, config: Config, interpret: bool | None) -> _Plan:
-    (pages, kvh, block, d), (b, width) = k_pages.shape, table.shape
+    (_, kvh, block, d), (b, width) = k_pages.shape, table.shape
     if not supported(block, d):
         raise ValueError(f"decode attention: unsupported page size {block} / head_dim {d}")
-    if v_pages.shape != (pages, kvh, d, block) or v_pages.dtype != k_pages.dtype:
+    if v_pages.shape != paged.value_pages_shape(k_pages.shape) or v_pages.dtype != k_pages.dtype:
         raise ValueError(f"decode attention: value pages {v_pages.shape} {v_pages.dtype} are not "
-                         f"{(pages, kvh, d, block)} {k_pages.dtype} (key pages {k_pages.shape}, positions last)")
+                         f"{paged.value_pages_shape(k_pages.shape)} {k_pages.dtype} (key pages {k_pages.shape}, "
+                         f"positions last)")
     parts = qkv.shape[0] if qkv.ndim == 4 else 0  # split-K partial sums to add, if any
     r = qkv.shape[-3] if qkv.ndim in (3, 4) else 0
     if (qkv.ndim not in (3, 4) or qkv.shape[-2:] != (num_heads + 2 * kvh, d) or not b <= r <= 2 * b

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from jaxtp.ops import paged
 from jaxtp.ops.kernels.decode_attention import supported  # the same pages and heads
 
 
@@ -41,7 +42,7 @@ def attend(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Arra
     softmax(q k^T / sqrt(D)) v over the positions <= each query's (and, with a sliding window, >
     its position - window)."""
     (b, t, h, d), (_, kvh, size, _) = q.shape, k_pages.shape
-    if not supported(size, d) or h % kvh or t & (t - 1) or v_pages.shape != (*k_pages.shape[:2], d, size):
+    if not supported(size, d) or h % kvh or t & (t - 1) or v_pages.shape != paged.value_pages_shape(k_pages.shape):
         raise ValueError(f"prefill attention: unsupported q {q.shape} / pages {k_pages.shape}, {v_pages.shape}")
     block_q = min(config.block_q, t)
     full = str(jax.config.jax_default_matmul_precision).lower() in ("highest", "float32")
